@@ -1,0 +1,36 @@
+# Two commands from a fresh clone: `make demo` runs the main job end to end on
+# the embedded defaults (local Ray, local files); `make test` runs the tests.
+# Each sets itself up (.venv) on first use and is quick once set up.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VITRAY := $(VENV)/bin/vitray
+# A machine with an NVIDIA driver gets PyPI's normal (CUDA) torch; one without
+# gets torch 2.13.0, which on these CPU machines is a CPU build lying on disk.
+# Elsewhere on a CPU machine: make setup TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
+DEMO ?= demo-out
+
+.PHONY: setup test demo clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	rm -rf $(DEMO)
+	$(VITRAY) synth $(DEMO)/data --n 1500 --seed 1
+	$(VITRAY) synth $(DEMO)/test --n 300 --seed 2 --passed-fraction 0.2
+	$(VITRAY) train --data $(DEMO)/data --out $(DEMO)/run --epochs 12 --workers 2
+	$(VITRAY) evaluate --model $(DEMO)/run/model --data $(DEMO)/test --out $(DEMO)/eval
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

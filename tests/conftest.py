@@ -1,0 +1,93 @@
+"""Shared fixtures: one Ray for the whole session, a real S3 server, small data, a small model."""
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from s3server import SeaweedS3
+
+S3_BUCKET = "vitray-test"
+
+# Tests must never reach a hub or send telemetry.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[SeaweedS3]:
+    """One SeaweedFS S3 server for the session, its AWS_* variables in os.environ.
+
+    A Ray fixture that depends on this one starts Ray after the variables are
+    set, so its workers (which inherit the driver's environment) reach the same
+    server with the same keys.
+    """
+    server = SeaweedS3()
+    saved = {key: os.environ.get(key) for key in server.env()}
+    os.environ.update(server.env())
+    try:
+        server.make_bucket(S3_BUCKET)
+        yield server
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+@pytest.fixture
+def s3_prefix(s3: SeaweedS3) -> str:
+    """A fresh, empty `s3://vitray-test/<unique>` prefix for one test."""
+    return f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3: SeaweedS3) -> Iterator[str]:
+    """One embedded Ray for the whole session, started after the S3 variables are set.
+
+    Its address goes into RAY_ADDRESS so that `vitray` subprocesses join it
+    instead of starting their own.
+    """
+    import ray
+
+    from vitray.runtime import RayOptions, init_ray
+
+    init_ray(RayOptions(num_cpus=8))
+    address = ray.get_runtime_context().gcs_address
+    saved = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = address
+    try:
+        yield address
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = saved
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """scikit-learn's handwritten digits (real, 8x8 grey) as train/test image folders."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root = tmp_path_factory.mktemp("digits")
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(digits.target))
+    cut = int(0.8 * len(order))
+    for split, idx in (("train", order[:cut]), ("test", order[cut:])):
+        for i in idx:
+            d = root / split / str(digits.target[i])
+            d.mkdir(parents=True, exist_ok=True)
+            pixels = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)
+            Image.fromarray(pixels, mode="L").save(d / f"{i:04d}.png")
+    return {"train": str(root / "train"), "test": str(root / "test")}

@@ -1,0 +1,54 @@
+"""Ray bootstrap: join a cluster when one is named, else start an embedded Ray.
+
+The embedded Ray advertises more logical CPUs than the machine has, so that
+Train workers (one CPU each) never leave Ray Data without a slot to run in.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+# On a 2-core machine, 2 Train workers + Ray Data readers + an inference actor
+# need room: logical CPUs are slots, not cores.
+MIN_LOGICAL_CPUS = 8
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str | None = None  # a cluster to join; None → RAY_ADDRESS or embedded
+    num_cpus: int | None = None  # logical CPUs of an embedded Ray
+    quiet: bool = True
+
+
+def embedded_cpus() -> int:
+    return max(MIN_LOGICAL_CPUS, 2 * (os.cpu_count() or 1))
+
+
+def init_ray(options: RayOptions | None = None) -> None:
+    """Connect to Ray once per process; a no-op when already connected."""
+    import ray
+
+    options = options or RayOptions()
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Train V2 is the current Ray Train API; V1 is deprecated.
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    address = options.address or os.environ.get("RAY_ADDRESS")
+    log_level = logging.WARNING if options.quiet else logging.INFO
+    # Worker output reaches the terminal: that is where training shows its progress.
+    if address:
+        ray.init(address=address, logging_level=log_level)
+    else:
+        # Loopback only: an embedded Ray is nobody else's business.
+        ray.init(num_cpus=options.num_cpus or embedded_cpus(), include_dashboard=False,
+                 _node_ip_address="127.0.0.1",
+                 logging_level=log_level,
+                 runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    # Progress bars stay on (long work shows progress); per-operator bars are noise.
+    ctx.enable_operator_progress_bars = False
+    ctx.enable_progress_bars = not options.quiet or os.environ.get("VITRAY_PROGRESS") == "1"
