@@ -1,0 +1,261 @@
+"""Models: presets, pretrained folders with a new head, fine-tune policies, export and reload."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoImageProcessor, BertConfig, ViTConfig, ViTForImageClassification, ViTModel
+
+from vitray.errors import VitrayError
+from vitray.models import (Preprocessing, apply_finetune, auto_patch_size, build_model, export_model, load_trained,
+                           param_report, params_for, parse_finetune)
+
+LABELS = ["passed", "Xplus", "Xminus", "Yplus", "Yminus"]
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(tmp_path_factory):
+    """A tiny ImageNet-style checkpoint: 1000 classes and its own mean/std, as a hub model has."""
+    folder = tmp_path_factory.mktemp("pretrained")
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8, num_labels=1000)
+    ViTForImageClassification(config).save_pretrained(folder)
+    processor = {"image_processor_type": "ViTImageProcessor", "do_resize": True,
+                 "size": {"height": 32, "width": 32}, "do_rescale": True, "rescale_factor": 1 / 255,
+                 "do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    return folder
+
+
+def tiny(labels=LABELS, channels=3, size=32):
+    torch.manual_seed(0)
+    return build_model("vit-tiny", labels, image_size=size, channels=channels)
+
+
+def logits(model, prep, n=2):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        return model.eval()(pixel_values=torch.randn(n, prep.channels, prep.size, prep.size)).logits
+
+
+def test_presets_have_the_documented_sizes():
+    assert 100_000 <= param_report(tiny()[0]).total <= 250_000
+    assert 1_000_000 <= param_report(build_model("vit-small", LABELS, 64)[0]).total <= 3_000_000
+    with torch.device("meta"):  # the shape is what matters, not 86M random numbers
+        base, prep = build_model("vit-base", LABELS)
+    assert (base.config.hidden_size, base.config.num_hidden_layers, base.config.patch_size, prep.size) == \
+        (768, 12, 16, 224)
+    assert 85_000_000 < param_report(base).total < 87_000_000
+
+
+@pytest.mark.parametrize("size,patch", [(8, 1), (28, 4), (32, 4), (48, 6), (64, 8), (96, 12), (224, 16),
+                                        (384, 16)])
+def test_auto_patch_size_gives_a_grid_of_about_seven_or_more(size, patch):
+    assert auto_patch_size(size) == patch
+
+
+def test_auto_patch_size_refuses_sizes_without_a_usable_divisor():
+    with pytest.raises(VitrayError, match="227.*such as 224"):
+        auto_patch_size(227)
+
+
+def test_default_model_is_sized_for_the_data():
+    model, prep = build_model(None, LABELS, image_size=28, channels=1)
+    assert (model.config.image_size, model.config.patch_size, model.config.num_channels) == (28, 4, 1)
+    assert model.config.id2label == dict(enumerate(LABELS))
+    assert prep == Preprocessing(28, 1, (0.5,), (0.5,))
+    assert logits(model, prep).shape == (2, len(LABELS))
+
+
+def test_preset_takes_size_and_channels_from_the_data():
+    model, prep = build_model("vit-small", LABELS, image_size=64, channels=3, attn_implementation="eager")
+    assert (model.config.hidden_size, model.config.patch_size, prep.size) == (192, 8, 64)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_pretrained_folder_gets_a_new_head_and_keeps_its_backbone(pretrained_dir):
+    original = ViTForImageClassification.from_pretrained(pretrained_dir)
+    for spec in (str(pretrained_dir), f"file://{pretrained_dir}"):
+        model, prep = build_model(spec, LABELS, image_size=64, channels=1)
+        assert model.classifier.out_features == len(LABELS)
+        assert model.config.id2label == dict(enumerate(LABELS))
+        assert model.config.label2id == {name: i for i, name in enumerate(LABELS)}
+        for name, tensor in original.vit.state_dict().items():
+            assert torch.equal(model.vit.state_dict()[name], tensor), name
+        # A pretrained model keeps its input size, channels and its own normalisation.
+        assert prep == Preprocessing(32, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def test_pretrained_folder_without_preprocessor_config_uses_half(tmp_path, pretrained_dir):
+    ViTForImageClassification.from_pretrained(pretrained_dir).save_pretrained(tmp_path)
+    _, prep = build_model(str(tmp_path), LABELS)
+    assert prep == Preprocessing.default(32, 3)
+
+
+def test_hub_id_offline_fails_fast_in_one_line():
+    start = time.monotonic()
+    with pytest.raises(VitrayError) as err:
+        build_model("google/vit-base-patch16-224", LABELS)
+    assert time.monotonic() - start < 10
+    message = str(err.value)
+    assert "\n" not in message and "google/vit-base-patch16-224" in message and "unreachable" in message
+
+
+@pytest.mark.parametrize("spec,match", [("vit-huge", "unknown model 'vit-huge'"),
+                                        ("./no/such/folder", "model folder not found")])
+def test_unknown_model_names_say_what_is_accepted(spec, match):
+    with pytest.raises(VitrayError, match=match):
+        build_model(spec, LABELS)
+
+
+def test_non_vit_folder_is_refused(tmp_path):
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
+    for load in (lambda: build_model(str(tmp_path), LABELS), lambda: load_trained(str(tmp_path))):
+        with pytest.raises(VitrayError, match=r"not a ViT image classifier \(model_type=bert\)"):
+            load()
+
+
+def test_duplicate_labels_are_refused():
+    with pytest.raises(VitrayError, match="not unique"):
+        build_model(None, ["a", "b", "a"], 32)
+
+
+def trainable(model, policy):
+    return param_report(apply_finetune(model, policy)).trainable
+
+
+def test_finetune_policies_train_progressively_more():
+    model, _ = tiny()
+    total = param_report(model).total
+    head = trainable(model, "head")
+    last1 = trainable(model, "last:1")
+    full = trainable(model, "full")
+    assert head == 64 * len(LABELS) + len(LABELS)
+    assert head < last1 < trainable(model, "last:4") < full == total
+    assert {n for n, p in apply_finetune(model, "head").named_parameters() if p.requires_grad} == \
+        {"classifier.weight", "classifier.bias"}
+
+
+def test_lora_trains_adapters_and_the_head_only():
+    model, _ = tiny()
+    head = trainable(model, "head")
+    peft_model = apply_finetune(model, "lora:4")
+    report = param_report(peft_model)
+    assert head < report.trainable < 0.1 * report.total
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert all("lora_" in n or "classifier" in n for n in names)
+    assert any("q_proj.lora_A" in n for n in names) and any("v_proj.lora_B" in n for n in names)
+
+
+@pytest.mark.parametrize("policy", ["last:0", "lora:x", "lora:0", "partial", "last:", "last:5"])
+def test_bad_finetune_policies_are_one_line_errors(policy):
+    with pytest.raises(VitrayError, match="--finetune"):
+        apply_finetune(tiny()[0], policy)  # tiny has 4 layers: last:5 is too many
+
+
+def test_parse_finetune():
+    assert parse_finetune("full") == ("full", None)
+    assert parse_finetune("last:2", num_layers=4) == ("last", 2)
+    assert parse_finetune("lora:8") == ("lora", 8)
+
+
+def test_param_report_dict():
+    assert param_report(tiny()[0]).to_dict()["share"] == 1.0
+
+
+def test_lora_export_merges_into_a_plain_model(tmp_path):
+    model, prep = tiny()
+    peft_model = apply_finetune(model, "lora:4")
+    with torch.no_grad():  # LoRA's B starts at zero; make the adapters and the head matter
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.normal_(0, 0.5)
+    expected = logits(peft_model, prep)
+    export_model(peft_model, prep, str(tmp_path / "model"))
+
+    plain = ViTForImageClassification.from_pretrained(tmp_path / "model")
+    assert torch.allclose(logits(plain, prep), expected, atol=1e-5)
+    with safe_open(str(tmp_path / "model" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "lora" in k or "modules_to_save" in k]
+    # The model under training is left unmerged: training can go on after a checkpoint.
+    assert any("lora_A" in n for n, _ in peft_model.named_parameters())
+
+
+def test_export_then_load_trained_round_trip(tmp_path):
+    model, prep = tiny(channels=1, size=28)
+    expected = logits(model, prep)
+    export_model(torch.nn.DataParallel(model), prep, str(tmp_path / "model"))  # wrapper removed on export
+
+    loaded, loaded_prep, labels = load_trained(str(tmp_path / "model"), attn_implementation="eager")
+    assert labels == LABELS
+    assert loaded_prep == prep
+    assert loaded.config._attn_implementation == "eager"
+    assert torch.allclose(logits(loaded, loaded_prep), expected, atol=1e-5)
+
+
+def test_exported_preprocessing_loads_in_transformers(tmp_path):
+    model, _ = tiny()
+    prep = Preprocessing(32, 3, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    export_model(model, prep, str(tmp_path))
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert (processor.size["height"], processor.size["width"]) == (32, 32)
+    assert tuple(processor.image_mean) == prep.mean and tuple(processor.image_std) == prep.std
+    assert Preprocessing.load(str(tmp_path)) == prep
+
+
+def test_load_trained_explains_what_is_wrong(tmp_path):
+    with pytest.raises(VitrayError, match="model folder not found"):
+        load_trained(str(tmp_path / "missing"))
+    with pytest.raises(VitrayError, match="no config.json"):
+        load_trained(str(tmp_path))
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=16, patch_size=4)).save_pretrained(tmp_path / "backbone")
+    with pytest.raises(VitrayError, match="not a ViTForImageClassification"):
+        load_trained(str(tmp_path / "backbone"))
+
+
+def test_preprocessing_reads_hub_style_processor_configs():
+    deit_like = {"do_center_crop": True, "crop_size": {"height": 224, "width": 224}, "size": {"shortest_edge": 256},
+                 "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    assert Preprocessing.from_dict(deit_like).size == 224
+    assert Preprocessing.from_dict({"size": 64, "image_mean": 0.2, "image_std": 0.3}, channels=1) == \
+        Preprocessing(64, 1, (0.2,), (0.3,))
+    assert Preprocessing.from_dict({"size": {"height": 8, "width": 8}, "do_normalize": False}).mean == (0.0,) * 3
+    grey = Preprocessing.from_dict({"size": 8, "image_mean": [0.2, 0.4, 0.6], "image_std": [0.5] * 3}, channels=1)
+    assert grey.mean == pytest.approx((0.4,))
+
+
+def test_preprocessing_without_a_file_defaults_from_config(tmp_path):
+    ViTConfig(image_size=48, num_channels=1).save_pretrained(tmp_path)
+    assert Preprocessing.load(str(tmp_path)) == Preprocessing.default(48, 1)
+
+
+def test_params_for_reads_only_the_config(tmp_path, pretrained_dir):
+    assert params_for("vit-tiny", "full", image_size=32) == param_report(tiny()[0]).to_dict()
+    own = params_for(str(pretrained_dir), "head")  # the checkpoint's own 1000-class head
+    assert own["trainable"] == 32 * 1000 + 1000
+    lora = params_for(str(pretrained_dir), "lora:2", n_labels=5)
+    assert 5 * 33 < lora["trainable"] < 0.1 * lora["total"]
+
+
+@pytest.mark.s3
+def test_models_round_trip_through_s3(s3_prefix, tmp_path, monkeypatch, pretrained_dir):
+    monkeypatch.setenv("VITRAY_MODEL_CACHE", str(tmp_path / "cache"))
+    model, prep = tiny()
+    uri = f"{s3_prefix}/run/model"
+    export_model(apply_finetune(model, "lora:2"), prep, uri)
+    loaded, loaded_prep, labels = load_trained(uri)
+    assert (labels, loaded_prep) == (LABELS, prep)
+    assert torch.allclose(logits(loaded, prep), logits(model, prep), atol=1e-5)
+
+    # The same prefix overwritten with another model is fetched again, not served from the cache.
+    export_model(ViTForImageClassification.from_pretrained(pretrained_dir), Preprocessing.default(32), uri)
+    assert load_trained(uri)[0].config.num_labels == 1000
+    fine_tuned, _ = build_model(uri, ["ok", "bad"])
+    assert fine_tuned.classifier.out_features == 2
+    with pytest.raises(VitrayError, match="model not found"):
+        load_trained(f"{s3_prefix}/nothing")

@@ -1,0 +1,181 @@
+"""Classification metrics, confusion-matrix and training-curve plots, and a terminal report.
+
+The metric dict is the one `metrics.json` and `evaluation.json` hold; plots are PNGs written
+through `vitray.storage`, so OUT may be a local folder or an s3:// prefix.
+"""
+from __future__ import annotations
+
+import io
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from vitray import storage
+from vitray.errors import VitrayError
+
+
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels: list[str]) -> dict:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix.
+
+    Ids index `labels`. Every label gets a per-class row, also one absent from the data (support 0);
+    a ratio with a zero denominator counts as 0.0. Macro-F1 averages over the classes that occur
+    in `y_true` (support > 0): a class the data does not contain says nothing about the model, and
+    counting it as F1 0 would punish an evaluation set for leaving a class out. Predictions of such
+    a class still cost the true classes their recall.
+    """
+    true = np.asarray(y_true, dtype=np.int64).ravel()
+    pred = np.asarray(y_pred, dtype=np.int64).ravel()
+    n = len(labels)
+    if true.shape != pred.shape:
+        raise VitrayError(f"metrics: {true.size} true labels but {pred.size} predictions")
+    if true.size == 0:
+        raise VitrayError("metrics: no samples to evaluate")
+    for name, ids in (("true label", true), ("prediction", pred)):
+        bad = ids[(ids < 0) | (ids >= n)]
+        if bad.size:
+            raise VitrayError(f"metrics: {name} id {int(bad[0])} is outside the {n} classes {labels}")
+
+    confusion = np.zeros((n, n), dtype=np.int64)
+    np.add.at(confusion, (true, pred), 1)
+    hits = np.diag(confusion)
+    support = confusion.sum(axis=1)
+    predicted = confusion.sum(axis=0)
+    precision = _ratio(hits, predicted)
+    recall = _ratio(hits, support)
+    f1 = _ratio(2 * precision * recall, precision + recall)
+    present = support > 0
+    return {
+        "accuracy": float(hits.sum() / true.size),
+        "macro_f1": float(f1[present].mean()),
+        "per_class": {
+            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                   "support": int(support[i])}
+            for i, name in enumerate(labels)
+        },
+        "confusion_matrix": confusion.tolist(),
+        "labels": list(labels),
+    }
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+def format_report(metrics: dict) -> str:
+    """A terminal table: per-class precision/recall/F1/support, accuracy, macro-F1, confusion matrix."""
+    labels = list(metrics["labels"])
+    per_class = metrics["per_class"]
+    support = sum(int(per_class[name]["support"]) for name in labels)
+    width = max([len(name) for name in labels] + [len("accuracy"), len("macro-F1")])
+    lines = [f"{'':<{width}}  {'precision':>9}  {'recall':>6}  {'f1':>6}  {'support':>7}"]
+    for name in labels:
+        row = per_class[name]
+        lines.append(f"{name:<{width}}  {row['precision']:>9.3f}  {row['recall']:>6.3f}  {row['f1']:>6.3f}"
+                     f"  {int(row['support']):>7d}")
+    lines += ["", f"{'accuracy':<{width}}  {'':>9}  {'':>6}  {metrics['accuracy']:>6.3f}  {support:>7d}",
+              f"{'macro-F1':<{width}}  {'':>9}  {'':>6}  {metrics['macro_f1']:>6.3f}  "
+              f"{'(classes with support > 0)'}", "",
+              "confusion matrix (rows: true class, columns: predicted class)"]
+    matrix = metrics["confusion_matrix"]
+    cells = [max(len(name), *(len(str(int(row[j]))) for row in matrix)) for j, name in enumerate(labels)]
+    lines.append(f"{'':<{width}}  " + "  ".join(f"{name:>{w}}" for name, w in zip(labels, cells)))
+    for name, row in zip(labels, matrix):
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{int(v):>{w}d}" for v, w in zip(row, cells)))
+    return "\n".join(lines)
+
+
+def plot_confusion(metrics: dict, uri: str, title: str = "") -> None:
+    """PNG with the confusion matrix as counts and row-normalised (each row: where a true class went)."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+
+    labels = list(metrics["labels"])
+    counts = np.asarray(metrics["confusion_matrix"], dtype=float)
+    rows = counts.sum(axis=1, keepdims=True)
+    normalised = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    n = len(labels)
+    side = max(3.6, 0.62 * n + 1.6)  # inches per panel: about 0.6 in per class keeps names legible
+    font = 10 if n <= 10 else 8 if n <= 20 else 6
+    fig = Figure(figsize=(2 * side + 0.8, side + 0.9), layout="constrained")
+    headline = f"accuracy {metrics['accuracy']:.3f}   macro-F1 {metrics['macro_f1']:.3f}"
+    fig.suptitle(f"{title}\n{headline}" if title else headline, fontsize=11)
+    panels = [(counts, "counts", lambda v, i: f"{int(v)}"),
+              (normalised, "row-normalised (recall on the diagonal)", lambda v, i: f"{v:.0%}" if rows[i] else "-")]
+    for ax, (values, name, text) in zip(fig.subplots(1, 2), panels):
+        peak = values.max() if values.max() > 0 else 1.0
+        ax.imshow(values, cmap="Blues", vmin=0, vmax=peak)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+        if n <= 50:
+            ax.set_xticks(range(n), labels, rotation=45, ha="right", rotation_mode="anchor", fontsize=font)
+            ax.set_yticks(range(n), labels, fontsize=font)
+        if n <= 25:
+            for i in range(n):
+                for j in range(n):
+                    # Dark text on light cells, light on dark: readable whatever the count.
+                    colour = "white" if values[i, j] > 0.55 * peak else "black"
+                    ax.text(j, i, text(values[i, j], i), ha="center", va="center", fontsize=font, color=colour)
+    _save(fig, uri)
+
+
+HISTORY_PANELS = [
+    ("loss", [("train_loss", "train"), ("val_loss", "validation")]),
+    ("validation", [("val_accuracy", "accuracy"), ("val_macro_f1", "macro-F1")]),
+    ("learning rate", [("lr", "lr")]),
+]
+
+
+def plot_curves(history: list[dict], uri: str) -> None:
+    """PNG of the training history by epoch: losses, validation accuracy/macro-F1, learning rate."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    if not history:
+        raise VitrayError("plot_curves: the training history is empty")
+    fig = Figure(figsize=(13, 3.8), layout="constrained")
+    for ax, (name, series) in zip(fig.subplots(1, 3, sharex=True), HISTORY_PANELS):
+        for key, label in series:
+            xs, ys = _series(history, key)
+            if xs:
+                ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        ax.set_title(name, fontsize=11)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if name == "validation":
+            ax.set_ylim(0, 1.02)
+        if name == "learning rate":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        if ax.lines and name != "learning rate":
+            ax.legend(fontsize=9)
+        if not ax.lines:
+            ax.text(0.5, 0.5, "not recorded", transform=ax.transAxes, ha="center", va="center", color="grey")
+    _save(fig, uri)
+
+
+def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(epochs, values) of one column; rows without the value (no validation set, CSV blanks) are skipped."""
+    xs, ys = [], []
+    for i, row in enumerate(history):
+        value = _number(row.get(key))
+        if value is not None:
+            epoch = _number(row.get("epoch"))
+            xs.append(epoch if epoch is not None else i + 1)
+            ys.append(value)
+    return xs, ys
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def _save(fig: Any, uri: str) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    storage.write_bytes(uri, buf.getvalue())
