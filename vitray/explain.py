@@ -1,0 +1,320 @@
+"""Where did the model look: attention rollout and gradient-weighted rollout for
+Hugging Face ViTs, overlays of the maps on the image, and localisation metrics
+(pointing game, energy in box) that measure a map against a labelled box.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+HEAD_FUSIONS = ("mean", "max", "min")
+METHODS = ("rollout", "grad-rollout")
+
+
+def rollout(
+    attentions: Sequence[torch.Tensor],
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+) -> torch.Tensor:
+    """Attention rollout of per-layer attentions (B, H, N, N) → maps (B, N-1).
+
+    Abnar & Zuidema 2020, computed per image (vectorised over the batch) as:
+      1. per layer, fuse the heads into A (N, N) by their mean, max or min
+         (N = 1 + patches, CLS first);
+      2. if discard_ratio > 0: among the N·(N-1) entries of A outside column 0
+         (the CLS column is never touched), set the k = floor(discard_ratio·N·(N-1))
+         smallest to 0: one ranking over the whole flattened matrix, not per row;
+      3. Â = 0.5·A + 0.5·I, each row then divided by its sum (the residual path);
+      4. R = Â_L @ ... @ Â_1 (layer 1 applied first);
+      5. map = R[0, 1:] / max(R[0, 1:]): how much the CLS token draws from each
+         patch through all layers; a map with no mass stays all zero.
+    Computed in float32 whatever the attentions' dtype.
+    """
+    if head_fusion not in HEAD_FUSIONS:
+        raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+    _check_attentions(attentions)
+    fused = [_fuse_heads(a.float(), head_fusion) for a in attentions]
+    return _rollout_fused(fused, discard_ratio)
+
+
+def grad_rollout(
+    model: Any,
+    pixel_values: torch.Tensor,
+    target: torch.Tensor | None = None,
+    discard_ratio: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient-weighted rollout (Chefer et al. 2021) → (maps (B, N-1), logits (B, C)).
+
+    Each layer's heads are fused as mean_h((∂y_t/∂A_h ⊙ A_h).clamp(min=0)), where
+    y_t is the logit of `target` (class ids, shape (B,)) or, by default, of the
+    predicted class; steps 2-5 are those of `rollout`. The model must return attentions
+    (attn_implementation="eager"). Parameter gradients are not touched.
+    """
+    import torch
+
+    with torch.enable_grad():
+        # Differentiate with respect to the input as well, so that a frozen model
+        # (no parameter requires grad) still builds a graph through the attentions.
+        pixel_values = pixel_values.detach().requires_grad_(True)
+        logits, attentions = _forward(model, pixel_values)
+        if target is None:
+            target = logits.argmax(dim=-1)
+        target = torch.as_tensor(target, device=logits.device).reshape(-1)
+        if target.shape[0] != logits.shape[0]:
+            raise ValueError(f"target has {target.shape[0]} entries for a batch of {logits.shape[0]}")
+        # Images in a batch do not interact in a ViT, so one backward pass of the
+        # summed target logits gives every image its own gradients.
+        chosen = logits.gather(1, target[:, None].long()).sum()
+        grads = torch.autograd.grad(chosen, attentions)
+    fused = [(g.float() * a.detach().float()).clamp(min=0).mean(dim=1) for g, a in zip(grads, attentions)]
+    return _rollout_fused(fused, discard_ratio), logits.detach()
+
+
+def attention_maps(
+    model: Any,
+    pixel_values: torch.Tensor,
+    method: str = "rollout",
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `model` on `pixel_values` (B, C, H, W) → (maps (B, rows, cols) float32, logits).
+
+    rows, cols = config.image_size // config.patch_size. The model is run in eval
+    mode (dropout would make the maps random) and left in the mode it had.
+    `head_fusion` applies to "rollout" only; "grad-rollout" always takes the
+    mean of the gradient-weighted heads.
+    """
+    import torch
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    rows, cols = _patch_grid(model.config)
+    was_training = model.training
+    model.eval()
+    try:
+        if method == "rollout":
+            with torch.inference_mode():
+                logits, attentions = _forward(model, pixel_values)
+                maps = rollout(attentions, head_fusion, discard_ratio)
+        else:
+            maps, logits = grad_rollout(model, pixel_values, discard_ratio=discard_ratio)
+    finally:
+        model.train(was_training)
+    if maps.shape[1] != rows * cols:
+        raise ValueError(
+            f"the model attends over {maps.shape[1]} patches but config.image_size and "
+            f"patch_size give a {rows}x{cols} grid; pass images of size {model.config.image_size}"
+        )
+    return maps.reshape(-1, rows, cols), logits
+
+
+def overlay(
+    image: np.ndarray,
+    amap: np.ndarray,
+    label: str | None = None,
+    score: float | None = None,
+    min_side: int = 224,
+    alpha: float = 0.6,
+) -> Image.Image:
+    """Blend a colour-mapped attention map onto `image` → RGB PIL image.
+
+    `image` is H×W or H×W×C uint8 (C = 1 grey, 3 RGB, 4 RGBA; other channel
+    counts show their first channel). Images whose short side is below
+    `min_side` are first enlarged by a whole factor (nearest, so pixels stay
+    crisp). The map, scaled to [0, 1], is upsampled bilinearly and blended with
+    per-pixel opacity alpha·map: the part stays visible where the model did not
+    look. `label` and `score` go in the top-left corner on a dark box.
+    """
+    from matplotlib import colormaps
+    from PIL import Image
+
+    rgb = _as_rgb(image)
+    h, w = rgb.shape[:2]
+    if min(h, w) < min_side:
+        factor = math.ceil(min_side / min(h, w))
+        h, w = h * factor, w * factor
+        rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.Resampling.NEAREST))
+
+    heat = np.clip(np.nan_to_num(np.asarray(amap, dtype=np.float32)), 0.0, None)
+    if heat.ndim != 2:
+        raise ValueError(f"attention map must be 2-D (rows, cols), got shape {heat.shape}")
+    if heat.max() > 0:
+        heat = heat / heat.max()
+    heat = np.asarray(Image.fromarray(heat).resize((w, h), Image.Resampling.BILINEAR))
+    heat = np.clip(heat, 0.0, 1.0)[..., None]
+    colour = colormaps["jet"](heat[..., 0])[..., :3] * 255.0
+    blended = (1.0 - alpha * heat) * rgb + alpha * heat * colour
+    out = Image.fromarray(np.round(blended).clip(0, 255).astype(np.uint8))
+
+    text = " ".join(
+        part for part in (label, None if score is None else f"{score:.2f}") if part is not None
+    )
+    if text:
+        _draw_caption(out, text)
+    return out
+
+
+def pointing_game(amap: np.ndarray, bbox: Sequence[float], image_hw: tuple[int, int]) -> bool:
+    """True if the centre of the map's highest cell lies in `bbox` (x1, y1, x2, y2).
+
+    The map's grid is taken to cover the whole image of size `image_hw` = (H, W)
+    (the model input was a resize, not a crop), so cell (r, c) has its centre at
+    ((c + 0.5)·W/cols, (r + 0.5)·H/rows). The box edges count as inside; on ties
+    the first cell in row-major order is the highest.
+    """
+    heat = _as_map(amap)
+    x1, y1, x2, y2 = _as_box(bbox)
+    rows, cols = heat.shape
+    height, width = image_hw
+    r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    x = (c + 0.5) * width / cols
+    y = (r + 0.5) * height / rows
+    return bool(x1 <= x <= x2 and y1 <= y <= y2)
+
+
+def energy_in_box(amap: np.ndarray, bbox: Sequence[float], image_hw: tuple[int, int]) -> float:
+    """Share of the map's mass inside `bbox` (x1, y1, x2, y2), in [0, 1].
+
+    Each cell of the map is a rectangle of the image (grid over the whole image,
+    as in `pointing_game`) and counts with the fraction of its area that the box
+    covers: energy = Σ map·overlap / Σ map. This is exact for the map held
+    constant over each cell (nearest upsampling), with no resampling. Negative
+    values count as 0; a map with no mass has energy 0.
+    """
+    heat = np.clip(_as_map(amap), 0.0, None)
+    x1, y1, x2, y2 = _as_box(bbox)
+    rows, cols = heat.shape
+    height, width = image_hw
+    total = heat.sum()
+    if total <= 0:
+        return 0.0
+    # Overlap is separable: (share of each column's width) × (share of each row's height).
+    overlap_x = _interval_overlap(np.arange(cols + 1) * width / cols, x1, x2)
+    overlap_y = _interval_overlap(np.arange(rows + 1) * height / rows, y1, y2)
+    return float((heat * np.outer(overlap_y, overlap_x)).sum() / total)
+
+
+# --- helpers -------------------------------------------------------------------
+
+
+def _check_attentions(attentions: Sequence[torch.Tensor] | None) -> None:
+    # SDPA and flash attention return an empty tuple (or Nones) instead of weights.
+    if not attentions or any(a is None for a in attentions):
+        raise ValueError(
+            "the model returned no attention weights; load it with "
+            'attn_implementation="eager" (SDPA and flash attention do not return them)'
+        )
+    for a in attentions:
+        if a.dim() != 4 or a.shape[-1] != a.shape[-2]:
+            raise ValueError(f"attentions must be (B, H, N, N) per layer, got {tuple(a.shape)}")
+
+
+def _fuse_heads(attention: torch.Tensor, head_fusion: str) -> torch.Tensor:
+    if head_fusion == "mean":
+        return attention.mean(dim=1)
+    if head_fusion == "max":
+        return attention.amax(dim=1)
+    return attention.amin(dim=1)
+
+
+def _rollout_fused(fused: Sequence[torch.Tensor], discard_ratio: float) -> torch.Tensor:
+    """Steps 2-5 of `rollout` on head-fused layers (B, N, N)."""
+    import torch
+
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+    batch, n, _ = fused[0].shape
+    eye = torch.eye(n, dtype=torch.float32, device=fused[0].device)
+    result = eye.expand(batch, n, n)
+    for a in fused:
+        a = a.float()
+        if discard_ratio > 0:
+            a = _discard_lowest(a, discard_ratio)
+        a = 0.5 * a + 0.5 * eye
+        # The 0.5·I term keeps every row sum >= 0.5, so this never divides by zero.
+        a = a / a.sum(dim=-1, keepdim=True)
+        result = a @ result
+    cls_to_patches = result[:, 0, 1:]
+    peak = cls_to_patches.amax(dim=-1, keepdim=True)
+    return cls_to_patches / peak.clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def _discard_lowest(a: torch.Tensor, discard_ratio: float) -> torch.Tensor:
+    import torch
+
+    # One ranking per image over all entries outside the CLS column: the CLS
+    # column carries what flows back into the CLS token and must survive.
+    batch, n, _ = a.shape
+    body = a[:, :, 1:].reshape(batch, -1)
+    k = int(discard_ratio * body.shape[1])
+    if k == 0:
+        return a
+    lowest = body.topk(k, dim=-1, largest=False).indices
+    body = body.scatter(1, lowest, 0.0)
+    return torch.cat([a[:, :, :1], body.reshape(batch, n, n - 1)], dim=-1)
+
+
+def _forward(model: Any, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    pixel_values = pixel_values.to(device=model.device, dtype=model.dtype)
+    out = model(pixel_values=pixel_values, output_attentions=True)
+    _check_attentions(out.attentions)
+    return out.logits, tuple(out.attentions)
+
+
+def _patch_grid(config: Any) -> tuple[int, int]:
+    size, patch = config.image_size, config.patch_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    patch_h, patch_w = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    return height // patch_h, width // patch_w
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"overlay needs a uint8 image, got {image.dtype}")
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        return np.ascontiguousarray(image[..., :3])
+    if image.ndim == 3:
+        image = image[..., 0]
+    if image.ndim != 2:
+        raise ValueError(f"overlay needs an HxW or HxWxC image, got shape {image.shape}")
+    return np.repeat(image[..., None], 3, axis=2)
+
+
+def _draw_caption(image: Image.Image, text: str) -> None:
+    from PIL import ImageDraw, ImageFont
+
+    size = max(12, min(image.size) // 14)
+    font = ImageFont.load_default(size=size)
+    draw = ImageDraw.Draw(image)
+    pad = max(2, size // 4)
+    left, top, right, bottom = draw.textbbox((pad, pad), text, font=font)
+    draw.rectangle((0, 0, right + pad, bottom + pad), fill=(0, 0, 0))
+    draw.text((pad, pad), text, fill=(255, 255, 255), font=font)
+
+
+def _as_map(amap: np.ndarray) -> np.ndarray:
+    heat = np.asarray(amap, dtype=np.float64)
+    if heat.ndim != 2 or heat.size == 0:
+        raise ValueError(f"attention map must be a non-empty 2-D (rows, cols) array, got shape {heat.shape}")
+    return heat
+
+
+def _as_box(bbox: Sequence[float]) -> tuple[float, float, float, float]:
+    if len(bbox) != 4:
+        raise ValueError(f"bbox must be x1, y1, x2, y2, got {list(bbox)}")
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    return x1, y1, x2, y2
+
+
+def _interval_overlap(edges: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Fraction of each interval [edges[i], edges[i+1]] covered by [lo, hi]."""
+    covered = np.clip(np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo), 0.0, None)
+    return covered / np.diff(edges)
