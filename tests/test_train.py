@@ -1,0 +1,207 @@
+"""Training on Ray Train: outputs, S3, a killed worker, a killed driver, CSV input and the CLI's checks."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vitray import storage
+from vitray.errors import VitrayError
+from vitray.train import TrainConfig, class_weights, lr_lambda, stratified_split, train
+
+VITRAY = [sys.executable, "-m", "vitray.cli"]
+
+
+@pytest.fixture(scope="module")
+def inspection(tmp_path_factory) -> str:
+    from vitray.data import synth
+
+    out = tmp_path_factory.mktemp("inspection") / "data"
+    synth.write(str(out), n=160, size=32, seed=3, passed_fraction=0.1, fmt="imagefolder")
+    return str(out)
+
+
+def _history(path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_stratified_split_keeps_every_class_in_both_parts():
+    labels = np.array([0] * 98 + [1] * 2)
+    ids = [str(i) for i in range(100)]
+    train_ids, val_ids = stratified_split(ids, labels, 0.1, seed=0)
+    assert len(train_ids) + len(val_ids) == 100 and not set(train_ids) & set(val_ids)
+    val_labels = {labels[int(i)] for i in val_ids}
+    train_labels = {labels[int(i)] for i in train_ids}
+    assert val_labels == {0, 1} and train_labels == {0, 1}
+
+
+def test_class_weights_lift_a_rare_class():
+    w = class_weights(np.array([490, 10, 0]))
+    assert w[1] > 10 * w[0] and w[2] == 0.0
+    # The average image weighs 1.
+    assert abs((490 * w[0] + 10 * w[1]) / 500 - 1.0) < 1e-6
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    f = lr_lambda(total_steps=100, warmup_steps=10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5, abs=1e-6) and f(100) == pytest.approx(0.0, abs=1e-9)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def test_two_workers_write_every_output(ray_session, inspection, tmp_path):
+    from transformers import AutoImageProcessor, ViTForImageClassification
+
+    out = tmp_path / "run"
+    result = train(TrainConfig(data=inspection, out=str(out), epochs=3, workers=2, batch_size=16))
+    for name in ("metrics.json", "history.csv", "confusion_matrix.png", "curves.png", "args.json",
+                 "model/config.json", "model/model.safetensors", "model/preprocessor_config.json"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= {"accuracy", "macro_f1", "per_class", "confusion_matrix", "labels", "params"}
+    assert metrics["labels"] == ["Xminus", "Xplus", "Yminus", "Yplus", "passed"]
+    assert set(metrics["per_class"]["passed"]) == {"precision", "recall", "f1", "support"}
+    assert metrics["params"]["trainable"] == metrics["params"]["total"] > 0
+    history = _history(out / "history.csv")
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3]
+    assert list(history[0]) == ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr",
+                                "images_per_s"]
+    assert all(float(r["images_per_s"]) > 0 for r in history)
+    model = ViTForImageClassification.from_pretrained(out / "model")
+    assert model.config.id2label[4] == "passed" and model.config.image_size == 32
+    processor = AutoImageProcessor.from_pretrained(out / "model")
+    assert processor.size["height"] == 32
+    assert result.best_epoch == metrics["best_epoch"]
+    assert json.loads((out / "args.json").read_text())["workers"] == 2
+
+
+@pytest.mark.s3
+def test_train_to_s3(ray_session, inspection, s3_prefix):
+    from vitray.models import load_trained
+
+    train(TrainConfig(data=inspection, out=s3_prefix, epochs=2, workers=2, batch_size=32))
+    names = {storage.relative(storage.resolve(s3_prefix), f.path) for f in storage.list_files(s3_prefix)}
+    assert {"metrics.json", "history.csv", "curves.png", "model/config.json"} <= names
+    assert any(n.startswith("train/epoch-") for n in names)  # Ray Train's checkpoints are on S3 too
+    model, prep, labels = load_trained(storage.join(s3_prefix, "model"))
+    assert labels[-1] == "passed" and prep.size == 32
+
+
+def _train_worker_pids() -> list[int]:
+    """Ray Train worker processes of this test session's Ray (descendants of this process only)."""
+    import psutil
+
+    pids = []
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                pids.append(proc.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+def test_a_killed_worker_resumes_from_its_checkpoint(ray_session, inspection, tmp_path):
+    out = tmp_path / "ft"
+    done: dict = {}
+    runner = threading.Thread(target=lambda: done.setdefault(
+        "result", train(TrainConfig(data=inspection, out=str(out), epochs=5, workers=2, batch_size=16))))
+    runner.start()
+    # Wait for epoch 3's checkpoint: by then Ray Train has surely registered an earlier one
+    # (reports reach the controller on its next poll, not at once).
+    deadline = time.time() + 240
+    while not (out / "train" / "epoch-0003").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert (out / "train" / "epoch-0003").exists(), "training never reached epoch 3"
+    pids = _train_worker_pids()
+    assert pids
+    os.kill(pids[-1], signal.SIGKILL)
+    runner.join(timeout=300)
+    assert "result" in done, "training did not finish after the worker was killed"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_after_epochs"], "the run restarted from scratch instead of resuming"
+    epochs = [int(r["epoch"]) for r in _history(out / "history.csv")]
+    assert epochs == [1, 2, 3, 4, 5]
+
+
+def test_rerun_after_a_killed_driver_resumes(ray_session, inspection, tmp_path):
+    out = tmp_path / "crash"
+    cmd = VITRAY + ["train", "--data", inspection, "--out", str(out), "--epochs", "5", "--batch-size", "32"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "train" / "epoch-0003").exists() and time.time() < deadline:
+            time.sleep(0.5)
+        assert (out / "train" / "epoch-0003").exists()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    time.sleep(2)  # let Ray notice the driver is gone and release its workers
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_after_epochs"] and metrics["resumed_after_epochs"][0] >= 1
+    epochs = [int(r["epoch"]) for r in _history(out / "history.csv")]
+    assert epochs == [1, 2, 3, 4, 5]
+
+
+def test_kaggle_csv_trains_directly(ray_session, tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(120):
+        digit = i % 3
+        img = np.zeros((28, 28), dtype=np.int64)
+        img[4 + 6 * digit: 10 + 6 * digit, 4:24] = 200 + rng.integers(0, 50)
+        rows.append([digit, *img.reshape(-1)])
+    df = pd.DataFrame(rows, columns=["label"] + [f"pixel{i}" for i in range(784)])
+    df.to_csv(tmp_path / "train.csv", index=False)
+    out = tmp_path / "csvrun"
+    result = train(TrainConfig(data=str(tmp_path / "train.csv"), out=str(out), epochs=2, batch_size=32))
+    assert result.metrics["labels"] == ["0", "1", "2"]
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["num_channels"] == 1 and config["image_size"] == 28 and config["patch_size"] == 4
+
+
+# --------------------------------------------------------------------------- checks before work
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--data", "/nonexistent/data", "--out", "x"], "not found"),
+    (["--data", ".", "--out", "x", "--epochs", "0"], "at least 1"),
+    (["--data", ".", "--out", "x", "--finetune", "last:x"], "finetune"),
+    (["--data", ".", "--out", "x", "--lr", "5"], "--lr"),
+    (["--out", "x"], "--data is required"),
+    (["--data", ".", "--out", "x", "--frobnicate"], "unrecognized"),
+])
+def test_bad_options_are_one_line_errors(args, needle):
+    proc = subprocess.run(VITRAY + ["train", *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vitray: error:") and needle in lines[0], proc.stderr
+
+
+def test_config_file_supplies_options_and_flags_override(tmp_path):
+    from vitray.cli import _train_config, build_parser
+
+    (tmp_path / "c.yaml").write_text("data: /d\nout: /o\nepochs: 7\nbatch-size: 8\n")
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "c.yaml"), "--epochs", "9"])
+    config = _train_config(args)
+    assert (config.data, config.epochs, config.batch_size) == ("/d", 9, 8)
+    (tmp_path / "bad.yaml").write_text("data: /d\nout: /o\nepoch: 7\n")
+    with pytest.raises(VitrayError, match="unknown option"):
+        _train_config(build_parser().parse_args(["train", "--config", str(tmp_path / "bad.yaml")]))

@@ -1,0 +1,490 @@
+"""Data-parallel ViT training on Ray Train (Train V2), with validation, checkpoints and export.
+
+`train(TrainConfig(...))` reads the data with Ray Data (decode, resize and
+augmentation stream in Ray tasks), runs `train_loop_per_worker` on N workers,
+keeps the best checkpoint by validation macro-F1 and exports it as a plain
+transformers model with its metrics, history and plots beside it.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Sequence
+
+import numpy as np
+
+from vitray import storage
+from vitray.errors import VitrayError
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "images_per_s")
+# Data sets up to this size (resized uint8) are decoded once and kept in Ray's
+# object store; larger ones stream from storage every epoch.
+CACHE_BYTES = 2 * 1024**3
+RUN_NAME = "train"
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run, with its one default."""
+
+    data: str
+    out: str
+    val: str | None = None
+    val_fraction: float = 0.1
+    format: str | None = None
+    model: str | None = None  # preset, folder, s3:// prefix or hub id; None: a preset sized for the data
+    image_size: int | None = None
+    epochs: int = 30
+    lr: float | None = None  # None: 1e-3 from scratch / head / LoRA, 1e-4 for full fine-tuning
+    batch_size: int = 64
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    finetune: str = "full"
+    class_weights: str = "auto"
+    augment: str = "auto"  # auto: label-aware flips where safe, shifts, lighting; none
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.1
+    label_smoothing: float = 0.1
+    grad_clip: float = 1.0
+    max_failures: int = 3
+    seed: int = 0
+    ray_address: str | None = None
+
+    def check(self) -> None:
+        """Refuse bad values before any work starts."""
+        from vitray.models import parse_finetune
+
+        if self.epochs < 1 or self.batch_size < 1 or self.workers < 1:
+            raise VitrayError("--epochs, --batch-size and --workers must be at least 1")
+        if not 0.0 < self.val_fraction < 1.0 and self.val is None:
+            raise VitrayError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.gpus_per_worker < 0:
+            raise VitrayError("--gpus-per-worker cannot be negative")
+        if self.lr is not None and not 0 < self.lr < 1:
+            raise VitrayError(f"--lr must be between 0 and 1, got {self.lr}")
+        if self.class_weights not in ("auto", "none"):
+            raise VitrayError(f"--class-weights must be auto or none, got {self.class_weights}")
+        if self.augment not in ("auto", "none"):
+            raise VitrayError(f"--augment must be auto or none, got {self.augment}")
+        if self.image_size is not None and self.image_size < 4:
+            raise VitrayError(f"--image-size must be at least 4, got {self.image_size}")
+        parse_finetune(self.finetune)
+
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        pretrained = self.model is not None and not self.model.startswith("vit-")
+        return 1e-4 if pretrained and self.finetune == "full" else 1e-3
+
+
+@dataclass
+class TrainResult:
+    out: str
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@dataclass
+class Prepared:
+    """What every run over the same data shares: classes, preprocessing and the Ray Datasets."""
+
+    labels: list[str]
+    prep: Any  # vitray.models.Preprocessing
+    params: dict[str, Any]
+    train_ds: Any
+    val_ds: Any
+    class_counts: list[int]
+    n_train: int
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run a training job end to end; outputs land under `config.out`.
+
+    Re-running with the same `out` after a crash resumes from the last checkpoint.
+    """
+    prepared = prepare(config)
+    result = fit(make_trainer(config, prepared))
+    return finish(config, result, prepared)
+
+
+def prepare(config: TrainConfig) -> Prepared:
+    """Check the options and the data, then build the (cached or streaming) Ray Datasets."""
+    from vitray.data.readers import inspect_source
+    from vitray.models import apply_finetune, build_model, param_report
+    from vitray.runtime import RayOptions, init_ray
+
+    config.check()
+    storage.require(config.data, "training data")
+    source = inspect_source(config.data, config.format)
+    if not source.labelled:
+        raise VitrayError(f"{config.data}: training needs labelled data (no labels found)")
+    if len(source.labels) < 2:
+        raise VitrayError(f"{config.data}: training needs at least 2 classes, found {source.labels}")
+    labels = source.labels
+    if config.val:
+        val_source = inspect_source(config.val, config.format, labels=labels)
+        train_ids, val_ids = source.ids, val_source.ids
+        counts = np.bincount(source.row_labels, minlength=len(labels))
+    else:
+        val_source = source
+        train_ids, val_ids = stratified_split(source.ids, source.row_labels, config.val_fraction, config.seed)
+        counts = np.bincount(source.row_labels[np.isin(source.ids, train_ids)], minlength=len(labels))
+    channels, native_size = peek_shape(source)
+    model, prep = build_model(config.model, labels, config.image_size or (None if config.model else native_size),
+                              channels=channels)
+    params = param_report(apply_finetune(model, config.finetune)).to_dict()
+    del model
+    log.info("model: %s parameters, %s trainable", params["total"], params["trainable"])
+
+    init_ray(RayOptions(address=config.ray_address))
+    train_ds = _prepared(source, train_ids, prep.size, prep.channels)
+    val_ds = _prepared(val_source, val_ids, prep.size, prep.channels)
+    if config.augment == "auto":
+        from vitray.data.preprocess import AugmentConfig, augment_batch
+
+        train_ds = train_ds.map_batches(augment_batch, fn_kwargs={"config": AugmentConfig.for_labels(labels)},
+                                        batch_format="numpy", batch_size=256)
+    return Prepared(labels, prep, params, train_ds, val_ds, counts.tolist(), len(train_ids))
+
+
+def loop_config(config: TrainConfig, prepared: Prepared) -> dict[str, Any]:
+    """What `train_loop_per_worker` needs, all plain data."""
+    prep = prepared.prep
+    return {
+        "run": asdict(config),
+        "labels": prepared.labels,
+        "image_size": prep.size,
+        "channels": prep.channels,
+        "mean": list(prep.mean),
+        "std": list(prep.std),
+        "lr": config.resolved_lr(),
+        "class_weights": class_weights(np.array(prepared.class_counts)) if config.class_weights == "auto" else None,
+        "n_train": prepared.n_train,
+        "history_uri": storage.join(config.out, "history.csv"),
+    }
+
+
+def stratified_split(ids: list[str], labels: np.ndarray, fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Split ids so that every class keeps its share in validation (at least one image each)."""
+    rng = np.random.default_rng(seed)
+    val: list[int] = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        rng.shuffle(members)
+        k = int(round(fraction * len(members)))
+        k = min(max(k, 1), len(members) - 1) if len(members) > 1 else 0
+        val.extend(members[:k].tolist())
+    chosen = np.zeros(len(ids), dtype=bool)
+    chosen[val] = True
+    return [i for i, v in zip(ids, chosen) if not v], [i for i, v in zip(ids, chosen) if v]
+
+
+def class_weights(counts: np.ndarray) -> list[float]:
+    """Inverse-frequency loss weights, normalised so that the average image weighs 1.
+
+    A class at 1/50 of the data then weighs ~10x a common one, which is what
+    lets the rare `passed` class be learned instead of ignored.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts > 0
+    weights = np.zeros_like(counts)
+    weights[present] = counts[present].sum() / (present.sum() * counts[present])
+    return weights.round(6).tolist()
+
+
+def peek_shape(source: Any) -> tuple[int, int]:
+    """Channels (1 or 3) and side of the first image, read on the driver."""
+    from vitray.data.readers import _read_task, decode_image
+
+    fs = storage.resolve(source.uri).fs
+    for task in source.tasks:
+        part = _read_task(task, fs, frozenset(source.ids[:64]) if task["kind"] != "file" else None)
+        for data, image in zip(part["data"], part["image"]):
+            try:
+                img = image if image is not None else decode_image(data)
+            except Exception:  # noqa: BLE001 - a bad first file is skipped here and recorded later
+                continue
+            return int(img.shape[2]), int(max(img.shape[:2]))
+    raise VitrayError(f"{source.uri}: none of the first images could be decoded")
+
+
+def _prepared(source: Any, ids: list[str], size: int, channels: int) -> Any:
+    """Decoded, resized uint8 images as a Ray Dataset; cached in memory when small."""
+    from vitray.data.preprocess import resize_batch
+    from vitray.data.readers import read_images
+
+    ds = read_images(source, ids).map_batches(
+        resize_batch, fn_kwargs={"size": size, "channels": channels}, batch_format="numpy", batch_size=128)
+    ds = ds.select_columns(["image", "label"])
+    if len(ids) * size * size * channels <= CACHE_BYTES:
+        ds = ds.materialize()
+    return ds
+
+
+def make_trainer(config: TrainConfig, prepared: Prepared, callbacks: Sequence[Any] = ()) -> Any:
+    """The TorchTrainer of a run, storing under `config.out` (the same out resumes)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    out = storage.resolve(config.out)
+    use_gpu = config.gpus_per_worker > 0
+    resources = {"CPU": 1}
+    if use_gpu:
+        resources["GPU"] = config.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config(config, prepared),
+        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME,
+            storage_path=out.path,
+            storage_filesystem=out.fs,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="val_macro_f1", checkpoint_score_order="max"),
+            callbacks=list(callbacks),
+        ),
+        datasets={"train": prepared.train_ds, "val": prepared.val_ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def fit(trainer: Any) -> Any:
+    """trainer.fit(), with a worker failure reported as one line (exit 1)."""
+    try:
+        return trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the cause in one line
+        raise VitrayError(f"training failed: {failure_line(exc)}", exit_code=1) from exc
+
+
+def failure_line(exc: BaseException) -> str:
+    """The innermost `SomeError: message` line of a (Ray-wrapped) worker failure."""
+    import re
+
+    lines = [line.strip() for line in str(exc).splitlines()]
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line)]
+    return errors[-1] if errors else (lines[0] if lines else type(exc).__name__)
+
+
+def finish(config: TrainConfig, result: Any, prepared: Prepared) -> TrainResult:
+    """Export the best checkpoint (by validation macro-F1) and write metrics, history and plots."""
+    import torch
+
+    from vitray.evaluate import plot_confusion, plot_curves
+    from vitray.models import apply_finetune, build_model, export_model
+
+    labels, prep, params = prepared.labels, prepared.prep, prepared.params
+    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if "val_macro_f1" in m]
+    if not candidates:
+        raise VitrayError("training finished without a checkpoint", exit_code=1)
+    best_ckpt, best = max(candidates, key=lambda cm: (cm[1]["val_macro_f1"], cm[1]["epoch"]))
+    with best_ckpt.as_directory() as d:
+        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+    model, _ = build_model(config.model, labels, prep.size, channels=prep.channels)
+    model = apply_finetune(model, config.finetune)
+    model.load_state_dict(state["model"])
+    export_model(model, prep, storage.join(config.out, "model"))
+
+    latest = state
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            latest = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+    history = latest["history"]
+    metrics = dict(best["val"])
+    metrics["params"] = params
+    metrics["best_epoch"] = best["epoch"]
+    metrics["resumed_after_epochs"] = latest.get("resumes", [])
+    storage.write_json(storage.join(config.out, "metrics.json"), metrics)
+    write_history(storage.join(config.out, "history.csv"), history)
+    storage.write_json(storage.join(config.out, "args.json"), {**asdict(config), "lr": config.resolved_lr(),
+                                                               "labels": labels})
+    plot_confusion(metrics, storage.join(config.out, "confusion_matrix.png"),
+                   title=f"validation, epoch {best['epoch']}")
+    plot_curves(history, storage.join(config.out, "curves.png"))
+    return TrainResult(config.out, metrics, history, best["epoch"])
+
+
+def write_history(uri: str, history: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in history:
+        writer.writerow(row)
+    storage.write_bytes(uri, buf.getvalue().encode())
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def lr_lambda(total_steps: int, warmup_steps: int):
+    """Linear warm-up, then cosine decay to zero."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """The per-worker loop: shard in, DDP steps, validation, report + checkpoint every epoch."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from vitray.data.preprocess import normalize
+    from vitray.models import apply_finetune, build_model
+
+    run = cfg["run"]
+    # Ray Train logs every report at INFO; the epoch line below says what matters.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(run["seed"])
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        # Logical CPUs are inflated on a small machine; share the real cores.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+    model, _ = build_model(run["model"], cfg["labels"], cfg["image_size"], channels=cfg["channels"])
+    model = apply_finetune(model, run["finetune"])
+    steps_per_epoch = max(1, math.ceil(cfg["n_train"] / (run["batch_size"] * world)))
+    total_steps = steps_per_epoch * run["epochs"]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": run["weight_decay"]},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, max(1, int(run["warmup_fraction"] * total_steps))))
+    start_epoch, history, resumes = 0, [], []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"], state["history"]
+        # Recorded so that a user (and the tests) can see a run picked up where it stopped.
+        resumes = state.get("resumes", []) + [start_epoch]
+        if rank == 0:
+            print(f"resuming after epoch {start_epoch} from {checkpoint.path}", flush=True)
+    model = ray.train.torch.prepare_model(model)
+    weights = torch.tensor(cfg["class_weights"], dtype=torch.float32, device=device) if cfg["class_weights"] else None
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=run["label_smoothing"])
+    amp = device.type == "cuda"
+    train_shard = ray.train.get_dataset_shard("train")
+    val_data = ray.train.get_dataset_shard("val")
+
+    for epoch in range(start_epoch + 1, run["epochs"] + 1):
+        model.train()
+        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        for batch in train_shard.iter_torch_batches(batch_size=run["batch_size"], local_shuffle_buffer_size=2048,
+                                                    local_shuffle_seed=run["seed"] + epoch,
+                                                    dtypes={"image": torch.uint8, "label": torch.long},
+                                                    device=device):
+            x = normalize(batch["image"], cfg["mean"], cfg["std"])
+            y = batch["label"]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(pixel_values=x).logits
+            loss = loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if run["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(trainable, run["grad_clip"])
+            optimizer.step()
+            scheduler.step()
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+        elapsed = time.perf_counter() - t0
+        totals = _all_reduce(torch.tensor([seen, loss_sum, elapsed], dtype=torch.float64, device=device))
+        val = _validate(model, val_data, cfg, device, rank, world, amp, loss_fn)
+        row = {
+            "epoch": epoch,
+            "train_loss": round(float(totals[1] / max(1.0, totals[0])), 6),
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "val_macro_f1": val["macro_f1"],
+            "lr": float(scheduler.get_last_lr()[0]),
+            # Images per second of the whole group: total images over the slowest worker's time.
+            "images_per_s": round(float(totals[0] / max(1e-9, totals[2] / world)), 1),
+        }
+        history = [h for h in history if h["epoch"] < epoch] + [row]
+        metrics = {**row, "val": val, "recall": {k: v["recall"] for k, v in val["per_class"].items()}}
+        if rank == 0:
+            recalls = " ".join(f"{k}={v['recall']:.2f}" for k, v in val["per_class"].items())
+            print(f"epoch {epoch}/{run['epochs']}: loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
+                  f"acc {row['val_accuracy']:.4f} macro-F1 {row['val_macro_f1']:.4f} "
+                  f"({row['images_per_s']:.0f} img/s) recall: {recalls}", flush=True)
+            with tempfile.TemporaryDirectory() as d:
+                inner = model.module if hasattr(model, "module") else model
+                torch.save({"model": inner.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+                            "resumes": resumes},
+                           os.path.join(d, "state.pt"))
+                write_history(cfg["history_uri"], history)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                                 checkpoint_dir_name=f"epoch-{epoch:04d}")
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+
+def _all_reduce(t: Any) -> Any:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def _validate(model: Any, val_data: Any, cfg: dict[str, Any], device: Any, rank: int, world: int,
+              amp: bool, loss_fn: Any) -> dict[str, Any]:
+    """Every worker sees the whole validation set and scores every world-th batch."""
+    import torch
+
+    from vitray.data.preprocess import normalize
+    from vitray.evaluate import classification_metrics
+
+    k = len(cfg["labels"])
+    confusion = torch.zeros(k * k + 2, dtype=torch.float64, device=device)  # + loss sum, count
+    model.eval()
+    with torch.inference_mode():
+        for i, batch in enumerate(val_data.iter_torch_batches(batch_size=256, dtypes={"image": torch.uint8,
+                                                                                     "label": torch.long},
+                                                              device=device)):
+            if i % world != rank:
+                continue
+            x = normalize(batch["image"], cfg["mean"], cfg["std"])
+            y = batch["label"]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(pixel_values=x).logits.float()
+            pred = logits.argmax(-1)
+            confusion[: k * k] += torch.bincount(y * k + pred, minlength=k * k).to(torch.float64)
+            confusion[-2] += torch.nn.functional.cross_entropy(logits, y, reduction="sum").double()
+            confusion[-1] += len(y)
+    confusion = _all_reduce(confusion).cpu().numpy()
+    cm = confusion[: k * k].reshape(k, k).astype(np.int64)
+    y_true = np.repeat(np.arange(k), cm.sum(1))
+    y_pred = np.concatenate([np.repeat(np.arange(k), cm[t]) for t in range(k)]) if cm.sum() else np.zeros(0, int)
+    metrics = classification_metrics(y_true.tolist(), y_pred.tolist(), cfg["labels"])
+    metrics["loss"] = round(float(confusion[-2] / max(1.0, confusion[-1])), 6)
+    return metrics
+
+
+def config_fields() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]
