@@ -179,3 +179,76 @@ def _save(fig: Any, uri: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     storage.write_bytes(uri, buf.getvalue())
+
+
+def evaluate(model_uri: str, data_uri: str, out_uri: str, fmt: str | None = None, batch_size: int = 256,
+             workers: int = 1, gpus_per_worker: float = 0.0, ray_address: str | None = None) -> dict:
+    """Metrics of a trained model on labelled data: OUT/evaluation.json and OUT/confusion_matrix.png.
+
+    When the data has boxes (FRAMEimages `response`), the default attention maps of
+    the defect images are scored against them (pointing game, energy in box).
+    """
+    import ray.data
+
+    from vitray.data.preprocess import resize_batch
+    from vitray.data.readers import inspect_source, read_images
+    from vitray.inference import NEGATIVE_LABEL, PredictOptions, Predictor, model_info
+    from vitray.runtime import RayOptions, init_ray
+
+    if batch_size < 1 or workers < 1:
+        raise VitrayError("--batch-size and --workers must be at least 1")
+    labels, prep = model_info(model_uri)
+    source = inspect_source(data_uri, fmt, labels=labels)
+    if not source.labelled:
+        raise VitrayError(f"{data_uri}: evaluation needs labelled data")
+    init_ray(RayOptions(address=ray_address))
+    options = PredictOptions(attention="defects" if source.has_boxes else "none")
+    ds = (read_images(source)
+          .map_batches(resize_batch, fn_kwargs={"size": prep.size, "channels": prep.channels},
+                       batch_format="numpy", batch_size=128)
+          .map_batches(Predictor, fn_constructor_args=(model_uri, options), batch_size=batch_size,
+                       batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
+                       num_gpus=gpus_per_worker or None)
+          .map_batches(_localisation, fn_kwargs={"size": prep.size}, batch_format="numpy")
+          .select_columns(["label", "pred", "pointing", "energy"]))
+    y_true, y_pred, pointing, energy = [], [], [], []
+    for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
+        y_true.append(batch["label"])
+        y_pred.append(batch["pred"])
+        pointing.append(batch["pointing"])
+        energy.append(batch["energy"])
+    true, pred = np.concatenate(y_true), np.concatenate(y_pred)
+    metrics = classification_metrics(true.tolist(), pred.tolist(), labels)
+    metrics["n"] = int(len(true))
+    metrics["skipped"] = int(len(source) - len(true))
+    if source.has_boxes:
+        point, mass = np.concatenate(pointing), np.concatenate(energy)
+        defect = ~np.isnan(point) & (true != (labels.index(NEGATIVE_LABEL) if NEGATIVE_LABEL in labels else -1))
+        metrics["localization"] = {
+            "method": options.method, "images": int(defect.sum()),
+            "pointing_game": round(float(point[defect].mean()), 4) if defect.any() else None,
+            "energy_in_box": round(float(mass[defect].mean()), 4) if defect.any() else None,
+        }
+    storage.write_json(storage.join(out_uri, "evaluation.json"), metrics)
+    plot_confusion(metrics, storage.join(out_uri, "confusion_matrix.png"), title=f"{data_uri}")
+    return metrics
+
+
+def _localisation(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """Per image: pointing game (1/0) and energy in box of its map, NaN without a map or box."""
+    from vitray.explain import energy_in_box, pointing_game
+
+    n = len(batch["pred"])
+    pointing = np.full(n, np.nan, dtype=np.float32)
+    energy = np.full(n, np.nan, dtype=np.float32)
+    for i in range(n):
+        amap, box = batch["attention"][i], batch["bbox"][i]
+        if np.isnan(amap).any() or np.isnan(box).any():
+            continue
+        side = int(round(np.sqrt(len(amap))))
+        grid = amap.reshape(side, side)
+        pointing[i] = float(pointing_game(grid, box, (size, size)))
+        energy[i] = energy_in_box(grid, box, (size, size))
+    out = dict(batch)
+    out.update(pointing=pointing, energy=energy)
+    return out

@@ -1,0 +1,93 @@
+"""Running a trained model over image batches in Ray Data, shared by evaluate and score.
+
+`Predictor` is the callable class that `map_batches` puts on an actor pool: it
+loads the model once per actor, normalises uint8 batches with the model's own
+preprocessing, predicts, and makes attention maps only where they are asked for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+ATTENTION_MODES = ("all", "defects", "none")
+# The class whose images need no map under --attention defects.
+NEGATIVE_LABEL = "passed"
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    attention: str = "none"  # all | defects | none
+    method: str = "rollout"
+    head_fusion: str = "mean"
+    discard_ratio: float = 0.0
+    num_threads: int | None = None  # CPU threads per actor (None: as Ray gives)
+
+
+def model_info(model_uri: str) -> tuple[list[str], Any]:
+    """Labels and preprocessing of a trained model, checked on the driver before any work."""
+    from vitray.models import load_trained
+
+    _, prep, labels = load_trained(model_uri)
+    return labels, prep
+
+
+class Predictor:
+    """Ray Data UDF: uint8 (B, S, S, C) `image` batches in; pred, score, probs (and maps) out."""
+
+    def __init__(self, model_uri: str, options: PredictOptions = PredictOptions()) -> None:
+        import torch
+
+        from vitray.models import load_trained
+
+        if options.num_threads:
+            torch.set_num_threads(options.num_threads)
+        self.options = options
+        self.model, self.prep, self.labels = load_trained(model_uri, attn_implementation="sdpa")
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+        self.amp = self.device.type == "cuda"
+        self.negative = self.labels.index(NEGATIVE_LABEL) if NEGATIVE_LABEL in self.labels else None
+        patch = self.model.config.patch_size
+        self.grid = (self.prep.size // patch, self.prep.size // patch)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from vitray.data.preprocess import normalize
+
+        images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device, non_blocking=True)
+        x = normalize(images, self.prep.mean, self.prep.std)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.model(pixel_values=x).logits.float()
+        probs = torch.softmax(logits, dim=-1)
+        score, pred = probs.max(dim=-1)
+        out = dict(batch)
+        out["pred"] = pred.cpu().numpy().astype(np.int64)
+        out["score"] = score.cpu().numpy().astype(np.float32)
+        out["probs"] = probs.cpu().numpy().astype(np.float32)
+        out["attention"] = self._maps(x, out["pred"])
+        return out
+
+    def _maps(self, x: Any, pred: np.ndarray) -> np.ndarray:
+        """(B, rows*cols) maps; rows without a map are NaN (written as null)."""
+        from vitray.explain import attention_maps
+
+        n = len(pred)
+        maps = np.full((n, self.grid[0] * self.grid[1]), np.nan, dtype=np.float32)
+        mode = self.options.attention
+        if mode == "none" or n == 0:
+            return maps
+        want = np.ones(n, dtype=bool) if mode == "all" or self.negative is None else pred != self.negative
+        if not want.any():
+            return maps
+        # SDPA returns no attention weights: switch to eager only for the images that get a map.
+        self.model.set_attn_implementation("eager")
+        try:
+            m, _ = attention_maps(self.model, x[np.flatnonzero(want)], method=self.options.method,
+                                  head_fusion=self.options.head_fusion, discard_ratio=self.options.discard_ratio)
+        finally:
+            self.model.set_attn_implementation("sdpa")
+        maps[want] = m.reshape(int(want.sum()), -1).float().cpu().numpy()
+        return maps
