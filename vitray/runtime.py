@@ -12,6 +12,7 @@ from dataclasses import dataclass
 # On a 2-core machine, 2 Train workers + Ray Data readers + an inference actor
 # need room: logical CPUs are slots, not cores.
 MIN_LOGICAL_CPUS = 8
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @dataclass(frozen=True)
@@ -25,25 +26,39 @@ def embedded_cpus() -> int:
     return max(MIN_LOGICAL_CPUS, 2 * (os.cpu_count() or 1))
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def init_ray(options: RayOptions | None = None) -> None:
     """Connect to Ray once per process; a no-op when already connected."""
+    options = options or RayOptions()
+    address = options.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # Ray otherwise takes the machine's outward address as the node address and
+        # listens on every interface; with this set an embedded Ray stays on loopback.
+        # Read when ray is first imported, hence before the import.
+        os.environ.setdefault(LOOPBACK_ENV, "0")
     import ray
 
-    options = options or RayOptions()
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Train V2 is the current Ray Train API; V1 is deprecated.
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    address = options.address or os.environ.get("RAY_ADDRESS")
     log_level = logging.WARNING if options.quiet else logging.INFO
     # Worker output reaches the terminal: that is where training shows its progress.
     if address:
         ray.init(address=address, logging_level=log_level)
     else:
-        # Loopback only: an embedded Ray is nobody else's business.
-        ray.init(num_cpus=options.num_cpus or embedded_cpus(), include_dashboard=False,
-                 _node_ip_address="127.0.0.1",
+        # The dashboard serves Ray's state API, which Ray Train's controller uses
+        # to clean up after itself; it listens on loopback only.
+        ray.init(num_cpus=options.num_cpus or embedded_cpus(), include_dashboard=True,
+                 dashboard_host="127.0.0.1", dashboard_port=free_port(),
                  logging_level=log_level,
                  runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
     import ray.data

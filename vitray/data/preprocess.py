@@ -125,7 +125,8 @@ def augment_batch(batch: dict[str, np.ndarray], config: AugmentConfig, seed: int
         images[flip] = images[flip, ::-1]
         labels[flip] = np.asarray(config.vflip)[labels[flip]]
         boxes[flip] = np.stack([boxes[flip, 0], size - boxes[flip, 3], boxes[flip, 2], size - boxes[flip, 1]], 1)
-    limit = int(round(config.max_shift * size))
+    # At least one pixel when shifts are on: small images (8x8 digits) need them most.
+    limit = max(1, int(round(config.max_shift * size))) if config.max_shift > 0 else 0
     if limit > 0:
         images, boxes = _shift(images, boxes, limit, rng)
     if config.brightness or config.contrast:
