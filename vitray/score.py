@@ -1,0 +1,667 @@
+"""Bulk scoring with Ray Data, committed exactly once in pieces, and attention maps for a few images.
+
+`score` streams images (any folder or s3:// prefix of images, or a data set) through
+decode → resize → `Predictor` actors → a writer stage that commits each piece of rows
+to OUT; the driver only sees one summary row per piece, so memory stays flat.
+
+Commit protocol (what makes a rerun score only what is missing, and a kill harmless):
+  A piece is one batch of the writer stage, named `<run_id>-<hash of its ids>`, so a Ray
+  retry of the same batch rewrites the same names instead of adding new ones. In order:
+    1. `_pending/<piece>.json` lists the overlay PNGs the piece is about to write;
+    2. the PNGs `attention/<key>.png`, then `errors/part-<piece>.parquet` (if any failed);
+    3. the commit: `predictions/part-<piece>.parquet`, written as one whole object
+       (S3: a single PUT, visible only once complete; local disk: a hidden temp file
+       `.name.tmp-*` in the same folder, fsync'd, then os.replace);
+    4. `_pending/<piece>.json` is deleted.
+  A row is committed iff it is in a file under predictions/, and `pyarrow.dataset` (which
+  skips names starting with `.` or `_`) shows exactly the committed rows, each id once.
+  Before scoring, a run recovers from a killed one: a pending piece whose predictions file
+  exists lost only its marker (dropped); one without it is deleted with its PNGs; stale
+  local temp files are removed. Then the ids under predictions/ are skipped, everything
+  else is read. One run per OUT at a time: two concurrent runs would score the same images.
+  Images that fail to decode are not committed: each run tries them again and adds an
+  errors/ row (path, run_id), since a file may have been half-copied when it was listed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import posixpath
+import secrets
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from vitray import storage
+from vitray.errors import VitrayError
+from vitray.explain import HEAD_FUSIONS, METHODS  # both modules import torch only when used
+from vitray.inference import ATTENTION_MODES
+
+SCORE_FORMATS = ("images", "imagefolder", "parquet", "csv")
+PNG_THREADS = 8  # overlay writes in flight per piece
+
+PREDICTIONS_SCHEMA = pa.schema([
+    ("id", pa.string()), ("path", pa.string()), ("label", pa.string()), ("score", pa.float32()),
+    ("probs", pa.list_(pa.float32())), ("attention", pa.list_(pa.float32())),
+    ("attention_shape", pa.list_(pa.int32())), ("attention_png", pa.string()),
+    ("model", pa.string()), ("run_id", pa.string()),
+])
+ERRORS_SCHEMA = pa.schema([("path", pa.string()), ("error", pa.string()), ("message", pa.string()),
+                           ("run_id", pa.string())])
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """One scoring run; every default lives here (the CLI reads them) and goes into the manifest."""
+
+    model: str  # trained model folder or s3:// prefix
+    input: str  # folder/prefix of images (recursive), or image folder / parquet / digit CSV
+    output: str  # folder or s3:// prefix: predictions/, errors/, attention/, runs/, report.html
+    format: str | None = None  # detected when None
+    attention: str = "defects"  # all | defects (not predicted `passed`) | none
+    method: str = "rollout"  # rollout | grad-rollout
+    head_fusion: str = "mean"
+    discard_ratio: float = 0.0
+    batch_size: int = 64  # images per model call
+    workers: int = 1  # inference actors, each loads the model once
+    gpus_per_worker: float = 0.0
+    piece_rows: int = 512  # rows per committed file; a kill loses at most the pieces in flight
+    submission: str | None = None  # Kaggle ImageId,Label CSV (digit-recognizer CSV input only)
+    max_error_rate: float = 1.0  # fail the run (exit 1) above this share of undecodable images
+    ray_address: str | None = None
+    verbose: bool = False
+
+    def check(self) -> None:
+        """One-line errors for option values, before anything is read."""
+        if self.attention not in ATTENTION_MODES:
+            raise VitrayError(f"--attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
+        check_map_options(self.method, self.head_fusion, self.discard_ratio)
+        if self.format is not None and self.format not in SCORE_FORMATS:
+            raise VitrayError(f"--format must be one of {', '.join(SCORE_FORMATS)}, got {self.format!r}")
+        for name in ("batch_size", "workers", "piece_rows"):
+            if int(getattr(self, name)) < 1:
+                raise VitrayError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.gpus_per_worker < 0:
+            raise VitrayError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise VitrayError(f"--max-error-rate must be between 0 and 1, got {self.max_error_rate}")
+
+
+def check_map_options(method: str, head_fusion: str, discard_ratio: float) -> None:
+    if method not in METHODS:
+        raise VitrayError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if head_fusion not in HEAD_FUSIONS:
+        raise VitrayError(f"--head-fusion must be one of {', '.join(HEAD_FUSIONS)}, got {head_fusion!r}")
+    if not 0.0 <= discard_ratio < 1.0:
+        raise VitrayError(f"--discard-ratio must be in [0, 1), got {discard_ratio}")
+
+
+# --------------------------------------------------------------------------- layout of OUT
+
+
+def attention_key(image_id: str) -> str:
+    """OUT-relative key of an image's overlay: `attention/<id>.png`.
+
+    Subfolders of the id are kept; the `#<row>` of table ids becomes `_row<row>`
+    (`data.parquet#12` → `attention/data.parquet_row12.png`), since `#` starts a
+    fragment in a link; empty, `.` and `..` path segments become `_`.
+    """
+    parts = [p if p not in ("", ".", "..") else "_" for p in image_id.replace("\\", "/").split("/")]
+    return "attention/" + "/".join(parts).replace("#", "_row") + ".png"
+
+
+def read_predictions(output: str) -> Any:
+    """The committed predictions under OUT as a `pyarrow.dataset.Dataset` (empty when none)."""
+    import pyarrow.dataset as pads
+
+    loc = storage.resolve(storage.join(output, "predictions"))
+    files = [f.path for f in _list(loc) if _visible(f.path) and f.path.endswith(".parquet")]
+    return pads.dataset(files, schema=PREDICTIONS_SCHEMA, filesystem=loc.fs, format="parquet")
+
+
+def read_errors(output: str) -> Any:
+    """The errors/ rows under OUT as a `pyarrow.dataset.Dataset` (empty when none)."""
+    import pyarrow.dataset as pads
+
+    loc = storage.resolve(storage.join(output, "errors"))
+    files = [f.path for f in _list(loc) if _visible(f.path) and f.path.endswith(".parquet")]
+    return pads.dataset(files, schema=ERRORS_SCHEMA, filesystem=loc.fs, format="parquet")
+
+
+def committed_ids(output: str) -> set[str]:
+    """Ids already committed under OUT (read from the `id` column only)."""
+    ids: set[str] = set()
+    for batch in read_predictions(output).to_batches(columns=["id"]):
+        ids.update(batch.column(0).to_pylist())
+    return ids
+
+
+def _visible(path: str) -> bool:
+    # The same rule as pyarrow.dataset's discovery: hidden and `_` names are not data.
+    return not posixpath.basename(path).startswith((".", "_"))
+
+
+def _list(loc: storage.Location) -> list[pafs.FileInfo]:
+    """Files directly under a folder/prefix, none when it does not exist."""
+    try:
+        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False, allow_not_found=True))
+    except OSError as exc:
+        raise VitrayError(storage.describe_error(loc.uri, exc)) from None
+    return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+
+
+def _put(fs: pafs.FileSystem, path: str, data: bytes, durable: bool = False) -> None:
+    """Write a whole object so that a reader sees all of it or nothing, even after a SIGKILL."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        folder, name = os.path.split(path)
+        os.makedirs(folder, exist_ok=True)
+        # Hidden and in the same folder: invisible to dataset readers, and os.replace is atomic.
+        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+    else:
+        # S3 makes an object visible only when its upload completes; a piece is a few MB at
+        # most, which pyarrow buffers and sends on close.
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def _put_json(loc: storage.Location, obj: Any) -> None:
+    _put(loc.fs, loc.path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def _delete(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def recover(output: str) -> dict[str, int]:
+    """Clean up what a killed run left under OUT (see the module docstring); safe to repeat."""
+    root = storage.resolve(output)
+    pending = root.child("_pending")
+    found = {"pending_dropped": 0, "pending_undone": 0, "temp_files": 0}
+    for info in _list(pending):
+        if not info.path.endswith(".json"):
+            continue
+        piece = posixpath.basename(info.path)[: -len(".json")]
+        if root.fs.get_file_info(root.child("predictions", f"part-{piece}.parquet").path).type == pafs.FileType.File:
+            found["pending_dropped"] += 1  # committed; only the marker's delete was lost
+        else:
+            with root.fs.open_input_stream(info.path) as f:
+                record = json.loads(f.read())
+            for key in record.get("pngs", []):
+                png = root.child(*key.split("/"))
+                _delete(root.fs, png.path)
+                if not root.is_s3:
+                    _remove_temps(posixpath.dirname(png.path), posixpath.basename(png.path))
+            found["pending_undone"] += 1
+        _delete(root.fs, info.path)
+    if not root.is_s3:
+        for folder in ("_pending", "predictions", "errors", "runs"):
+            found["temp_files"] += _remove_temps(root.child(folder).path)
+    return found
+
+
+def _remove_temps(folder: str, name: str = "") -> int:
+    """Local temp files of `_put` (all, or those of one file name) that a kill left behind."""
+    if not os.path.isdir(folder):
+        return 0
+    prefix = f".{name}.tmp-" if name else "."
+    removed = 0
+    for entry in os.listdir(folder):
+        if entry.startswith(prefix) and ".tmp-" in entry:
+            os.remove(os.path.join(folder, entry))
+            removed += 1
+    return removed
+
+
+# --------------------------------------------------------------------------- Ray Data stages
+
+
+def _prepare(batch: dict[str, np.ndarray], size: int, channels: int) -> dict[str, np.ndarray]:
+    """Decode and resize; an image that fails keeps its row (a blank image and its error kind)."""
+    from vitray.data.preprocess import resize_image
+    from vitray.data.readers import decode_batch
+
+    decoded = decode_batch(batch)
+    n = len(decoded["id"])
+    images = np.zeros((n, size, size, channels), dtype=np.uint8)
+    kinds = np.array(["" if k is None else str(k) for k in decoded["error_kind"]], dtype=object)
+    messages = np.array(["" if m is None else str(m) for m in decoded["error"]], dtype=object)
+    for i, image in enumerate(decoded["image"]):
+        if image is None:
+            continue
+        try:
+            images[i] = resize_image(np.asarray(image), size, channels)
+        except Exception as exc:  # one odd image must not fail the whole run
+            kinds[i], messages[i] = "corrupt", f"cannot convert: {str(exc).splitlines()[0][:200]}"
+    return {"id": decoded["id"], "image": images, "error_kind": kinds, "error": messages}
+
+
+def _scorer_class() -> type:
+    """`Predictor` that passes over the rows that failed to decode (imported lazily: torch)."""
+    from vitray.inference import Predictor
+
+    class Scorer(Predictor):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            ok = batch["error_kind"] == ""
+            out = super().__call__(batch) if ok.all() else self._skip_failed(batch, ok)
+            if self.options.attention == "none":
+                del out["image"]  # only overlays need the pixels downstream
+            return out
+
+        def _skip_failed(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, np.ndarray]:
+            """The model sees only the rows that decoded; the others get NaN and pred -1."""
+            n, cells = len(ok), self.grid[0] * self.grid[1]
+            out = dict(batch)
+            out["pred"] = np.full(n, -1, dtype=np.int64)
+            out["score"] = np.full(n, np.nan, dtype=np.float32)
+            out["probs"] = np.full((n, len(self.labels)), np.nan, dtype=np.float32)
+            out["attention"] = np.full((n, cells), np.nan, dtype=np.float32)
+            if ok.any():
+                part = super().__call__({k: v[ok] for k, v in batch.items()})
+                for key in ("pred", "score", "probs", "attention"):
+                    out[key][ok] = part[key]
+            return out
+
+    return Scorer
+
+
+@dataclass(frozen=True)
+class PiecePlan:
+    """What the writer stage needs to commit a piece (pickled to the Ray tasks)."""
+
+    output: str
+    run_id: str
+    model: str
+    labels: tuple[str, ...]
+    grid: tuple[int, int]
+    input_base: str  # input URI that ids are relative to
+
+    def name(self, ids: Sequence[str]) -> str:
+        # The ids, not a counter: a retried task writes the same names, never a second copy.
+        digest = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+        return f"{self.run_id}-{digest}"
+
+
+def write_piece(batch: dict[str, np.ndarray], plan: PiecePlan) -> dict[str, np.ndarray]:
+    """Ray Data UDF: commit one piece of scored rows (protocol in the module docstring) → one summary row."""
+    import pyarrow.parquet as pq
+
+    started = time.perf_counter()
+    root = storage.resolve(plan.output)
+    ids = [str(i) for i in batch["id"]]
+    piece = plan.name(ids)
+    ok = batch["error_kind"] == ""
+    maps = np.asarray(batch["attention"], dtype=np.float32)
+    has_map = ok & ~np.isnan(maps).any(axis=1)
+    pngs = {i: attention_key(ids[i]) for i in np.flatnonzero(has_map)}
+    labels = [plan.labels[p] if p >= 0 else "" for p in batch["pred"]]
+
+    pending = root.child("_pending", f"{piece}.json")
+    if pngs:
+        _put(root.fs, pending.path, json.dumps({"run_id": plan.run_id, "pngs": list(pngs.values())}).encode())
+
+        def put_png(i: int) -> None:
+            png = _overlay_png(batch["image"][i], maps[i].reshape(plan.grid), labels[i], float(batch["score"][i]))
+            _put(root.fs, root.child(*pngs[i].split("/")).path, png)
+
+        # Threads: on S3 each overlay is a round trip, and a piece has hundreds of them.
+        with ThreadPoolExecutor(max_workers=PNG_THREADS) as pool:
+            list(pool.map(put_png, pngs))
+
+    bad = np.flatnonzero(~ok)
+    if len(bad):
+        errors = pa.table({"path": [_input_uri(plan.input_base, ids[i]) for i in bad],
+                           "error": [str(batch["error_kind"][i]) for i in bad],
+                           "message": [str(batch["error"][i]) for i in bad],
+                           "run_id": [plan.run_id] * len(bad)}, schema=ERRORS_SCHEMA)
+        _put(root.fs, root.child("errors", f"part-{piece}.parquet").path, _parquet_bytes(errors, pq), durable=True)
+
+    good = np.flatnonzero(ok)
+    if len(good):
+        rows, cols = plan.grid
+        table = pa.table({
+            "id": [ids[i] for i in good],
+            "path": [_input_uri(plan.input_base, ids[i]) for i in good],
+            "label": [labels[i] for i in good],
+            "score": np.asarray(batch["score"], dtype=np.float32)[good],
+            "probs": [batch["probs"][i].tolist() for i in good],
+            "attention": [maps[i].tolist() if has_map[i] else None for i in good],
+            "attention_shape": [[rows, cols] if has_map[i] else None for i in good],
+            "attention_png": [pngs.get(i) for i in good],
+            "model": [plan.model] * len(good),
+            "run_id": [plan.run_id] * len(good),
+        }, schema=PREDICTIONS_SCHEMA)
+        # The commit: from here on these ids are done.
+        _put(root.fs, root.child("predictions", f"part-{piece}.parquet").path, _parquet_bytes(table, pq),
+             durable=True)
+    if pngs:
+        _delete(root.fs, pending.path)
+
+    counts: dict[str, int] = {}
+    for i in good:
+        counts[labels[i]] = counts.get(labels[i], 0) + 1
+    kinds: dict[str, int] = {}
+    for i in bad:
+        kinds[str(batch["error_kind"][i])] = kinds.get(str(batch["error_kind"][i]), 0) + 1
+    return {"piece": np.array([piece], dtype=object), "scored": np.array([len(good)]),
+            "errors": np.array([len(bad)]), "labels": np.array([json.dumps(counts)], dtype=object),
+            "error_kinds": np.array([json.dumps(kinds)], dtype=object),
+            "seconds": np.array([time.perf_counter() - started])}
+
+
+def _parquet_bytes(table: pa.Table, pq: Any) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def _overlay_png(image: np.ndarray, amap: np.ndarray, label: str, score: float) -> bytes:
+    from vitray.explain import overlay
+
+    buf = io.BytesIO()
+    # Level 1: a third of the default's encoding time for ~15% larger files; encoding
+    # is most of a piece's work when every image gets an overlay.
+    overlay(np.asarray(image, dtype=np.uint8), amap, label=label, score=score).save(buf, format="PNG",
+                                                                                    compress_level=1)
+    return buf.getvalue()
+
+
+def _input_uri(base: str, image_id: str) -> str:
+    return storage.join(base, image_id)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class _Totals:
+    scored: int = 0
+    errors: int = 0
+    pieces: int = 0
+    labels: dict[str, int] = field(default_factory=dict)
+    error_kinds: dict[str, int] = field(default_factory=dict)
+
+    def add(self, summary: dict[str, Any]) -> None:
+        self.scored += int(summary["scored"])
+        self.errors += int(summary["errors"])
+        self.pieces += 1
+        for target, text in ((self.labels, summary["labels"]), (self.error_kinds, summary["error_kinds"])):
+            for key, value in json.loads(text).items():
+                target[key] = target.get(key, 0) + int(value)
+
+
+def new_run_id() -> str:
+    """Sortable by start time (UTC), unique across machines."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def _check_model(model: str) -> tuple[list[str], Any, tuple[int, int]]:
+    """Labels, preprocessing and patch grid of a trained ViT classifier; one-line error otherwise."""
+    from vitray.models import load_trained
+
+    net, prep, labels = load_trained(model)
+    patch = net.config.patch_size
+    patch = patch if isinstance(patch, int) else patch[0]
+    return labels, prep, (prep.size // patch, prep.size // patch)
+
+
+def _check_gpus(config: ScoreConfig) -> None:
+    """An embedded Ray has only this machine's GPUs: asking for absent ones would wait forever."""
+    if config.gpus_per_worker <= 0 or config.ray_address or os.environ.get("RAY_ADDRESS"):
+        return  # a cluster may have (or autoscale to) GPU nodes the driver cannot see
+    import torch
+
+    if torch.cuda.device_count() < config.gpus_per_worker:
+        raise VitrayError(f"--gpus-per-worker {config.gpus_per_worker}: this machine has "
+                          f"{torch.cuda.device_count()} GPUs (join a GPU cluster with --ray-address)")
+
+
+def _check_input(config: ScoreConfig) -> Any:
+    from vitray.data.readers import detect_format, inspect_source
+
+    fmt = config.format or detect_format(config.input)
+    # An image folder is scored like any tree of images: its class folders are only part of the ids.
+    fmt = "images" if fmt == "imagefolder" else fmt
+    source = inspect_source(config.input, fmt)
+    if config.submission and source.format != "csv":
+        raise VitrayError("--submission needs digit-recognizer CSV input (pixel0..pixel783); "
+                          f"{config.input} is {source.format}")
+    inp, out = storage.resolve(config.input), storage.resolve(config.output)
+    if type(inp.fs) is type(out.fs) and (out.path + "/").startswith(inp.path.rstrip("/") + "/"):
+        raise VitrayError(f"--output {config.output} is inside --input {config.input}: "
+                          "its overlays would be scored by the next run")
+    if storage.info(config.output).type == pafs.FileType.File:
+        raise VitrayError(f"--output {config.output} is a file; give a folder or s3:// prefix")
+    return source
+
+
+def score(config: ScoreConfig, progress: Callable[[dict[str, int]], None] | None = None) -> dict:
+    """Score every image of `config.input` not yet committed under `config.output`; return the manifest.
+
+    Raises VitrayError (exit 2) for a bad model, input or option before any work, and
+    VitrayError with exit code 1 when the share of undecodable images is above
+    `max_error_rate` (after everything else is committed and the manifest written).
+    """
+    wall_start = time.perf_counter()
+    config.check()
+    labels, prep, grid = _check_model(config.model)
+    source = _check_input(config)
+    _check_gpus(config)
+
+    run_id = new_run_id()
+    out = storage.resolve(config.output).uri
+    model = storage.resolve(config.model).uri
+    manifest: dict[str, Any] = {
+        "run_id": run_id, "status": "running", "started": _now(), "finished": None,
+        "model": model, "input": storage.resolve(config.input).uri, "output": out, "format": source.format,
+        "labels_of_model": labels, "arguments": dataclasses.asdict(config),
+    }
+    runs = storage.resolve(storage.join(out, "runs", f"{run_id}.json"))
+    _put_json(runs, manifest)  # a run that never finishes stays visible as "running"
+    manifest["recovered"] = recover(out)
+    done = committed_ids(out)
+    remaining = [i for i in source.ids if i not in done]
+    skipped = len(source) - len(remaining)
+
+    totals = _Totals()
+    scoring_s = 0.0
+    if remaining:
+        from vitray.runtime import RayOptions, init_ray
+
+        init_ray(RayOptions(address=config.ray_address, quiet=not config.verbose))
+        # Ids are relative to the input folder, or (one file given) to the folder holding it.
+        root = storage.resolve(config.input).uri
+        base = posixpath.dirname(root) if storage.info(root).type == pafs.FileType.File else root
+        plan = PiecePlan(out, run_id, model, tuple(labels), grid, base)
+        ds = _pipeline(config, source, remaining, prep, plan)
+        started = time.perf_counter()
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for row in range(len(batch["piece"])):
+                totals.add({k: v[row] for k, v in batch.items()})
+            if progress:
+                progress({"scored": totals.scored, "errors": totals.errors, "total": len(remaining),
+                          "skipped": skipped})
+        scoring_s = time.perf_counter() - started
+
+    manifest.update({
+        "status": "complete", "finished": _now(),
+        "counts": {"scored": totals.scored, "skipped": skipped, "errors": totals.errors, "total": len(source)},
+        "labels": totals.labels, "error_kinds": totals.error_kinds, "pieces": totals.pieces,
+        "wall_s": round(time.perf_counter() - wall_start, 3), "scoring_s": round(scoring_s, 3),
+        "images_per_s": round(totals.scored / scoring_s, 2) if scoring_s > 0 else None,
+    })
+    attempted = totals.scored + totals.errors
+    rate = totals.errors / attempted if attempted else 0.0
+    failure = None
+    if rate > config.max_error_rate:
+        failure = VitrayError(f"{totals.errors} of {attempted} images could not be read "
+                              f"(error rate {rate:.1%} > --max-error-rate {config.max_error_rate}); "
+                              f"see {storage.join(out, 'errors')}", exit_code=1)
+    elif config.submission:
+        try:
+            manifest["submission"] = write_submission(out, source.ids, config.submission)
+        except VitrayError as exc:
+            failure = exc
+    if failure:
+        manifest.update(status="failed", failure=str(failure))
+    _put_json(runs, manifest)
+
+    from vitray.report import write_report
+
+    # What was scored is committed either way: the report and the manifest show it.
+    manifest["report"] = write_report(out)
+    if failure:
+        raise failure
+    return manifest
+
+
+def _pipeline(config: ScoreConfig, source: Any, remaining: list[str], prep: Any, plan: PiecePlan) -> Any:
+    """read → decode/resize (tasks) → model (actor pool) → commit pieces (tasks) → one row per piece."""
+    import ray.data
+
+    from vitray.data.readers import read_encoded
+    from vitray.inference import PredictOptions
+
+    options = PredictOptions(attention=config.attention, method=config.method, head_fusion=config.head_fusion,
+                             discard_ratio=config.discard_ratio)
+    return (read_encoded(source, ids=remaining)
+            # Half a CPU slot: reading waits on storage much of the time, and resources that
+            # differ from the actors' keep Ray Data from fusing decode into them (an actor
+            # holding a GPU would then decode one batch at a time while the GPU waits).
+            .map_batches(_prepare, fn_kwargs={"size": prep.size, "channels": prep.channels},
+                         batch_size=64, batch_format="numpy", num_cpus=0.5)
+            .map_batches(_scorer_class(), fn_constructor_args=(config.model, options),
+                         batch_size=config.batch_size, batch_format="numpy",
+                         compute=ray.data.ActorPoolStrategy(size=config.workers),
+                         num_gpus=config.gpus_per_worker or None)
+            .map_batches(write_piece, fn_kwargs={"plan": plan}, batch_size=config.piece_rows,
+                         batch_format="numpy"))
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def write_submission(output: str, ids: Sequence[str], uri: str) -> dict:
+    """Kaggle `ImageId,Label` (ImageId 1..N in the input's row order) from the committed predictions."""
+    wanted = {image_id: n for n, image_id in enumerate(ids)}
+    labels: list[str | None] = [None] * len(ids)
+    for batch in read_predictions(output).to_batches(columns=["id", "label"]):
+        for image_id, label in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+            if image_id in wanted:
+                labels[wanted[image_id]] = label
+    missing = sum(label is None for label in labels)
+    if missing:
+        raise VitrayError(f"--submission: {missing} of {len(ids)} rows have no prediction under {output}",
+                          exit_code=1)
+    text = "ImageId,Label\n" + "".join(f"{n},{label}\n" for n, label in enumerate(labels, start=1))
+    storage.write_bytes(uri, text.encode())
+    return {"uri": uri, "rows": len(ids)}
+
+
+# --------------------------------------------------------------------------- explain a few images
+
+
+def explain_images(model: str, images: Sequence[str], out: str, method: str = "rollout",
+                   head_fusion: str = "mean", discard_ratio: float = 0.0) -> list[dict]:
+    """Attention maps for a few images, without Ray; returns one dict per image.
+
+    Writes `OUT/<name>.png` (overlay on the image as the model saw it, with label and
+    score), `OUT/<name>_input.png` (that image, enlarged for viewing) and `OUT/<name>.npy`
+    (the map on the patch grid, max-normalised). `<name>` is the file's stem, made unique.
+    """
+    import torch
+
+    from vitray.data.preprocess import normalize, resize_image
+    from vitray.data.readers import ImageError, decode_image
+    from vitray.explain import attention_maps, overlay
+    from vitray.models import load_trained
+
+    check_map_options(method, head_fusion, discard_ratio)
+    if not images:
+        raise VitrayError("explain: give at least one image")
+    net, prep, labels = load_trained(model, attn_implementation="eager")
+    pixels = []
+    for uri in images:  # every image is checked before anything is written
+        try:
+            pixels.append(resize_image(decode_image(storage.read_bytes(uri)), prep.size, prep.channels))
+        except ImageError as exc:
+            raise VitrayError(f"{uri}: {exc.kind}: {exc}") from None
+    x = normalize(torch.from_numpy(np.stack(pixels)), prep.mean, prep.std)
+    maps, logits = attention_maps(net, x, method=method, head_fusion=head_fusion, discard_ratio=discard_ratio)
+    probs = torch.softmax(logits.float(), dim=-1)
+    scores, preds = probs.max(dim=-1)
+    results = []
+    for uri, name, image, amap, pred, prob in zip(images, _unique_names(images), pixels, maps.numpy(),
+                                                  preds.tolist(), scores.tolist()):
+        label = labels[pred]
+        shown = overlay(image, amap, label=label, score=prob)
+        files = {"png": storage.join(out, f"{name}.png"), "input_png": storage.join(out, f"{name}_input.png"),
+                 "npy": storage.join(out, f"{name}.npy")}
+        storage.write_bytes(files["png"], _png_bytes(shown))
+        storage.write_bytes(files["input_png"], _png_bytes(_enlarged(image, shown.size)))
+        buf = io.BytesIO()
+        np.save(buf, amap.astype(np.float32))
+        storage.write_bytes(files["npy"], buf.getvalue())
+        results.append({"image": uri, "label": label, "score": round(float(prob), 4), **files})
+    return results
+
+
+def _unique_names(uris: Sequence[str]) -> list[str]:
+    names, seen = [], {}
+    for uri in uris:
+        stem = os.path.splitext(posixpath.basename(uri.rstrip("/")))[0] or "image"
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return names
+
+
+def _enlarged(image: np.ndarray, size: tuple[int, int]) -> Any:
+    from PIL import Image
+
+    pil = Image.fromarray(image[:, :, 0], mode="L") if image.shape[2] == 1 else Image.fromarray(image, mode="RGB")
+    return pil.resize(size, Image.Resampling.NEAREST)  # crisp pixels, the same size as the overlay
+
+
+def _png_bytes(image: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def print_progress(stream: Any = sys.stderr) -> Callable[[dict[str, int]], None]:
+    """A progress callback for `score` that prints at most one line every two seconds."""
+    last = [0.0]
+
+    def show(state: dict[str, int]) -> None:
+        now = time.monotonic()
+        done = state["scored"] + state["errors"]
+        if now - last[0] >= 2.0 or done >= state["total"]:
+            last[0] = now
+            stream.write(f"scored {state['scored']}/{state['total']} images, {state['errors']} errors "
+                         f"({state['skipped']} already done)\n")
+            stream.flush()
+
+    return show
