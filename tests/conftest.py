@@ -16,6 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray servers of the tests listen on loopback only (see vitray.runtime).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="session")
@@ -91,3 +93,35 @@ def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             pixels = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)
             Image.fromarray(pixels, mode="L").save(d / f"{i:04d}.png")
     return {"train": str(root / "train"), "test": str(root / "test")}
+
+
+INSPECTION_LABELS = ["passed", "Xplus", "Xminus", "Yplus", "Yminus"]
+
+
+def save_tiny_vit(folder: str, labels: list[str], size: int = 32, channels: int = 3, seed: int = 2,
+                  logit_scale: float = 40.0) -> str:
+    """An untrained ViT classifier (patch 4, hidden 32, 2 layers, 2 heads) in export layout.
+
+    Its head is scaled up so that small differences between images change the predicted
+    class: scoring tests need some images predicted `passed` and some not.
+    """
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from vitray.models import Preprocessing, export_model
+
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=size, patch_size=4, num_channels=channels, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64, num_labels=len(labels),
+                       id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
+    model = ViTForImageClassification(config).eval()
+    with torch.no_grad():
+        model.classifier.weight.mul_(logit_scale)
+    export_model(model, Preprocessing.default(size, channels), folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny trained-model folder (32 px RGB, 8x8 patch grid, the synth inspection classes)."""
+    return save_tiny_vit(str(tmp_path_factory.mktemp("tiny-model") / "model"), INSPECTION_LABELS)

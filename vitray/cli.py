@@ -1,0 +1,441 @@
+"""The `vitray` command line: parse, check, call the library.
+
+Every command checks its inputs before any work starts and reports problems as
+one line `vitray: error: ...` (exit 2). Heavy imports happen inside commands so
+that `vitray --help` answers at once.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+from vitray import __version__
+from vitray.errors import VitrayError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"vitray: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _ray_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ray-address", default=None,
+                        help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded Ray)")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+
+
+# --------------------------------------------------------------------------- synth
+
+
+def _add_synth(sub: Any) -> None:
+    p = sub.add_parser("synth", help="render a synthetic inspection data set",
+                       description="Render parts seen from above: passed, or shifted out of their "
+                                   "seat (Xplus, Xminus, Yplus, Yminus).")
+    p.add_argument("out", help="output folder or s3:// prefix")
+    p.add_argument("--n", type=_positive_int, required=True, help="number of images")
+    p.add_argument("--passed-fraction", type=_fraction, default=0.02,
+                   help="share of passed parts (default 0.02, as in the real data)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=("parquet", "imagefolder"), default="parquet")
+    p.add_argument("--style", choices=("synth", "alt"), default="synth",
+                   help="renderer: 'alt' draws the same task differently (for evaluation)")
+    p.set_defaults(func=_run_synth)
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from vitray.data import synth
+
+    summary = synth.write(args.out, n=args.n, passed_fraction=args.passed_fraction, size=args.size,
+                          seed=args.seed, fmt=args.format, style=args.style)
+    counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
+    print(f"wrote {summary['n']} images ({counts}) as {args.format} to {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _default(cls: Any, name: str) -> Any:
+    """The one default of an option: the config dataclass's."""
+    from dataclasses import MISSING, fields
+
+    for f in fields(cls):
+        if f.name == name:
+            return None if f.default is MISSING else f.default
+    raise KeyError(name)
+
+
+def _load_config(path: str | None, allowed: Sequence[str]) -> dict[str, Any]:
+    """Options from a YAML file (same keys as the flags, '-' or '_'); flags given override it."""
+    if not path:
+        return {}
+    import yaml
+
+    from vitray import storage
+
+    try:
+        values = yaml.safe_load(storage.read_bytes(path)) or {}
+    except yaml.YAMLError as exc:
+        raise VitrayError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise VitrayError(f"{path}: a config must be a mapping of option: value")
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise VitrayError(f"{path}: unknown option(s) {', '.join(unknown)}")
+    return values
+
+
+def _coerce(cls: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """YAML values to the types of the config's fields (YAML reads `1e-4` as a string)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for name, value in values.items():
+        kinds = [t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None)]
+        kind = kinds[0] if len(kinds) == 1 else None
+        if value is None or kind not in (int, float, str):
+            out[name] = value
+            continue
+        try:
+            out[name] = kind(value)
+        except (TypeError, ValueError):
+            raise VitrayError(f"config option {name}: expected {kind.__name__}, got {value!r}") from None
+    return out
+
+
+def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from vitray.train import TrainConfig
+
+    d = lambda name: _default(TrainConfig, name)  # noqa: E731
+    p.add_argument("--data", help="training data: image folder, parquet, digit CSV (local, file:// or s3://)")
+    p.add_argument("--out", help="output folder or s3:// prefix")
+    p.add_argument("--val", help="validation data (default: a stratified split of --data)")
+    p.add_argument("--val-fraction", type=float, help=f"share of --data held out (default {d('val_fraction')})")
+    p.add_argument("--format", choices=("imagefolder", "parquet", "csv"), help="data format (default: detected)")
+    p.add_argument("--model", help="preset (vit-tiny, vit-small, ...), folder, s3:// prefix or hub id "
+                                   "(default: a from-scratch preset sized for the data)")
+    p.add_argument("--image-size", type=int, help="input side in pixels (default: the data's, or the model's)")
+    p.add_argument("--epochs", type=int, help=f"(default {d('epochs')})")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3; 1e-4 for full fine-tuning "
+                                            "of a pretrained model)")
+    p.add_argument("--batch-size", type=int, help=f"per worker (default {d('batch_size')})")
+    p.add_argument("--workers", type=int, help=f"Ray Train workers (default {d('workers')})")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker; > 0 trains on GPU with bf16 (default 0)")
+    p.add_argument("--finetune", help="full | head | last:K | lora:R (default full)")
+    p.add_argument("--class-weights", choices=("auto", "none"), help="auto: inverse-frequency loss weights "
+                                                                      "(default auto)")
+    p.add_argument("--augment", choices=("auto", "none"), help="label-aware flips, shifts, lighting (default auto)")
+    p.add_argument("--seed", type=int, help=f"(default {d('seed')})")
+    p.add_argument("--config", help="YAML file with any of these options (flags override it)")
+    _ray_options(p)
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from vitray.train import TrainConfig, config_fields
+
+    names = config_fields()
+    values = {**_coerce(TrainConfig, _load_config(args.config, names)), **_given(args, names)}
+    for required in ("data", "out"):
+        if not values.get(required):
+            raise VitrayError(f"--{required} is required (on the command line or in --config)")
+    return TrainConfig(**values)
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a ViT with Ray Train",
+                       description="Train a ViT (from scratch or fine-tuned) on labelled images with Ray Train; "
+                                   "writes OUT/model, metrics.json, history.csv and plots.")
+    _add_train_options(p)
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from vitray.evaluate import format_report
+    from vitray.train import train
+
+    config = _train_config(args)
+    config.check()
+    result = train(config)
+    print(format_report(result.metrics))
+    print(f"best epoch {result.best_epoch}; model and reports in {result.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def _add_evaluate(sub: Any) -> None:
+    p = sub.add_parser("evaluate", help="metrics of a model on labelled data",
+                       description="Accuracy, macro-F1, per-class report and confusion matrix of a trained "
+                                   "model on a labelled data set.")
+    p.add_argument("--model", required=True, help="trained model folder or s3:// prefix")
+    p.add_argument("--data", required=True, help="labelled data (local, file:// or s3://)")
+    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--format", choices=("imagefolder", "parquet", "csv"))
+    p.add_argument("--batch-size", type=int, default=256)
+    _ray_options(p)
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from vitray.evaluate import evaluate, format_report
+
+    metrics = evaluate(args.model, args.data, args.out, fmt=args.format, batch_size=args.batch_size,
+                       ray_address=args.ray_address)
+    print(format_report(metrics))
+    print(f"evaluation written to {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- params
+
+
+def _add_params(sub: Any) -> None:
+    p = sub.add_parser("params", help="total and trainable parameters of a model",
+                       description="How many parameters a fine-tuning policy really trains.")
+    p.add_argument("--model", required=True, help="preset, folder, s3:// prefix or hub id")
+    p.add_argument("--finetune", default="full", help="full | head | last:K | lora:R (default full)")
+    p.add_argument("--labels", type=int, default=None,
+                   help="number of classes of the new head (default: the model's own)")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(func=_run_params)
+
+
+def _run_params(args: argparse.Namespace) -> int:
+    import json
+
+    from vitray.models import parse_finetune, params_for
+
+    parse_finetune(args.finetune)
+    report = params_for(args.model, args.finetune, n_labels=args.labels, image_size=args.image_size,
+                        channels=args.channels)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"model      {args.model}\nfinetune   {args.finetune}\n"
+              f"total      {report['total']:,}\ntrainable  {report['trainable']:,} "
+              f"({100 * report['share']:.2f}%)")
+    return 0
+
+
+# --------------------------------------------------------------------------- tune
+
+TUNE_OPTIONS = ("samples", "scheduler", "metric", "max_concurrent")  # SearchConfig's own options
+
+
+def _add_tune(sub: Any) -> None:
+    # "resolve": the searched options replace train's number-typed flags of the same name.
+    p = sub.add_parser("tune", help="search hyperparameters with Ray Tune",
+                       description="Run many `train`s with Ray Tune (ASHA stops weak trials early); writes "
+                                   "OUT/trials.csv, OUT/tune.png and the best trial's model as OUT/best/model. "
+                                   "A re-run with the same --out resumes the search. SPACE: loguniform:LOW:HIGH, "
+                                   "uniform:LOW:HIGH, choice:A,B,C or a single value.",
+                       conflict_handler="resolve")
+    from vitray.tune import SearchConfig
+
+    _add_train_options(p)
+    p.add_argument("--lr", metavar="SPACE", help="peak learning rate (default: loguniform over a decade either "
+                                                 "side of train's default)")
+    p.add_argument("--epochs", metavar="SPACE", help="a trial's budget: its cosine schedule length (default: "
+                                                     "train's)")
+    p.add_argument("--batch-size", metavar="SPACE", help="per worker (default: train's)")
+    p.add_argument("--finetune", metavar="SPACE", help="e.g. choice:full,head,lora:8 (default: train's)")
+    p.add_argument("--samples", type=_positive_int,
+                   help=f"number of trials (default {_default(SearchConfig, 'samples')})")
+    p.add_argument("--scheduler", choices=("asha", "fifo"), help="asha stops weak trials early (default asha)")
+    p.add_argument("--metric", choices=("val_macro_f1", "val_accuracy", "val_loss"),
+                   help="what ranks trials and picks the exported checkpoint (default val_macro_f1)")
+    p.add_argument("--max-concurrent", type=_positive_int,
+                   help="trials at once (default: what the cluster's CPUs and GPUs hold)")
+    p.add_argument("--workers-per-trial", "--workers", dest="workers_per_trial", type=_positive_int,
+                   help="Ray Train workers of each trial (default 1)")
+    p.set_defaults(func=_run_tune)
+
+
+def _tune_config(args: argparse.Namespace) -> Any:
+    from vitray.train import TrainConfig, config_fields
+    from vitray.tune import SEARCHABLE, SearchConfig
+
+    names = [*config_fields(), *TUNE_OPTIONS, "workers_per_trial"]
+    loaded = _load_config(args.config, names)
+    if "workers_per_trial" in loaded:
+        loaded["workers"] = loaded.pop("workers_per_trial")
+    # YAML values take their option's type, except a SPACE, which stays as written.
+    typed = {**_coerce(TrainConfig, {k: v for k, v in loaded.items() if k in config_fields() and k not in SEARCHABLE}),
+             **_coerce(SearchConfig, {k: v for k, v in loaded.items() if k in TUNE_OPTIONS})}
+    values = {**loaded, **typed, **_given(args, names)}
+    for required in ("data", "out"):
+        if not values.get(required):
+            raise VitrayError(f"--{required} is required (on the command line or in --config)")
+    if "workers_per_trial" in values:
+        values["workers"] = values.pop("workers_per_trial")
+    space = {name: values.pop(name) for name in SEARCHABLE if name in values}
+    options = {name: values.pop(name) for name in TUNE_OPTIONS if name in values}
+    return SearchConfig(TrainConfig(**values), space=space, **options)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from vitray.tune import format_trials, search
+
+    config = _tune_config(args)
+    config.check()
+    result = search(config)
+    print(format_trials(result.trials, list(config.spaces()), result.metric))
+    best = result.best
+    print(f"best trial {best.trial_id}: {result.metric} {best.best:.4f} at epoch {best.best_epoch}; "
+          f"model in {result.model.out}/model; trials.csv and tune.png in {result.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- score
+
+
+def _add_score(sub: Any) -> None:
+    from vitray.score import ATTENTION_MODES, METHODS, SCORE_FORMATS, ScoreConfig
+
+    d = lambda name: _default(ScoreConfig, name)  # noqa: E731
+    p = sub.add_parser("score", help="score images in bulk with Ray Data",
+                       description="Score every image under --input not yet scored under --output: "
+                                   "predictions/, errors/, attention/ overlays, runs/<run_id>.json and "
+                                   "report.html. Rerunning scores only what is new or unfinished.")
+    p.add_argument("--model", required=True, help="trained model folder or s3:// prefix")
+    p.add_argument("--input", required=True, help="folder or s3:// prefix of images (recursive), "
+                                                  "or an image folder / parquet / digit CSV data set")
+    p.add_argument("--output", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--format", choices=SCORE_FORMATS, help="input format (default: detected)")
+    p.add_argument("--attention", choices=ATTENTION_MODES, default=d("attention"),
+                   help=f"which images get an attention map and overlay (default {d('attention')}: "
+                        "those not predicted 'passed')")
+    p.add_argument("--method", choices=METHODS, default=d("method"), help=f"(default {d('method')})")
+    p.add_argument("--batch-size", type=_positive_int, default=d("batch_size"),
+                   help=f"images per model call (default {d('batch_size')})")
+    p.add_argument("--workers", type=_positive_int, default=d("workers"),
+                   help=f"inference actors, each loads the model once (default {d('workers')})")
+    p.add_argument("--gpus-per-worker", type=float, default=d("gpus_per_worker"),
+                   help="GPUs per inference actor (default 0: CPU)")
+    p.add_argument("--piece-rows", type=_positive_int, default=d("piece_rows"),
+                   help=f"rows committed together; a crash redoes at most the pieces in flight "
+                        f"(default {d('piece_rows')})")
+    p.add_argument("--submission", help="also write a Kaggle ImageId,Label CSV here (digit CSV input)")
+    p.add_argument("--max-error-rate", type=_fraction, default=d("max_error_rate"),
+                   help="fail (exit 1) when a larger share of the images cannot be read (default 1.0: never)")
+    _ray_options(p)
+    p.set_defaults(func=_run_score)
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    from vitray.score import ScoreConfig, print_progress, score
+
+    config = ScoreConfig(model=args.model, input=args.input, output=args.output, format=args.format,
+                         attention=args.attention, method=args.method, batch_size=args.batch_size,
+                         workers=args.workers, gpus_per_worker=args.gpus_per_worker, piece_rows=args.piece_rows,
+                         submission=args.submission, max_error_rate=args.max_error_rate,
+                         ray_address=args.ray_address, verbose=args.verbose)
+    manifest = score(config, progress=print_progress())
+    counts = manifest["counts"]
+    rate = manifest["images_per_s"]
+    print(f"scored {counts['scored']} images ({counts['skipped']} already done, {counts['errors']} errors)"
+          + (f" at {rate:.1f} images/s" if rate else "") + f"; run {manifest['run_id']}")
+    print(f"predictions in {args.output}; report {manifest['report']}")
+    if manifest.get("submission"):
+        print(f"submission {manifest['submission']['uri']}")
+    return 0
+
+
+# --------------------------------------------------------------------------- explain
+
+
+def _add_explain(sub: Any) -> None:
+    from vitray.score import HEAD_FUSIONS, METHODS
+
+    p = sub.add_parser("explain", help="attention maps for a few images",
+                       description="Where the model looked: for each IMAGE, OUT/<name>.png (overlay), "
+                                   "OUT/<name>_input.png (the image as the model saw it) and OUT/<name>.npy "
+                                   "(the map on the patch grid). No Ray needed.")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (local, file:// or s3://)")
+    p.add_argument("--model", required=True, help="trained model folder or s3:// prefix")
+    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--method", choices=METHODS, default="rollout")
+    p.add_argument("--head-fusion", choices=HEAD_FUSIONS, default="mean",
+                   help="how a layer's heads are combined (rollout; default mean)")
+    p.add_argument("--discard-ratio", type=float, default=0.0,
+                   help="share of the weakest attention links dropped per layer, in [0, 1) (default 0)")
+    p.set_defaults(func=_run_explain)
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    from vitray.score import explain_images
+
+    results = explain_images(args.model, args.images, args.out, method=args.method, head_fusion=args.head_fusion,
+                             discard_ratio=args.discard_ratio)
+    width = max(len(r["image"]) for r in results)
+    for r in results:
+        print(f"{r['image']:<{width}}  {r['label']}  {r['score']:.3f}")
+    print(f"maps written to {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+COMMANDS: list[Callable[[Any], None]] = [_add_synth, _add_train, _add_evaluate, _add_params, _add_tune,
+                                           _add_score, _add_explain]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vitray", description="Train, tune and run Vision Transformers for "
+                                                "visual inspection on Ray.")
+    parser.add_argument("--version", action="version", version=f"vitray {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Library chatter (download bars, load reports) is not progress; Ray's and ours are.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except VitrayError as exc:
+        sys.stderr.write(f"vitray: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("vitray: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
