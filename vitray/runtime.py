@@ -60,7 +60,8 @@ def init_ray(options: RayOptions | None = None) -> None:
         ray.init(num_cpus=options.num_cpus or embedded_cpus(), include_dashboard=True,
                  dashboard_host="127.0.0.1", dashboard_port=free_port(),
                  logging_level=log_level,
-                 runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
+                 # Train V2 patches print() on workers so that each line shows twice; plain print.
+                 runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
