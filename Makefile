@@ -27,10 +27,12 @@ test: setup
 
 demo: setup
 	rm -rf $(DEMO)
-	$(VITRAY) synth $(DEMO)/data --n 1500 --seed 1
+	$(VITRAY) synth $(DEMO)/data --n 3000 --seed 1
 	$(VITRAY) synth $(DEMO)/test --n 300 --seed 2 --passed-fraction 0.2
-	$(VITRAY) train --data $(DEMO)/data --out $(DEMO)/run --epochs 12 --workers 2
+	$(VITRAY) train --data $(DEMO)/data --out $(DEMO)/run --epochs 25 --workers 2
 	$(VITRAY) evaluate --model $(DEMO)/run/model --data $(DEMO)/test --out $(DEMO)/eval
+	$(VITRAY) score --model $(DEMO)/run/model --input $(DEMO)/test --output $(DEMO)/scores --attention defects
+	@echo "demo outputs in $(DEMO)/: run/ (model, metrics, plots), eval/, scores/ (predictions, report.html)"
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
