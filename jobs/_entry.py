@@ -42,16 +42,9 @@ def split_config(argv: Sequence[str]) -> tuple[str | None, list[str]]:
 
 def config_flags(path: str, parser: argparse.ArgumentParser) -> list[str]:
     """A YAML file of `option: value` as the flags the command's parser takes."""
-    import yaml
+    from vitray.cli import read_yaml_mapping
 
-    from vitray import storage
-
-    try:
-        values = yaml.safe_load(storage.read_bytes(path)) or {}
-    except yaml.YAMLError as exc:
-        raise VitrayError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(values, dict):
-        raise VitrayError(f"{path}: a config must be a mapping of option: value")
+    values = read_yaml_mapping(path)
     options = parser._option_string_actions  # flag -> action; argparse offers no public view
     flags = {key: "--" + str(key).replace("_", "-") for key in values}
     unknown = sorted(str(key) for key, flag in flags.items() if flag not in options or flag == "--help")

@@ -85,10 +85,8 @@ def _default(cls: Any, name: str) -> Any:
     raise KeyError(name)
 
 
-def _load_config(path: str | None, allowed: Sequence[str]) -> dict[str, Any]:
-    """Options from a YAML file (same keys as the flags, '-' or '_'); flags given override it."""
-    if not path:
-        return {}
+def read_yaml_mapping(path: str) -> dict[str, Any]:
+    """A YAML file of `option: value` (local or s3://); one-line errors otherwise."""
     import yaml
 
     from vitray import storage
@@ -99,6 +97,14 @@ def _load_config(path: str | None, allowed: Sequence[str]) -> dict[str, Any]:
         raise VitrayError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise VitrayError(f"{path}: a config must be a mapping of option: value")
+    return values
+
+
+def _load_config(path: str | None, allowed: Sequence[str]) -> dict[str, Any]:
+    """Options from a YAML file (same keys as the flags, '-' or '_'); flags given override it."""
+    if not path:
+        return {}
+    values = read_yaml_mapping(path)
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(values) - set(allowed))
     if unknown:
