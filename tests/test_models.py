@@ -52,7 +52,7 @@ def test_presets_have_the_documented_sizes():
     assert 85_000_000 < param_report(base).total < 87_000_000
 
 
-@pytest.mark.parametrize("size,patch", [(8, 1), (28, 4), (32, 4), (48, 6), (64, 8), (96, 12), (224, 16),
+@pytest.mark.parametrize("size,patch", [(8, 2), (28, 4), (32, 4), (48, 6), (64, 8), (96, 12), (224, 16),
                                         (384, 16)])
 def test_auto_patch_size_gives_a_grid_of_about_seven_or_more(size, patch):
     assert auto_patch_size(size) == patch
