@@ -431,6 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Library chatter (download bars, load reports) is not progress; Ray's and ours are.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
