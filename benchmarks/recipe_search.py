@@ -1,0 +1,106 @@
+"""Recipe exploration on a lent GPU machine, which has no Ray: vitray's own model config,
+augmentation, class weights, schedule, metrics and attention maps, in a plain loop.
+
+It measures recipe variants quickly; `vitray train` is what users run. Repeat the README's table:
+    python benchmarks/recipe_search.py insp synth '[{"name":"default","patch":8,"bs":32}]'
+    python benchmarks/recipe_search.py digits - '[{"name":"p2","patch":2,"bs":32,"epochs":100}]'
+"""
+import json, math, sys, time, os
+sys.path.insert(0, os.getcwd())
+import numpy as np, torch
+from transformers import ViTConfig, ViTForImageClassification
+from vitray.data import synth
+from vitray.data.preprocess import AugmentConfig, augment_batch, normalize, resize_image
+from vitray.models import PRESETS
+from vitray.train import class_weights, lr_lambda
+from vitray.evaluate import classification_metrics
+from vitray.explain import attention_maps, pointing_game, energy_in_box
+
+dev = torch.device("cuda")
+
+def data(style, n, frac, seed, size=64):
+    xs, ys, bs = [], [], []
+    names = sorted(synth.CLASSES)
+    for s in synth.generate(n, frac, size, seed, style):
+        xs.append(s.image); ys.append(names.index(s.label)); bs.append(s.bbox)
+    return np.stack(xs), np.array(ys), np.array(bs, np.float32), names
+
+def digits():
+    from sklearn.datasets import load_digits
+    d = load_digits(); rng = np.random.default_rng(0); o = rng.permutation(len(d.target)); cut = int(.8*len(o))
+    X = (d.images*255/16).round().astype(np.uint8)[..., None]
+    return X[o[:cut]], d.target[o[:cut]], X[o[cut:]], d.target[o[cut:]], [str(i) for i in range(10)]
+
+def run(name, Xtr, ytr, btr, Xte, yte, bte, labels, preset="vit-tiny", patch=8, lr=1e-3, epochs=40, bs=64,
+        wd=0.05, warm=0.1, ls=0.1, cw=True, aug=True, size=None, extra=None, seed=0):
+    torch.manual_seed(seed)
+    size = size or Xtr.shape[1]; ch = Xtr.shape[3]
+    kw = dict(PRESETS[preset], num_channels=ch, image_size=size, patch_size=patch, **(extra or {}))
+    model = ViTForImageClassification(ViTConfig(**kw, num_labels=len(labels), attn_implementation="sdpa")).to(dev)
+    steps = math.ceil(len(Xtr)/bs)*epochs
+    decay=[p for p in model.parameters() if p.ndim>=2]; nod=[p for p in model.parameters() if p.ndim<2]
+    opt = torch.optim.AdamW([{"params":decay,"weight_decay":wd},{"params":nod,"weight_decay":0}], lr=lr)
+    sch = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, max(1,int(warm*steps))))
+    w = torch.tensor(class_weights(np.bincount(ytr, minlength=len(labels))), device=dev) if cw else None
+    lossf = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=ls)
+    acfg = AugmentConfig.for_labels(labels) if aug else AugmentConfig(max_shift=0, brightness=0, contrast=0)
+    rng = np.random.default_rng(seed); t0=time.time(); curve=[]
+    for ep in range(epochs):
+        model.train(); perm = rng.permutation(len(Xtr))
+        for i in range(0, len(perm), bs):
+            idx = perm[i:i+bs]
+            b = augment_batch({"image": Xtr[idx], "label": ytr[idx].copy(), "bbox": btr[idx]}, acfg, seed=int(rng.integers(1<<30)))
+            x = normalize(torch.from_numpy(b["image"]).to(dev), [.5]*ch, [.5]*ch); y = torch.from_numpy(b["label"]).to(dev)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(pixel_values=x).logits
+            loss = lossf(out.float(), y); opt.zero_grad(); loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); sch.step()
+        if ep % 5 == 4 or ep == epochs-1:
+            m = evaluate(model, Xte, yte, labels, ch)
+            curve.append((ep+1, round(m["accuracy"],3)))
+    m = evaluate(model, Xte, yte, labels, ch)
+    res = {"name": name, "acc": round(m["accuracy"],4), "macro_f1": round(m["macro_f1"],4), "curve": curve, "secs": round(time.time()-t0,1)}
+    if "passed" in labels:
+        res["passed_recall"] = round(m["per_class"]["passed"]["recall"],3)
+        res.update(localise(model, Xte, yte, bte, labels, ch))
+    print(json.dumps(res), flush=True)
+    return res
+
+@torch.no_grad()
+def predict(model, X, ch):
+    model.eval(); preds=[]
+    for i in range(0, len(X), 512):
+        x = normalize(torch.from_numpy(X[i:i+512]).to(dev), [.5]*ch, [.5]*ch)
+        preds.append(model(pixel_values=x).logits.argmax(-1).cpu())
+    return torch.cat(preds).numpy()
+
+def evaluate(model, X, y, labels, ch):
+    return classification_metrics(y.tolist(), predict(model, X, ch).tolist(), labels)
+
+def localise(model, X, y, b, labels, ch):
+    neg = labels.index("passed"); idx = np.flatnonzero(y != neg)[:400]
+    model.set_attn_implementation("eager")
+    x = normalize(torch.from_numpy(X[idx]).to(dev), [.5]*ch, [.5]*ch)
+    out = {}
+    for method in ("rollout", "grad-rollout"):
+        maps = []
+        for i in range(0, len(idx), 100):
+            m, _ = attention_maps(model, x[i:i+100], method=method); maps.append(m.float().cpu().numpy())
+        maps = np.concatenate(maps); S = X.shape[1]
+        out[method] = {"pointing": round(float(np.mean([pointing_game(mm, bb, (S,S)) for mm, bb in zip(maps, b[idx])])),3),
+                       "energy": round(float(np.mean([energy_in_box(mm, bb, (S,S)) for mm, bb in zip(maps, b[idx])])),3)}
+    model.set_attn_implementation("sdpa")
+    return out
+
+if __name__ == "__main__":
+    which = sys.argv[1]
+    if which == "insp":
+        style = sys.argv[2] if len(sys.argv) > 2 else "synth"
+        Xtr, ytr, btr, labels = data(style, 3000, 0.02, 11); Xte, yte, bte, _ = data(style, 1000, 0.2, 12)
+        for v in json.loads(sys.argv[3]):
+            run(v.pop("name"), Xtr, ytr, btr, Xte, yte, bte, labels, **v)
+    else:
+        Xtr, ytr, Xte, yte, labels = digits()
+        nb = np.full((len(Xtr),4), np.nan, np.float32); nb2 = np.full((len(Xte),4), np.nan, np.float32)
+        for v in json.loads(sys.argv[3]):
+            run(v.pop("name"), Xtr, ytr, nb, Xte, yte, nb2, labels, **v)
