@@ -205,19 +205,11 @@ def class_weights(counts: np.ndarray) -> list[float]:
 
 
 def peek_shape(source: Any) -> tuple[int, int]:
-    """Channels (1 or 3) and side of the first image, read on the driver."""
-    from vitray.data.readers import _read_task, decode_image
+    """Channels (1 or 3) and side of the data's first decodable image."""
+    from vitray.data.readers import first_image
 
-    fs = storage.resolve(source.uri).fs
-    for task in source.tasks:
-        part = _read_task(task, fs, frozenset(source.ids[:64]) if task["kind"] != "file" else None)
-        for data, image in zip(part["data"], part["image"]):
-            try:
-                img = image if image is not None else decode_image(data)
-            except Exception:  # noqa: BLE001 - a bad first file is skipped here and recorded later
-                continue
-            return int(img.shape[2]), int(max(img.shape[:2]))
-    raise VitrayError(f"{source.uri}: none of the first images could be decoded")
+    image = first_image(source)
+    return int(image.shape[2]), int(max(image.shape[:2]))
 
 
 def _prepared(source: Any, ids: list[str], size: int, channels: int) -> Any:

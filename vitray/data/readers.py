@@ -397,6 +397,22 @@ def _read_task(task: dict[str, Any], fs: pafs.FileSystem, keep: frozenset[str] |
     return out
 
 
+def first_image(source: Source, tries: int = 64) -> np.ndarray:
+    """The first decodable image among the first `tries`, read on the driver (to size a model)."""
+    fs = storage.resolve(source.uri).fs
+    keep = frozenset(source.ids[:tries])
+    for task in source.tasks[:tries]:
+        part = _read_task(task, fs, keep if task["kind"] != "file" else None)
+        for data, image in zip(part["data"], part["image"]):
+            if image is not None:
+                return image
+            try:
+                return decode_image(data)
+            except ImageError:
+                continue  # recorded when the data set is read; the next one will do
+    raise VitrayError(f"{source.uri}: none of the first {tries} images could be decoded")
+
+
 def _read_tasks(batch: dict[str, np.ndarray], fs: pafs.FileSystem, keep: frozenset[str] | None,
                 label_of: dict[str, int]) -> dict[str, Any]:
     """Ray Data UDF: task rows in, image rows (not yet decoded) out."""
