@@ -5,7 +5,7 @@ It measures recipe variants quickly; `vitray train` is what users run. Repeat th
     python benchmarks/recipe_search.py insp synth '[{"name":"default","patch":8,"bs":32}]'
     python benchmarks/recipe_search.py digits - '[{"name":"p2","patch":2,"bs":32,"epochs":100}]'
 """
-import json, math, sys, time, os
+import dataclasses, json, math, sys, time, os
 sys.path.insert(0, os.getcwd())
 import numpy as np, torch
 from transformers import ViTConfig, ViTForImageClassification
@@ -16,7 +16,7 @@ from vitray.train import class_weights, lr_lambda
 from vitray.evaluate import classification_metrics
 from vitray.explain import attention_maps, pointing_game, energy_in_box
 
-dev = torch.device("cuda")
+dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def data(style, n, frac, seed, size=64):
     xs, ys, bs = [], [], []
@@ -31,10 +31,18 @@ def digits():
     X = (d.images*255/16).round().astype(np.uint8)[..., None]
     return X[o[:cut]], d.target[o[:cut]], X[o[cut:]], d.target[o[cut:]], [str(i) for i in range(10)]
 
+def resized(X, b, size):
+    """Images and boxes at `size` px, as vitray's Ray Data resize makes them."""
+    if size == X.shape[1]:
+        return X, b
+    return np.stack([resize_image(x, size, X.shape[3]) for x in X]), b * (size / X.shape[1])
+
 def run(name, Xtr, ytr, btr, Xte, yte, bte, labels, preset="vit-tiny", patch=8, lr=1e-3, epochs=40, bs=64,
-        wd=0.05, warm=0.1, ls=0.1, cw=True, aug=True, size=None, extra=None, seed=0):
+        wd=0.05, warm=0.1, ls=0.1, cw=True, aug=True, size=None, extra=None, seed=0, rot=0.0, zoom=0.0,
+        shift=None, ema=0.0):
     torch.manual_seed(seed)
     size = size or Xtr.shape[1]; ch = Xtr.shape[3]
+    (Xtr, btr), (Xte, bte) = resized(Xtr, btr, size), resized(Xte, bte, size)
     kw = dict(PRESETS[preset], num_channels=ch, image_size=size, patch_size=patch, **(extra or {}))
     model = ViTForImageClassification(ViTConfig(**kw, num_labels=len(labels), attn_implementation="sdpa")).to(dev)
     steps = math.ceil(len(Xtr)/bs)*epochs
@@ -44,6 +52,9 @@ def run(name, Xtr, ytr, btr, Xte, yte, bte, labels, preset="vit-tiny", patch=8, 
     w = torch.tensor(class_weights(np.bincount(ytr, minlength=len(labels))), device=dev) if cw else None
     lossf = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=ls)
     acfg = AugmentConfig.for_labels(labels) if aug else AugmentConfig(max_shift=0, brightness=0, contrast=0)
+    acfg = dataclasses.replace(acfg, rotate=rot, scale=zoom, **({} if shift is None else {"max_shift": shift}))
+    averaged = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema)) \
+        if ema else None
     rng = np.random.default_rng(seed); t0=time.time(); curve=[]
     for ep in range(epochs):
         model.train(); perm = rng.permutation(len(Xtr))
@@ -51,13 +62,17 @@ def run(name, Xtr, ytr, btr, Xte, yte, bte, labels, preset="vit-tiny", patch=8, 
             idx = perm[i:i+bs]
             b = augment_batch({"image": Xtr[idx], "label": ytr[idx].copy(), "bbox": btr[idx]}, acfg, seed=int(rng.integers(1<<30)))
             x = normalize(torch.from_numpy(b["image"]).to(dev), [.5]*ch, [.5]*ch); y = torch.from_numpy(b["label"]).to(dev)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 out = model(pixel_values=x).logits
             loss = lossf(out.float(), y); opt.zero_grad(); loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); sch.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
         if ep % 5 == 4 or ep == epochs-1:
-            m = evaluate(model, Xte, yte, labels, ch)
+            m = evaluate(averaged.module if averaged is not None else model, Xte, yte, labels, ch)
             curve.append((ep+1, round(m["accuracy"],3)))
+    if averaged is not None:
+        model = averaged.module
     m = evaluate(model, Xte, yte, labels, ch)
     res = {"name": name, "acc": round(m["accuracy"],4), "macro_f1": round(m["macro_f1"],4), "curve": curve, "secs": round(time.time()-t0,1)}
     if "passed" in labels:
@@ -82,17 +97,22 @@ def localise(model, X, y, b, labels, ch):
     model.set_attn_implementation("eager")
     x = normalize(torch.from_numpy(X[idx]).to(dev), [.5]*ch, [.5]*ch)
     out = {}
-    for method in ("rollout", "grad-rollout"):
+    variants = {"rollout": ("rollout", "mean", 0.0), "grad-rollout": ("grad-rollout", "mean", 0.0),
+                "max.9": ("rollout", "max", 0.9), "mean.9": ("rollout", "mean", 0.9), "min": ("rollout", "min", 0.0),
+                "max": ("rollout", "max", 0.0)}
+    for key, (method, fusion, discard) in variants.items():
         maps = []
         for i in range(0, len(idx), 100):
-            m, _ = attention_maps(model, x[i:i+100], method=method); maps.append(m.float().cpu().numpy())
+            m, _ = attention_maps(model, x[i:i+100], method=method, head_fusion=fusion, discard_ratio=discard)
+            maps.append(m.float().cpu().numpy())
         maps = np.concatenate(maps); S = X.shape[1]
-        out[method] = {"pointing": round(float(np.mean([pointing_game(mm, bb, (S,S)) for mm, bb in zip(maps, b[idx])])),3),
-                       "energy": round(float(np.mean([energy_in_box(mm, bb, (S,S)) for mm, bb in zip(maps, b[idx])])),3)}
+        out[key] = {"pointing": round(float(np.mean([pointing_game(mm, bb, (S,S)) for mm, bb in zip(maps, b[idx])])),3),
+                    "energy": round(float(np.mean([energy_in_box(mm, bb, (S,S)) for mm, bb in zip(maps, b[idx])])),3)}
     model.set_attn_implementation("sdpa")
     return out
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)
     which = sys.argv[1]
     if which == "insp":
         style = sys.argv[2] if len(sys.argv) > 2 else "synth"

@@ -58,6 +58,14 @@ def test_auto_patch_size_gives_a_grid_of_about_seven_or_more(size, patch):
     assert auto_patch_size(size) == patch
 
 
+def test_tiny_images_are_upsampled_for_a_finer_grid():
+    from vitray.models import input_size_for
+
+    assert [input_size_for(n) for n in (8, 12, 16, 28, 64)] == [16, 16, 16, 28, 64]
+    model, prep = build_model(None, LABELS, input_size_for(8), channels=1)
+    assert (prep.size, model.config.patch_size) == (16, 2)
+
+
 def test_auto_patch_size_refuses_sizes_without_a_usable_divisor():
     with pytest.raises(VitrayError, match="227.*such as 224"):
         auto_patch_size(227)

@@ -36,7 +36,8 @@ def test_every_flipped_image_gets_its_mirrored_label():
     n = 400
     labels = np.arange(n) % len(INSPECTION)
     batch = {"image": _marked(n), "label": labels.copy(), "bbox": np.tile([[2.0, 1.0, 6.0, 5.0]], (n, 1))}
-    config = AugmentConfig(*[tuple(m) for m in flip_maps(INSPECTION)], max_shift=0.0, brightness=0.0, contrast=0.0)
+    config = AugmentConfig(*[tuple(m) for m in flip_maps(INSPECTION)], max_shift=0.0, brightness=0.0, contrast=0.0,
+                           rotate=0.0, scale=0.0)
     out = augment_batch(batch, config, seed=1)
     ys, xs = np.nonzero(out["image"][..., 0] == 255)[1:]
     h_flipped = xs > 8
@@ -58,17 +59,21 @@ def test_digits_are_never_flipped():
     n = 200
     batch = {"image": _marked(n), "label": np.arange(n) % 10}
     config = dataclasses.replace(AugmentConfig.for_labels([str(d) for d in range(10)]),
-                                 max_shift=0.0, brightness=0.0, contrast=0.0)
+                                 max_shift=0.0, brightness=0.0, contrast=0.0, rotate=0.0, scale=0.0)
     out = augment_batch(batch, config, seed=0)
     np.testing.assert_array_equal(out["image"], batch["image"])
     np.testing.assert_array_equal(out["label"], batch["label"])
+
+
+def _only_shifts(max_shift: float) -> AugmentConfig:
+    return AugmentConfig(max_shift=max_shift, brightness=0.0, contrast=0.0, rotate=0.0, scale=0.0)
 
 
 def test_shifts_never_push_the_part_out_of_view():
     n, size = 300, 32
     boxes = np.tile([[0.0, 20.0, 6.0, 31.0]], (n, 1)).astype(np.float32)  # touching the left edge, near the bottom
     batch = {"image": np.zeros((n, size, size, 3), np.uint8), "label": np.zeros(n, np.int64), "bbox": boxes}
-    out = augment_batch(batch, AugmentConfig(max_shift=0.25, brightness=0.0, contrast=0.0), seed=3)
+    out = augment_batch(batch, _only_shifts(0.25), seed=3)
     b = out["bbox"]
     assert (b[:, 0] >= 0).all() and (b[:, 2] <= size).all() and (b[:, 1] >= 0).all() and (b[:, 3] <= size).all()
     assert (b[:, 0] > 0).any()  # it did move
@@ -77,7 +82,7 @@ def test_shifts_never_push_the_part_out_of_view():
 def test_shift_moves_pixels_and_box_together():
     batch = {"image": _marked(50, 32), "label": np.zeros(50, np.int64),
              "bbox": np.tile([[3.0, 2.0, 4.0, 3.0]], (50, 1)).astype(np.float32)}
-    out = augment_batch(batch, AugmentConfig(max_shift=0.1, brightness=0.0, contrast=0.0), seed=5)
+    out = augment_batch(batch, _only_shifts(0.1), seed=5)
     for img, box in zip(out["image"], out["bbox"]):
         y, x = np.argwhere(img[..., 0] == 255)[0]
         assert (x, y) == (int(box[0]), int(box[1]))
@@ -108,3 +113,45 @@ def test_augment_keeps_shape_and_dtype(size):
              "label": np.zeros(5, np.int64)}
     out = augment_batch(batch, AugmentConfig(), seed=0)
     assert out["image"].shape == batch["image"].shape and out["image"].dtype == np.uint8
+
+
+def _no_lighting(rotate: float, scale: float) -> AugmentConfig:
+    return AugmentConfig(max_shift=0.0, brightness=0.0, contrast=0.0, rotate=rotate, scale=scale)
+
+
+def test_rotation_turns_pixels_about_the_centre_and_the_box_follows():
+    size = 33
+    images = np.zeros((1, size, size, 1), np.uint8)
+    images[0, 16, 26] = 255  # 10 px right of the centre pixel (16, 16)
+    box = np.array([[25.0, 15.0, 27.0, 17.0]], np.float32)
+    # A fixed 90 degree turn: in image coordinates (y down) +90 turns right of centre into below it.
+    rng = type("Fixed", (), {"uniform": lambda self, lo, hi, n: np.full(n, hi)})()
+    from vitray.data.preprocess import _affine
+
+    out, moved = _affine(images, box, 90.0, 0.0, rng)
+    y, x = np.unravel_index(out[0, :, :, 0].argmax(), (size, size))
+    assert (y, x) == (26, 16)
+    np.testing.assert_allclose(moved[0], [15.0, 25.0, 17.0, 27.0], atol=1e-4)
+
+
+def test_rotation_and_zoom_never_push_the_part_out_of_view():
+    n, size = 300, 32
+    boxes = np.tile([[0.5, 1.0, 12.0, 31.0]], (n, 1)).astype(np.float32)  # nearly the whole height
+    batch = {"image": np.random.default_rng(1).integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+             "label": np.zeros(n, np.int64), "bbox": boxes}
+    out = augment_batch(batch, _no_lighting(rotate=20.0, scale=0.2), seed=4)
+    b = out["bbox"]
+    assert (b[:, :2] >= 0).all() and (b[:, 2:] <= size).all()
+    changed = (out["image"] != batch["image"]).any(axis=(1, 2, 3))
+    assert changed.any() and (~changed).any()  # some turned, those that would lose the part did not
+    np.testing.assert_array_equal(b[~changed], boxes[~changed])
+
+
+def test_zoom_keeps_the_centre_and_the_label():
+    size = 17
+    images = np.full((40, size, size, 1), 10, np.uint8)
+    images[:, 8, 8] = 250
+    labels = np.arange(40) % 3
+    out = augment_batch({"image": images, "label": labels.copy()}, _no_lighting(rotate=30.0, scale=0.3), seed=2)
+    assert (out["image"][:, 8, 8, 0] > 100).all()  # the centre stays put under turns and zooms
+    np.testing.assert_array_equal(out["label"], labels)

@@ -122,7 +122,7 @@ def train(config: TrainConfig) -> TrainResult:
 def prepare(config: TrainConfig) -> Prepared:
     """Check the options and the data, then build the (cached or streaming) Ray Datasets."""
     from vitray.data.readers import inspect_source
-    from vitray.models import apply_finetune, build_model, param_report
+    from vitray.models import apply_finetune, build_model, input_size_for, param_report
     from vitray.runtime import RayOptions, init_ray
 
     config.check()
@@ -142,7 +142,8 @@ def prepare(config: TrainConfig) -> Prepared:
         train_ids, val_ids = stratified_split(source.ids, source.row_labels, config.val_fraction, config.seed)
         counts = np.bincount(source.row_labels[np.isin(source.ids, train_ids)], minlength=len(labels))
     channels, native_size = peek_shape(source)
-    model, prep = build_model(config.model, labels, config.image_size or (None if config.model else native_size),
+    model, prep = build_model(config.model, labels,
+                              config.image_size or (None if config.model else input_size_for(native_size)),
                               channels=channels)
     params = param_report(apply_finetune(model, config.finetune)).to_dict()
     del model

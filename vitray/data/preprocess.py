@@ -97,6 +97,8 @@ class AugmentConfig:
     hflip: tuple[int, ...] | None = None  # label map for a horizontal flip, None = no flips
     vflip: tuple[int, ...] | None = None
     max_shift: float = 0.0625  # random translation, as a share of the image side
+    rotate: float = 10.0  # random rotation about the centre, up to this many degrees either way
+    scale: float = 0.1  # random zoom by a factor in [1 - scale, 1 + scale]
     brightness: float = 0.15  # multiplicative jitter range
     contrast: float = 0.15
 
@@ -107,7 +109,7 @@ class AugmentConfig:
 
 
 def augment_batch(batch: dict[str, np.ndarray], config: AugmentConfig, seed: int | None = None) -> dict[str, np.ndarray]:
-    """Ray Data UDF on resized uint8 batches: label-aware flips, shifts, lighting."""
+    """Ray Data UDF on resized uint8 batches: label-aware flips, small turns and zooms, shifts, lighting."""
     rng = np.random.default_rng(seed)
     images = batch["image"].copy()
     labels = batch["label"].copy()
@@ -125,6 +127,8 @@ def augment_batch(batch: dict[str, np.ndarray], config: AugmentConfig, seed: int
         images[flip] = images[flip, ::-1]
         labels[flip] = np.asarray(config.vflip)[labels[flip]]
         boxes[flip] = np.stack([boxes[flip, 0], size - boxes[flip, 3], boxes[flip, 2], size - boxes[flip, 1]], 1)
+    if config.rotate or config.scale:
+        images, boxes = _affine(images, boxes, config.rotate, config.scale, rng)
     # At least one pixel when shifts are on: small images (8x8 digits) need them most.
     limit = max(1, int(round(config.max_shift * size))) if config.max_shift > 0 else 0
     if limit > 0:
@@ -165,3 +169,43 @@ def _shift(images: np.ndarray, boxes: np.ndarray, limit: int, rng: np.random.Gen
     boxes[:, [0, 2]] += dx[:, None]
     boxes[:, [1, 3]] += dy[:, None]
     return shifted, boxes
+
+
+def _affine(images: np.ndarray, boxes: np.ndarray, degrees: float, scale: float,
+            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Rotate and zoom each image about its centre (bilinear, edge pixels repeated).
+
+    An image whose box the transform would move out of view keeps its pixels: the part is never
+    cut away. Boxes become the axis-aligned hull of their transformed corners.
+    """
+    n, size = len(images), images.shape[1]
+    angle = np.deg2rad(rng.uniform(-degrees, degrees, n))
+    zoom = 1.0 + rng.uniform(-scale, scale, n)
+    cos, sin = np.cos(angle) * zoom, np.sin(angle) * zoom
+    c = np.float32((size - 1) / 2.0)
+    # Forward map of the box corners: p' = zoom * R(angle) (p - c) + c.
+    xs = boxes[:, [0, 2, 2, 0]] - c
+    ys = boxes[:, [1, 1, 3, 3]] - c
+    fx = cos[:, None] * xs - sin[:, None] * ys + c
+    fy = sin[:, None] * xs + cos[:, None] * ys + c
+    moved = np.stack([fx.min(1), fy.min(1), fx.max(1), fy.max(1)], 1)
+    known = ~np.isnan(boxes).any(axis=1)
+    out_of_view = known & ((moved[:, :2] < 0).any(1) | (moved[:, 2:] > size).any(1))
+    angle[out_of_view], zoom[out_of_view] = 0.0, 1.0
+    cos, sin = (np.cos(angle) / zoom).astype(np.float32), (np.sin(angle) / zoom).astype(np.float32)
+    boxes = np.where((known & ~out_of_view)[:, None], moved, boxes).astype(np.float32)
+    # Inverse map of every output pixel to its source: q = R(-angle) (p - c) / zoom + c.
+    grid = np.arange(size, dtype=np.float32) - c
+    gx, gy = grid[None, None, :], grid[None, :, None]
+    sx = np.clip(cos[:, None, None] * gx + sin[:, None, None] * gy + c, 0, size - 1)
+    sy = np.clip(-sin[:, None, None] * gx + cos[:, None, None] * gy + c, 0, size - 1)
+    x0, y0 = sx.astype(np.int32), sy.astype(np.int32)  # coordinates are >= 0: truncation is floor
+    x1, y1 = np.minimum(x0 + 1, size - 1), np.minimum(y0 + 1, size - 1)
+    wx, wy = (sx - x0)[..., None], (sy - y0)[..., None]
+    flat = images.reshape(n * size * size, -1)
+    base = (np.arange(n, dtype=np.int32) * size * size)[:, None, None]
+    row0, row1 = base + y0 * size, base + y1 * size
+    top = flat[row0 + x0] * (1 - wx) + flat[row0 + x1] * wx
+    bottom = flat[row1 + x0] * (1 - wx) + flat[row1 + x1] * wx
+    warped = np.rint(top * (1 - wy) + bottom * wy).astype(np.uint8)
+    return warped, boxes
