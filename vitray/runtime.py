@@ -13,6 +13,7 @@ from dataclasses import dataclass
 # need room: logical CPUs are slots, not cores.
 MIN_LOGICAL_CPUS = 8
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+DATA_LOG_LEVEL_ENV = "RAY_DATA_LOG_LEVEL"
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,14 @@ def init_ray(options: RayOptions | None = None) -> None:
     # Train V2 is the current Ray Train API; V1 is deprecated.
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     log_level = logging.WARNING if options.quiet else logging.INFO
+    env_vars = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if options.quiet:
+        # Ray Data logs every execution plan (each epoch, in every Train worker) at INFO and
+        # says "progress bars disabled" as a warning; its errors still show. --verbose shows all.
+        env_vars[DATA_LOG_LEVEL_ENV] = os.environ.setdefault(DATA_LOG_LEVEL_ENV, "ERROR")
+        logging.getLogger("ray.data").setLevel(os.environ[DATA_LOG_LEVEL_ENV])
+        # A local Ray turns token authentication on, and says so on every start: keep it on, quietly.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Worker output reaches the terminal: that is where training shows its progress.
     if address:
         ray.init(address=address, logging_level=log_level)
@@ -61,7 +70,7 @@ def init_ray(options: RayOptions | None = None) -> None:
                  dashboard_host="127.0.0.1", dashboard_port=free_port(),
                  logging_level=log_level,
                  # Train V2 patches print() on workers so that each line shows twice; plain print.
-                 runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+                 runtime_env={"env_vars": env_vars})
     import ray.data
 
     ctx = ray.data.DataContext.get_current()

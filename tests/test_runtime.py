@@ -1,0 +1,41 @@
+"""The embedded Ray: loopback only, and quiet unless asked."""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+
+import psutil
+
+
+def test_embedded_ray_listens_on_loopback_only(ray_session):
+    import ray
+
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    node = ray.nodes()[0]
+    assert node["NodeManagerAddress"] == "127.0.0.1"
+
+
+def test_ray_data_logs_only_errors_in_every_process(ray_session):
+    import ray
+
+    @ray.remote
+    def level() -> str | None:
+        return os.environ.get("RAY_DATA_LOG_LEVEL")
+
+    assert ray.get(level.remote()) == "ERROR"
+    assert logging.getLogger("ray.data").level == logging.ERROR
+
+
+def test_no_ray_port_listens_beyond_loopback(ray_session):
+    # The embedded Ray's processes (GCS, raylet, dashboard, workers) all descend from this one.
+    ours = {p.pid for p in psutil.Process().children(recursive=True)}
+    wide = [c for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.pid in ours and not _loopback(c.laddr.ip)]
+    assert not wide, f"listening beyond loopback: {[(c.pid, c.laddr) for c in wide]}"
+
+
+def _loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    return (mapped or address).is_loopback
