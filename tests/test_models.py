@@ -61,9 +61,9 @@ def test_auto_patch_size_gives_a_grid_of_about_seven_or_more(size, patch):
 def test_tiny_images_are_upsampled_for_a_finer_grid():
     from vitray.models import input_size_for
 
-    assert [input_size_for(n) for n in (8, 12, 16, 28, 64)] == [16, 16, 16, 28, 64]
+    assert [input_size_for(n) for n in (8, 12, 16, 28, 64)] == [32, 32, 16, 28, 64]
     model, prep = build_model(None, LABELS, input_size_for(8), channels=1)
-    assert (prep.size, model.config.patch_size) == (16, 2)
+    assert (prep.size, model.config.patch_size) == (32, 4)
 
 
 def test_auto_patch_size_refuses_sizes_without_a_usable_divisor():
