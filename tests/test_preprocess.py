@@ -155,3 +155,10 @@ def test_zoom_keeps_the_centre_and_the_label():
     out = augment_batch({"image": images, "label": labels.copy()}, _no_lighting(rotate=30.0, scale=0.3), seed=2)
     assert (out["image"][:, 8, 8, 0] > 100).all()  # the centre stays put under turns and zooms
     np.testing.assert_array_equal(out["label"], labels)
+
+
+def test_turns_and_zooms_for_digits_never_for_displacement_classes():
+    digits = AugmentConfig.for_labels([str(d) for d in range(10)])
+    assert digits.rotate > 0 and digits.scale > 0
+    inspection = AugmentConfig.for_labels(INSPECTION)
+    assert (inspection.rotate, inspection.scale) == (0.0, 0.0) and inspection.hflip is not None

@@ -17,6 +17,9 @@ import numpy as np
 HFLIP_PAIRS = {"Xplus": "Xminus", "Xminus": "Xplus"}
 VFLIP_PAIRS = {"Yplus": "Yminus", "Yminus": "Yplus"}
 MIRROR_SAFE = {"passed", "Xplus", "Xminus", "Yplus", "Yminus"}
+# Classes that are a displacement of a given size along an axis: a zoom changes the size and a
+# turn mixes the axes, so they get neither (inspection macro-F1 0.978 without, 0.933 with them).
+DISPLACEMENT_CLASSES = MIRROR_SAFE
 
 
 def resize_image(image: np.ndarray, size: int, channels: int) -> np.ndarray:
@@ -105,7 +108,9 @@ class AugmentConfig:
     @classmethod
     def for_labels(cls, labels: Sequence[str]) -> "AugmentConfig":
         h, v = flip_maps(labels)
-        return cls(hflip=tuple(h) if h is not None else None, vflip=tuple(v) if v is not None else None)
+        geometric = bool(labels) and set(labels) <= DISPLACEMENT_CLASSES
+        return cls(hflip=tuple(h) if h is not None else None, vflip=tuple(v) if v is not None else None,
+                   **({"rotate": 0.0, "scale": 0.0} if geometric else {}))
 
 
 def augment_batch(batch: dict[str, np.ndarray], config: AugmentConfig, seed: int | None = None) -> dict[str, np.ndarray]:
