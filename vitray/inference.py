@@ -44,7 +44,11 @@ class Predictor:
         if options.num_threads:
             torch.set_num_threads(options.num_threads)
         self.options = options
-        self.model, self.prep, self.labels = load_trained(model_uri, attn_implementation="sdpa")
+        # With a map for every image, one eager pass gives the logits and the attentions
+        # (eager costs about what SDPA does here); otherwise SDPA, and eager only for the maps.
+        self.one_pass = options.attention == "all" and options.method == "rollout"
+        self.model, self.prep, self.labels = load_trained(
+            model_uri, attn_implementation="eager" if self.one_pass else "sdpa")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
         self.amp = self.device.type == "cuda"
@@ -60,15 +64,23 @@ class Predictor:
         images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device, non_blocking=True)
         x = normalize(images, self.prep.mean, self.prep.std)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits = self.model(pixel_values=x).logits.float()
+            result = self.model(pixel_values=x, output_attentions=self.one_pass)
+            logits = result.logits.float()
         probs = torch.softmax(logits, dim=-1)
         score, pred = probs.max(dim=-1)
         out = dict(batch)
         out["pred"] = pred.cpu().numpy().astype(np.int64)
         out["score"] = score.cpu().numpy().astype(np.float32)
         out["probs"] = probs.cpu().numpy().astype(np.float32)
-        out["attention"] = self._maps(x, out["pred"])
+        out["attention"] = self._rollout(result.attentions) if self.one_pass else self._maps(x, out["pred"])
         return out
+
+    def _rollout(self, attentions: Any) -> np.ndarray:
+        """(B, rows*cols) maps from the attentions of the pass that made the predictions."""
+        from vitray.explain import rollout
+
+        maps = rollout(attentions, self.options.head_fusion, self.options.discard_ratio)
+        return maps.reshape(maps.shape[0], -1).float().cpu().numpy()
 
     def _maps(self, x: Any, pred: np.ndarray) -> np.ndarray:
         """(B, rows*cols) maps; rows without a map are NaN (written as null)."""

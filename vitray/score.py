@@ -326,9 +326,13 @@ def write_piece(batch: dict[str, np.ndarray], plan: PiecePlan) -> dict[str, np.n
             png = _overlay_png(batch["image"][i], maps[i].reshape(plan.grid), labels[i], float(batch["score"][i]))
             _put(root.fs, root.child(*pngs[i].split("/")).path, png)
 
-        # Threads: on S3 each overlay is a round trip, and a piece has hundreds of them.
-        with ThreadPoolExecutor(max_workers=PNG_THREADS) as pool:
-            list(pool.map(put_png, pngs))
+        if root.is_s3:
+            # Threads: on S3 each overlay is a round trip, and a piece has hundreds of them.
+            with ThreadPoolExecutor(max_workers=PNG_THREADS) as pool:
+                list(pool.map(put_png, pngs))
+        else:  # local writes do not wait: threads would only contend for the GIL with the encoding
+            for i in pngs:
+                put_png(i)
 
     bad = np.flatnonzero(~ok)
     if len(bad):
