@@ -39,3 +39,17 @@ def _loopback(ip: str) -> bool:
     address = ipaddress.ip_address(ip)
     mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
     return (mapped or address).is_loopback
+
+
+def test_workers_are_told_which_state_api_is_ours(ray_session):
+    """With other Rays on the machine, Ray Train's cleaner must not guess (it fails: "multiple instances")."""
+    import ray
+
+    @ray.remote
+    def state_api() -> tuple[str | None, int]:
+        from ray.util.state import list_nodes
+
+        return os.environ.get("RAY_API_SERVER_ADDRESS"), len(list_nodes())  # no address: as the cleaner asks
+
+    url, nodes = ray.get(state_api.remote())
+    assert url and url.startswith("http://127.0.0.1:") and nodes == 1

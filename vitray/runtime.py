@@ -14,6 +14,7 @@ from dataclasses import dataclass
 MIN_LOGICAL_CPUS = 8
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 DATA_LOG_LEVEL_ENV = "RAY_DATA_LOG_LEVEL"
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,12 @@ def init_ray(options: RayOptions | None = None) -> None:
     else:
         # The dashboard serves Ray's state API, which Ray Train's controller uses
         # to clean up after itself; it listens on loopback only.
+        port = free_port()
+        # Ray Train's placement-group cleaner finds the state API by looking for "the" local
+        # Ray, and fails when another Ray runs on the machine: name ours.
+        env_vars[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
         ray.init(num_cpus=options.num_cpus or embedded_cpus(), include_dashboard=True,
-                 dashboard_host="127.0.0.1", dashboard_port=free_port(),
+                 dashboard_host="127.0.0.1", dashboard_port=port,
                  logging_level=log_level,
                  # Train V2 patches print() on workers so that each line shows twice; plain print.
                  runtime_env={"env_vars": env_vars})
