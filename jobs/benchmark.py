@@ -1,0 +1,468 @@
+"""Throughput of vitray's Ray paths against plain PyTorch, as ratios measured side by side in one run.
+
+`python jobs/benchmark.py --out DIR [--quick] [--gpu]` writes DIR/benchmark.json and prints a table.
+The model is the from-scratch preset that `vitray train` builds by default (vit-tiny, here on
+64 px synthetic inspection images), untrained: throughput does not depend on the weights.
+Every ratio compares two figures taken in this run, on this machine, with the same batch size
+and thread count. `--gpu` adds `jobs/gpu_benchmark.py`'s bf16 ViT-B/16 sweep when CUDA is there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+LABELS = ["Xminus", "Xplus", "Yminus", "Yplus", "passed"]
+TARGETS = {  # ratio: (comparison, target) from the benchmark issue
+    "train_ray_vs_torch": (">=", 0.9),
+    "score_vs_forward": (">=", 0.6),
+    "score_vs_naive": (">=", 3.0),
+    "attention_overhead": ("<=", 1.3),
+    "memory_growth": ("<=", 1.2),
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What one run measures; `--quick` shrinks it to a smoke test whose ratios mean little."""
+
+    model: str = "vit-tiny"
+    image_size: int = 64
+    score_images: int = 1000  # the small scoring run; the large one has 10x as many
+    score_batch: int = 64  # vitray score's default
+    naive_images: int = 300
+    train_images: int = 4000
+    train_epochs: int = 4  # the first is warm-up and not counted
+    train_batch: int = 32  # vitray train's default
+    forward_seconds: float = 5.0
+
+
+QUICK = Sizes(score_images=60, naive_images=30, train_images=300, train_epochs=2, forward_seconds=1.0)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+class PeakMemory:
+    """Peak proportional set size (PSS) of this process and all its descendants (the embedded Ray).
+
+    PSS shares each shared page (Ray's object store, libraries) among the processes that map it,
+    so the sum is the memory the run holds, without counting shared pages once per process.
+    """
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.sample())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self.sample())
+
+    @staticmethod
+    def sample() -> int:
+        import psutil
+
+        me = psutil.Process()
+        total = 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                total += proc.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return total
+
+
+def rate(fn: Callable[[], int], seconds: float, windows: int = 5) -> float:
+    """Images/s of calling `fn` (returns images done): the best of `windows` windows of `seconds` in all.
+
+    The best, not the mean: on a shared machine other work only ever slows a window down.
+    """
+    fn()
+    best = 0.0
+    for _ in range(windows):
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / windows:
+            done += fn()
+        best = max(best, done / (time.perf_counter() - start))
+    return best
+
+
+# --------------------------------------------------------------------------- data and model
+
+
+def make_data(work: str, sizes: Sizes) -> dict[str, str]:
+    """Synthetic images as PNG files: the large scoring set, and the small one as links to its first tenth."""
+    from vitray.data import synth
+
+    large = os.path.join(work, "images-large")
+    small = os.path.join(work, "images-small")
+    synth.write(large, n=10 * sizes.score_images, size=sizes.image_size, seed=7, fmt="imagefolder")
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(large) for f in fs if f.endswith(".png"))
+    for path in files[: sizes.score_images]:
+        target = os.path.join(small, os.path.relpath(path, large))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.link(path, target)
+    train = os.path.join(work, "train")
+    synth.write(train, n=sizes.train_images, size=sizes.image_size, seed=8, fmt="imagefolder")
+    return {"large": large, "small": small, "train": train}
+
+
+def make_model(work: str, sizes: Sizes) -> str:
+    from vitray.models import build_model, export_model
+
+    model, prep = build_model(sizes.model, LABELS, image_size=sizes.image_size, channels=3)
+    folder = os.path.join(work, "model")
+    export_model(model, prep, folder)
+    return folder
+
+
+def load_images(root: str, limit: int | None = None) -> tuple[list[str], Any, Any]:
+    """Files, their uint8 (N, S, S, C) pixels decoded as vitray does, and their class ids."""
+    import numpy as np
+
+    from vitray.data.readers import decode_image
+
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".png"))[:limit]
+    pixels = np.stack([decode_image(open(f, "rb").read()) for f in files])
+    labels = np.array([LABELS.index(os.path.basename(os.path.dirname(f))) for f in files])
+    return files, pixels, labels
+
+
+# --------------------------------------------------------------------------- the plain PyTorch side
+
+
+def forward_rate(model_dir: str, pixels: Any, batch: int, threads: int, seconds: float) -> float:
+    """Images/s of the model's plain forward pass on already-normalised tensors."""
+    import torch
+
+    from vitray.data.preprocess import normalize
+    from vitray.models import load_trained
+
+    torch.set_num_threads(threads)
+    model, prep, _ = load_trained(model_dir)
+    x = normalize(torch.from_numpy(pixels[:batch]), prep.mean, prep.std)
+
+    def step() -> int:
+        with torch.inference_mode():
+            model(pixel_values=x)
+        return len(x)
+
+    return rate(step, seconds)
+
+
+def naive_rate(model_dir: str, files: list[str], threads: int) -> float:
+    """Images/s of the seed's loop: PIL opens each file, the Hugging Face image processor prepares
+    it, the model runs on that one image (what the project's starting notebook did)."""
+    import torch
+    from PIL import Image
+    from transformers import ViTForImageClassification, ViTImageProcessor
+
+    torch.set_num_threads(threads)
+    processor = ViTImageProcessor.from_pretrained(model_dir)
+    model = ViTForImageClassification.from_pretrained(model_dir).eval()
+    predictions = []
+
+    def one(path: str) -> None:
+        with Image.open(path) as image:
+            inputs = processor(images=image.convert("RGB"), return_tensors="pt")
+        with torch.no_grad():
+            predictions.append(int(model(**inputs).logits.argmax(-1)))
+
+    one(files[0])
+    best, chunk = 0.0, max(1, len(files) // 3)
+    for first in range(0, len(files) - chunk + 1, chunk):  # best of three passes, as in `rate`
+        start = time.perf_counter()
+        for path in files[first:first + chunk]:
+            one(path)
+        best = max(best, chunk / (time.perf_counter() - start))
+    return best
+
+
+def torch_train_rate(sizes: Sizes, pixels: Any, labels: Any, threads: int, epochs: int) -> list[float]:
+    """Images/s per epoch of a bare PyTorch loop doing what vitray's training step does:
+    the same model, AdamW groups, schedule, weighted label-smoothed loss, clipping and batch size."""
+    import numpy as np
+    import torch
+
+    from vitray.data.preprocess import normalize
+    from vitray.models import build_model
+    from vitray.train import class_weights, lr_lambda
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model, prep = build_model(sizes.model, LABELS, image_size=sizes.image_size, channels=3)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=1e-3)
+    steps = epochs * -(-len(pixels) // sizes.train_batch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, max(1, steps // 10)))
+    weights = torch.tensor(class_weights(np.bincount(labels, minlength=len(LABELS))), dtype=torch.float32)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=0.1)
+    images, targets = torch.from_numpy(pixels), torch.from_numpy(labels).long()
+    model.train()
+    rates = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for idx in torch.randperm(len(images)).split(sizes.train_batch):
+            x = normalize(images[idx], prep.mean, prep.std)
+            loss = loss_fn(model(pixel_values=x).logits.float(), targets[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            loss.item()  # vitray's loop reads the loss every step too
+        rates.append(len(images) / (time.perf_counter() - start))
+    return rates
+
+
+# --------------------------------------------------------------------------- vitray's side
+
+
+def score_run(model_dir: str, images: str, out: str, attention: str, batch: int) -> dict[str, Any]:
+    """One `vitray score` run: its scoring time and images/s from the manifest (start-up included)
+    and the peak memory of the process tree."""
+    from vitray.score import ScoreConfig, score
+
+    shutil.rmtree(out, ignore_errors=True)
+    with PeakMemory() as memory:
+        manifest = score(ScoreConfig(model=model_dir, input=images, output=out, attention=attention,
+                                     batch_size=batch))
+    return {"images": manifest["counts"]["scored"], "attention": attention, "batch_size": batch,
+            "scoring_s": manifest["scoring_s"], "manifest_images_per_s": manifest["images_per_s"],
+            "pieces": manifest["pieces"], "peak_pss_mb": round(memory.peak / 2**20, 1)}
+
+
+def steady_rate(small: dict[str, Any], large: dict[str, Any]) -> float:
+    """Images/s of the images the large run scored beyond the small one: start-up (Ray workers,
+    the actor importing torch and loading the model) is in both runs and drops out. The images
+    that stream past while the actor starts would make a from-first-output rate flatter than it is."""
+    seconds = large["scoring_s"] - small["scoring_s"]
+    if seconds <= 0:
+        raise RuntimeError(f"the {large['images']}-image run took no longer than the {small['images']}-image one: "
+                           "start-up times varied more than the work (a machine too busy to measure on)")
+    return (large["images"] - small["images"]) / seconds
+
+
+def ray_train_rate(sizes: Sizes, data: str, out: str) -> list[float]:
+    """Images/s per epoch of `vitray train` (Ray Train, 1 worker) as its history.csv records them.
+
+    No augmentation: the data set is then decoded once and held in Ray's object store, so that
+    both loops train from memory and the ratio is the cost of Ray's loop and data iterator.
+    """
+    from vitray.train import TrainConfig, train
+
+    shutil.rmtree(out, ignore_errors=True)
+    result = train(TrainConfig(data=data, out=out, model=sizes.model, image_size=sizes.image_size,
+                               epochs=sizes.train_epochs, batch_size=sizes.train_batch, workers=1,
+                               augment="none"))
+    return [float(row["images_per_s"]) for row in result.history]
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def environment(args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
+    import numpy
+    import PIL
+    import torch
+    import transformers
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "numpy": numpy.__version__, "pillow": PIL.__version__}
+    try:
+        import ray
+
+        versions["ray"] = ray.__version__
+    except ImportError:
+        versions["ray"] = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"machine": {"cores": os.cpu_count(), "cpu": cpu, "memory_gb": _memory_gb(),
+                        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                        "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
+            "versions": versions, "commit": _commit(), "arguments": vars(args), "sizes": asdict(sizes)}
+
+
+def _memory_gb() -> float | None:
+    try:
+        import psutil
+
+        return round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        return None
+
+
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def cpu_benchmark(work: str, sizes: Sizes) -> dict[str, Any]:
+    """Every CPU figure and ratio; the plain-PyTorch side runs in this process, vitray's on the embedded Ray."""
+    from vitray.runtime import RayOptions, init_ray
+
+    # The thread budget: a scoring actor asks Ray for 1 CPU, and Ray gives it 1 intra-op thread
+    # (OMP_NUM_THREADS); a train worker takes the machine's cores divided by the workers on the node.
+    score_threads = 1
+    train_threads = max(1, os.cpu_count() or 1)
+    print("generating images ...", flush=True)
+    data = make_data(work, sizes)
+    model_dir = make_model(work, sizes)
+    files, pixels, _ = load_images(data["small"])
+    _, train_pixels, train_labels = load_images(data["train"])
+    init_ray(RayOptions())  # before any figure, so that Ray's idle processes weigh on both sides alike
+
+    print("plain forward pass ...", flush=True)
+    forward = forward_rate(model_dir, pixels, sizes.score_batch, score_threads, sizes.forward_seconds)
+    print("seed-style loop ...", flush=True)
+    naive = naive_rate(model_dir, files[: sizes.naive_images], score_threads)
+    runs = {}
+    for name, images, attention in (("none_small", data["small"], "none"), ("none_large", data["large"], "none"),
+                                    ("all_small", data["small"], "all"), ("all_large", data["large"], "all")):
+        print(f"vitray score --attention {attention} on {os.path.basename(images)} ...", flush=True)
+        runs[name] = score_run(model_dir, images, os.path.join(work, f"scores-{name}"), attention, sizes.score_batch)
+    print("bare PyTorch training loop ...", flush=True)
+    torch_epochs = torch_train_rate(sizes, train_pixels, train_labels, train_threads, sizes.train_epochs)
+    print("vitray train (Ray Train, 1 worker) ...", flush=True)
+    ray_epochs = ray_train_rate(sizes, data["train"], os.path.join(work, "train-run"))
+
+    # The first epoch of either loop is warm-up (allocator, iterator start); the best of the rest counts.
+    ray_train, torch_train = max(ray_epochs[1:]), max(torch_epochs[1:])
+    none = steady_rate(runs["none_small"], runs["none_large"])
+    full = steady_rate(runs["all_small"], runs["all_large"])
+    ratios = {
+        "train_ray_vs_torch": ray_train / torch_train,
+        "score_vs_forward": none / forward,
+        "score_vs_naive": none / naive,
+        "attention_overhead": none / full,  # time per image with maps over time without
+        "memory_growth": runs["none_large"]["peak_pss_mb"] / runs["none_small"]["peak_pss_mb"],
+    }
+    return {
+        "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "targets": {k: f"{op} {t}" for k, (op, t) in TARGETS.items()},
+        "met": {k: (ratios[k] >= t if op == ">=" else ratios[k] <= t) for k, (op, t) in TARGETS.items()},
+        "figures": {
+            "forward_images_per_s": round(forward, 1), "naive_images_per_s": round(naive, 1),
+            "score_steady_images_per_s": {"none": round(none, 1), "all": round(full, 1)},
+            "score": runs, "train_ray_images_per_s": round(ray_train, 1),
+            "train_torch_images_per_s": round(torch_train, 1),
+            "train_ray_epochs": ray_epochs, "train_torch_epochs": [round(r, 1) for r in torch_epochs],
+        },
+        "threads": {"score_and_forward_and_naive": score_threads, "train_both": train_threads},
+    }
+
+
+def table(results: dict[str, Any]) -> str:
+    """The ratios, their targets and the figures they divide, as a Markdown table."""
+    cpu = results.get("cpu", {})
+    lines = []
+    if "ratios" in cpu:
+        f, runs, steady = cpu["figures"], cpu["figures"]["score"], cpu["figures"]["score_steady_images_per_s"]
+        detail = {
+            "train_ray_vs_torch": f"{f['train_ray_images_per_s']:,.0f} / {f['train_torch_images_per_s']:,.0f} img/s",
+            "score_vs_forward": f"{steady['none']:,.0f} / {f['forward_images_per_s']:,.0f} img/s",
+            "score_vs_naive": f"{steady['none']:,.0f} / {f['naive_images_per_s']:,.0f} img/s",
+            "attention_overhead": f"{steady['none']:,.0f} / {steady['all']:,.0f} img/s (none / all)",
+            "memory_growth": f"{runs['none_large']['peak_pss_mb']:,.0f} / {runs['none_small']['peak_pss_mb']:,.0f} MB "
+                             f"({runs['none_large']['images']:,} / {runs['none_small']['images']:,} images)",
+        }
+        lines += ["| ratio | measured | target | met | from |", "|---|---|---|---|---|"]
+        for name, value in cpu["ratios"].items():
+            lines.append(f"| {name} | {value:.2f} | {cpu['targets'][name]} | {'yes' if cpu['met'][name] else 'NO'} "
+                         f"| {detail[name]} |")
+    elif cpu:
+        lines.append(f"CPU part: {cpu.get('skipped')}")
+    gpu = results.get("gpu")
+    if gpu and "score" in gpu:
+        lines += ["", f"GPU: {gpu['device']}, {gpu['model']}", "| batch | score, no maps | score, maps for all | train step |",
+                  "|---|---|---|---|"]
+        score = {(r["attention"], r["batch_size"]): r["images_per_s"] for r in gpu["score"]}
+        train = {r["batch_size"]: r["images_per_s"] for r in gpu["train"]}
+        for bs in sorted({b for _, b in score}):
+            cells = [score.get(("none", bs)), score.get(("all", bs)), train.get(bs)]
+            lines.append(f"| {bs} | " + " | ".join("—" if c is None else f"{c:,.0f}" for c in cells) + " |")
+    elif gpu:
+        lines.append(f"GPU part: {gpu.get('skipped')}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for benchmark.json (and the run's scratch data)")
+    parser.add_argument("--quick", action="store_true", help="a smoke test in well under a minute of work; "
+                        "its figures are too small to mean anything")
+    parser.add_argument("--gpu", action="store_true", help="also run jobs/gpu_benchmark.py's sweep (needs CUDA)")
+    parser.add_argument("--gpu-batch-sizes", default=None, help="for --gpu; default gpu_benchmark's")
+    parser.add_argument("--keep", action="store_true", help="keep the generated images, model and outputs")
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else Sizes()
+    os.makedirs(args.out, exist_ok=True)
+    work = os.path.join(args.out, "work")
+    shutil.rmtree(work, ignore_errors=True)
+    results: dict[str, Any] = environment(args, sizes)
+    started = time.perf_counter()
+    try:
+        import ray  # noqa: F401 - only to know whether the Ray side can run here
+    except ImportError:
+        if not args.gpu:
+            print("benchmark: error: ray is not installed (only --gpu runs without it)", file=sys.stderr)
+            return 2
+        results["cpu"] = {"skipped": "ray is not installed here"}
+    else:
+        results["cpu"] = cpu_benchmark(work, sizes)
+    if args.gpu:
+        results["gpu"] = gpu_benchmark(args.gpu_batch_sizes)
+    results["wall_s"] = round(time.perf_counter() - started, 1)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    with open(os.path.join(args.out, "benchmark.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(table(results))
+    print(f"\n{results['wall_s']:.0f} s; figures in {os.path.join(args.out, 'benchmark.json')}")
+    return 0
+
+
+def gpu_benchmark(batch_sizes: str | None) -> dict[str, Any]:
+    """jobs/gpu_benchmark.py's sweep, or why it did not run."""
+    import torch
+
+    from gpu_benchmark import DEFAULT_BATCH_SIZES, gpu_sweep  # jobs/ is first on sys.path
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    return gpu_sweep([int(b) for b in (batch_sizes or DEFAULT_BATCH_SIZES).split(",")])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""jobs/benchmark.py's measuring pieces, without running the benchmark (minutes, and a speed figure
+means nothing on a shared test machine): start-up drops out of the steady rate, the memory peak
+sees the Ray processes under the driver, and the table shows every ratio against its target."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
+
+import benchmark  # noqa: E402 - jobs/ is not a package
+
+
+def test_steady_rate_leaves_start_up_out() -> None:
+    # 10 s of start-up in both runs; then 100 images/s.
+    small = {"images": 1000, "scoring_s": 20.0}
+    large = {"images": 10000, "scoring_s": 110.0}
+    assert benchmark.steady_rate(small, large) == pytest.approx(100.0)
+
+
+def test_steady_rate_refuses_a_machine_too_noisy_to_measure() -> None:
+    with pytest.raises(RuntimeError, match="too busy"):
+        benchmark.steady_rate({"images": 100, "scoring_s": 30.0}, {"images": 1000, "scoring_s": 25.0})
+
+
+def test_peak_memory_counts_child_processes() -> None:
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import time; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
+                              "time.sleep(30)"])
+    try:
+        before = benchmark.PeakMemory.sample()
+        with benchmark.PeakMemory(interval_s=0.1) as memory:
+            time.sleep(3.0)  # the child touches its 300 MB meanwhile
+        assert memory.peak - before > 200 * 2**20 or memory.peak > 300 * 2**20
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_table_shows_every_ratio_with_its_target_and_figures() -> None:
+    runs = {name: {"images": n, "peak_pss_mb": mb, "scoring_s": 1.0}
+            for name, n, mb in (("none_small", 1000, 2500.0), ("none_large", 10000, 2700.0),
+                                ("all_small", 1000, 2600.0), ("all_large", 10000, 2800.0))}
+    ratios = {"train_ray_vs_torch": 0.95, "score_vs_forward": 0.7, "score_vs_naive": 4.0,
+              "attention_overhead": 2.0, "memory_growth": 1.08}
+    results = {"cpu": {
+        "ratios": ratios,
+        "targets": {k: f"{op} {t}" for k, (op, t) in benchmark.TARGETS.items()},
+        "met": {k: k != "attention_overhead" for k in ratios},
+        "figures": {"forward_images_per_s": 1400.0, "naive_images_per_s": 250.0, "train_ray_images_per_s": 380.0,
+                    "train_torch_images_per_s": 400.0, "score": runs,
+                    "score_steady_images_per_s": {"none": 1000.0, "all": 500.0}},
+    }, "gpu": {"skipped": "no CUDA device"}}
+    text = benchmark.table(results)
+    for name in benchmark.TARGETS:
+        assert name in text
+    assert "| attention_overhead | 2.00 | <= 1.3 | NO |" in text
+    assert "1,000 / 1,400 img/s" in text  # score_vs_forward's two figures
+    assert "GPU part: no CUDA device" in text
