@@ -74,6 +74,9 @@ def run(name, Xtr, ytr, btr, Xte, yte, bte, labels, preset="vit-tiny", patch=8, 
     if averaged is not None:
         model = averaged.module
     m = evaluate(model, Xte, yte, labels, ch)
+    if os.environ.get("RECIPE_SAVE"):  # the trained model, to measure more map variants later
+        os.makedirs(os.environ["RECIPE_SAVE"], exist_ok=True)
+        model.save_pretrained(os.path.join(os.environ["RECIPE_SAVE"], name))
     res = {"name": name, "acc": round(m["accuracy"],4), "macro_f1": round(m["macro_f1"],4), "curve": curve, "secs": round(time.time()-t0,1)}
     if "passed" in labels:
         res["passed_recall"] = round(m["per_class"]["passed"]["recall"],3)
