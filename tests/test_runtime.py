@@ -16,6 +16,22 @@ def test_embedded_ray_listens_on_loopback_only(ray_session):
     assert node["NodeManagerAddress"] == "127.0.0.1"
 
 
+def test_loopback_even_when_ray_was_imported_first(tmp_path):
+    """A script that imports ray before vitray starts its Ray (as jobs/benchmark.py did) stays on loopback."""
+    import subprocess
+    import sys
+
+    script = ("import ray\n"
+              "from vitray.runtime import RayOptions, init_ray\n"
+              "init_ray(RayOptions(num_cpus=1))\n"
+              "print(ray.nodes()[0]['NodeManagerAddress'])\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "127.0.0.1"
+
+
 def test_ray_data_logs_only_errors_in_every_process(ray_session):
     import ray
 

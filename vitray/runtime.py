@@ -49,6 +49,12 @@ def init_ray(options: RayOptions | None = None) -> None:
 
     if ray.is_initialized():
         return
+    if not address:
+        # Ray reads the variable when it is first imported: if the caller imported ray
+        # before this, set what the variable would have set.
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Train V2 is the current Ray Train API; V1 is deprecated.
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
