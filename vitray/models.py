@@ -30,9 +30,14 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PretrainedConfig, ViTConfig, ViTForImageClassification
 from transformers.image_processing_base import ImageProcessingMixin
+from transformers.utils import logging as hf_logging
 
 from vitray import storage
 from vitray.errors import VitrayError
+
+# Per-shard "Loading weights" / "Writing model shards" bars, once per actor and export, are noise
+# in a batch job's log (and interleave across Ray workers).
+hf_logging.disable_progress_bar()
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 CONFIG_FILE = "config.json"
