@@ -74,25 +74,14 @@ def ray_session(s3: SeaweedS3) -> Iterator[str]:
         ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """scikit-learn's handwritten digits (real, 8x8 grey) as train/test image folders."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
+def synth_folder(tmp_path_factory: pytest.TempPathFactory, name: str, n: int, size: int, seed: int,
+                 passed_fraction: float) -> str:
+    """A small `vitray synth` image folder for training tests."""
+    from vitray.data import synth
 
-    digits = load_digits()
-    root = tmp_path_factory.mktemp("digits")
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(digits.target))
-    cut = int(0.8 * len(order))
-    for split, idx in (("train", order[:cut]), ("test", order[cut:])):
-        for i in idx:
-            d = root / split / str(digits.target[i])
-            d.mkdir(parents=True, exist_ok=True)
-            pixels = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)
-            Image.fromarray(pixels, mode="L").save(d / f"{i:04d}.png")
-    return {"train": str(root / "train"), "test": str(root / "test")}
+    out = tmp_path_factory.mktemp(name) / "data"
+    synth.write(str(out), n=n, size=size, seed=seed, passed_fraction=passed_fraction, fmt="imagefolder")
+    return str(out)
 
 
 INSPECTION_LABELS = ["passed", "Xplus", "Xminus", "Yplus", "Yminus"]

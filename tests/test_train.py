@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import synth_folder
 from vitray import storage
 from vitray.errors import VitrayError
 from vitray.train import TrainConfig, class_weights, lr_lambda, stratified_split, train
@@ -23,11 +24,7 @@ VITRAY = [sys.executable, "-m", "vitray.cli"]
 
 @pytest.fixture(scope="module")
 def inspection(tmp_path_factory) -> str:
-    from vitray.data import synth
-
-    out = tmp_path_factory.mktemp("inspection") / "data"
-    synth.write(str(out), n=160, size=32, seed=3, passed_fraction=0.1, fmt="imagefolder")
-    return str(out)
+    return synth_folder(tmp_path_factory, "inspection", n=160, size=32, seed=3, passed_fraction=0.1)
 
 
 def _history(path) -> list[dict]:

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from conftest import synth_folder
 from vitray import storage
 from vitray.errors import VitrayError
 from vitray.train import TrainConfig
@@ -24,11 +25,7 @@ VITRAY = [sys.executable, "-m", "vitray.cli"]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> str:
     """120 synthetic inspection images of 16 px: the smallest data a search learns anything from."""
-    from vitray.data import synth
-
-    out = tmp_path_factory.mktemp("tune-data") / "data"
-    synth.write(str(out), n=120, size=16, seed=5, passed_fraction=0.2, fmt="imagefolder")
-    return str(out)
+    return synth_folder(tmp_path_factory, "tune-data", n=120, size=16, seed=5, passed_fraction=0.2)
 
 
 def _rows(text: str) -> list[dict]:
