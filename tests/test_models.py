@@ -10,8 +10,8 @@ from safetensors import safe_open
 from transformers import AutoImageProcessor, BertConfig, ViTConfig, ViTForImageClassification, ViTModel
 
 from vitray.errors import VitrayError
-from vitray.models import (Preprocessing, apply_finetune, auto_patch_size, build_model, export_model, load_trained,
-                           param_report, params_for, parse_finetune)
+from vitray.models import (Preprocessing, apply_finetune, auto_patch_size, build_model, describe_trained,
+                           export_model, load_trained, param_report, params_for, parse_finetune)
 
 LABELS = ["passed", "Xplus", "Xminus", "Yplus", "Yminus"]
 
@@ -224,6 +224,32 @@ def test_load_trained_explains_what_is_wrong(tmp_path):
                        image_size=16, patch_size=4)).save_pretrained(tmp_path / "backbone")
     with pytest.raises(VitrayError, match="not a ViTForImageClassification"):
         load_trained(str(tmp_path / "backbone"))
+
+
+def test_describe_trained_checks_the_weights_without_reading_them(tmp_path):
+    model, prep = tiny(channels=1, size=28)
+    folder = tmp_path / "model"
+    export_model(model, prep, str(folder))
+    assert describe_trained(str(folder)) == (LABELS, prep, model.config.patch_size)
+
+    # config.json and the weights disagree: refused, as load_trained does.
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, intermediate_size=2 * config["intermediate_size"])))
+    with pytest.raises(VitrayError, match="do not match config.json"):
+        describe_trained(str(folder))
+    (folder / "config.json").write_text(json.dumps(config))
+
+    # A weights file cut short (an interrupted copy) is caught from its header.
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-100])
+    with pytest.raises(VitrayError, match="cut short"):
+        describe_trained(str(folder))
+
+    # Weights in PyTorch's own format.
+    weights.unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    assert describe_trained(str(folder)) == (LABELS, prep, model.config.patch_size)
 
 
 def test_preprocessing_reads_hub_style_processor_configs():

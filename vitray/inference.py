@@ -27,9 +27,9 @@ class PredictOptions:
 
 def model_info(model_uri: str) -> tuple[list[str], Any]:
     """Labels and preprocessing of a trained model, checked on the driver before any work."""
-    from vitray.models import load_trained
+    from vitray.models import describe_trained
 
-    _, prep, labels = load_trained(model_uri)
+    labels, prep, _ = describe_trained(model_uri)
     return labels, prep
 
 

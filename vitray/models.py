@@ -397,14 +397,34 @@ def load_trained(uri: str, attn_implementation: str = "sdpa") -> tuple[ViTForIma
 
     Labels come in id order from config.json's id2label. The model is in eval mode.
     """
+    return _load_checked(uri, attn_implementation=attn_implementation)
+
+
+def describe_trained(uri: str) -> tuple[list[str], Preprocessing, int]:
+    """Labels, preprocessing and patch size of a trained classifier, checked without reading its weights.
+
+    What a driver needs before scoring; the actors load the weights. Reading them there too
+    would cost vit-large's 1.2 GB and seconds for nothing: the model is built on the meta
+    device, which checks every tensor's name and shape, and the safetensors headers say
+    whether each file is as long as it should be.
+    """
+    model, prep, labels = _load_checked(uri, device_map="meta")
+    return labels, prep, _patch(model.config.patch_size)
+
+
+def _load_checked(uri: str, **kwargs: Any) -> tuple[ViTForImageClassification, Preprocessing, list[str]]:
     local = _local_model_dir(uri)
     config = _vit_config_dict(local, uri)
     if "ViTForImageClassification" not in (config.get("architectures") or []):
         raise VitrayError(f"{uri}: not a ViTForImageClassification (architectures={config.get('architectures')})")
+    _check_safetensors_lengths(local, uri)
     try:
-        model, info = ViTForImageClassification.from_pretrained(
-            local, attn_implementation=attn_implementation, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as exc:
+        model, info = ViTForImageClassification.from_pretrained(local, output_loading_info=True, **kwargs)
+    except RuntimeError as exc:
+        if "mismatched_sizes" in str(exc):  # its details are in a table transformers logged above
+            raise VitrayError(f"{uri}: the weights do not match config.json (tensor shapes differ)") from None
+        raise VitrayError(f"{uri}: cannot load the model: {_first_line(exc)}") from None
+    except (OSError, ValueError) as exc:
         raise VitrayError(f"{uri}: cannot load the model: {_first_line(exc)}") from None
     missing = sorted(info.get("missing_keys") or []) + sorted(k[0] for k in info.get("mismatched_keys") or [])
     if missing:
@@ -415,6 +435,28 @@ def load_trained(uri: str, attn_implementation: str = "sdpa") -> tuple[ViTForIma
     prep = Preprocessing.load(local, channels=model.config.num_channels)
     prep = dataclasses.replace(prep, size=_square(model.config.image_size, uri))
     return model.eval(), prep, labels
+
+
+def _patch(patch_size: Any) -> int:
+    return patch_size if isinstance(patch_size, int) else int(patch_size[0])
+
+
+def _check_safetensors_lengths(folder: str, uri: str) -> None:
+    """Each safetensors file at least as long as its header says (a copy cut short fails here, in one line)."""
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".safetensors"):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(length))
+                size = os.fstat(f.fileno()).st_size
+        except (OSError, ValueError) as exc:
+            raise VitrayError(f"{uri}: cannot read the weights {name}: {_first_line(exc)}") from None
+        end = 8 + length + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if size < end:
+            raise VitrayError(f"{uri}: the weights {name} are cut short ({size:,} of {end:,} bytes)")
 
 
 def parse_finetune(policy: str, num_layers: int | None = None) -> tuple[str, int | None]:
