@@ -1,6 +1,8 @@
 """The scoring report: counts, histogram, defect gallery and errors, escaped and self-contained."""
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 
@@ -8,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from conftest import INSPECTION_LABELS
 from vitray import storage
@@ -77,6 +80,9 @@ def test_report_is_escaped_self_contained_and_links_relatively(scored):
     assert all(link.startswith("attention/") for link in links)  # relative, nothing outside OUT
     thumbs = re.findall(r'src="(data:image/jpeg;base64,[^"]+)"', page)
     assert len(thumbs) == 4
+    # The 32 px overlays are enlarged by a whole factor to the thumbnail side, not left to blur.
+    with Image.open(io.BytesIO(base64.b64decode(thumbs[0].split(",", 1)[1]))) as thumb:
+        assert thumb.size == (160, 160)
     assert not re.search(r'(src|href)="(/|file:|http)', page)
     assert "running or killed" in page and "12.5" in page
     assert page.count("<figure>") == 4

@@ -302,11 +302,19 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     return np.repeat(image[..., None], 3, axis=2)
 
 
+@functools.lru_cache(maxsize=8)
+def _font(size: int) -> Any:
+    """PIL's default font at `size` px (loading it is most of a caption's cost)."""
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
 def _draw_caption(image: Image.Image, text: str) -> None:
-    from PIL import ImageDraw, ImageFont
+    from PIL import ImageDraw
 
     size = max(12, min(image.size) // 14)
-    font = ImageFont.load_default(size=size)
+    font = _font(size)
     draw = ImageDraw.Draw(image)
     pad = max(2, size // 4)
     left, top, right, bottom = draw.textbbox((pad, pad), text, font=font)

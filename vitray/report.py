@@ -116,6 +116,11 @@ def _thumbnails(output: str, gallery: list[tuple]) -> dict[str, str]:
         try:
             with Image.open(io.BytesIO(storage.read_bytes(storage.join(output, *key.split("/"))))) as img:
                 img = img.convert("RGB")
+                # Bulk overlays are at the model's input size: enlarge small ones by a whole
+                # factor (nearest, so the patch grid stays sharp) rather than let the page blur them.
+                factor = THUMB_SIDE // max(img.size)
+                if factor > 1:
+                    img = img.resize((img.width * factor, img.height * factor), Image.Resampling.NEAREST)
                 img.thumbnail((THUMB_SIDE, THUMB_SIDE))
                 buf = io.BytesIO()
                 img.save(buf, format="JPEG", quality=82)
