@@ -39,6 +39,7 @@ class Sizes:
     image_size: int = 64
     score_images: int = 1000  # the small scoring run; the large one has 10x as many
     score_batch: int = 64  # vitray score's default
+    piece_rows: int = 512  # vitray score's default; a steady rate needs several pieces
     naive_images: int = 300
     train_images: int = 4000
     train_epochs: int = 4  # the first is warm-up and not counted
@@ -46,7 +47,7 @@ class Sizes:
     forward_seconds: float = 5.0
 
 
-QUICK = Sizes(score_images=60, naive_images=30, train_images=300, train_epochs=2, forward_seconds=1.0)
+QUICK = Sizes(score_images=60, piece_rows=32, naive_images=30, train_images=300, train_epochs=2, forward_seconds=1.0)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -240,29 +241,37 @@ def torch_train_rate(sizes: Sizes, pixels: Any, labels: Any, threads: int, epoch
 # --------------------------------------------------------------------------- vitray's side
 
 
-def score_run(model_dir: str, images: str, out: str, attention: str, batch: int) -> dict[str, Any]:
-    """One `vitray score` run: its scoring time and images/s from the manifest (start-up included)
-    and the peak memory of the process tree."""
+def score_run(model_dir: str, images: str, out: str, attention: str, sizes: Sizes) -> dict[str, Any]:
+    """One `vitray score` run: its rate once images flow, its start-up, the manifest's end-to-end
+    rate, and the peak memory of the process tree."""
     from vitray.score import ScoreConfig, score
 
     shutil.rmtree(out, ignore_errors=True)
+    stamps: list[tuple[float, int]] = []
+    started = time.perf_counter()
     with PeakMemory() as memory:
         manifest = score(ScoreConfig(model=model_dir, input=images, output=out, attention=attention,
-                                     batch_size=batch))
-    return {"images": manifest["counts"]["scored"], "attention": attention, "batch_size": batch,
-            "scoring_s": manifest["scoring_s"], "manifest_images_per_s": manifest["images_per_s"],
-            "pieces": manifest["pieces"], "peak_pss_mb": round(memory.peak / 2**20, 1)}
+                                     batch_size=sizes.score_batch, piece_rows=sizes.piece_rows),
+                         progress=lambda state: stamps.append((time.perf_counter(), state["scored"])))
+    return {"images": manifest["counts"]["scored"], "attention": attention, "batch_size": sizes.score_batch,
+            "steady_images_per_s": round(steady_rate(stamps), 1),
+            "first_output_s": round(stamps[0][0] - started, 2), "scoring_s": manifest["scoring_s"],
+            "manifest_images_per_s": manifest["images_per_s"], "pieces": manifest["pieces"],
+            "peak_pss_mb": round(memory.peak / 2**20, 1)}
 
 
-def steady_rate(small: dict[str, Any], large: dict[str, Any]) -> float:
-    """Images/s of the images the large run scored beyond the small one: start-up (Ray workers,
-    the actor importing torch and loading the model) is in both runs and drops out. The images
-    that stream past while the actor starts would make a from-first-output rate flatter than it is."""
-    seconds = large["scoring_s"] - small["scoring_s"]
-    if seconds <= 0:
-        raise RuntimeError(f"the {large['images']}-image run took no longer than the {small['images']}-image one: "
-                           "start-up times varied more than the work (a machine too busy to measure on)")
-    return (large["images"] - small["images"]) / seconds
+def steady_rate(stamps: list[tuple[float, int]]) -> float:
+    """Images/s from the first committed piece to the last, from (time, images committed) stamps.
+
+    Start-up (Ray's workers, the actor importing torch and loading the model) is before the first
+    piece and drops out; everything after it counts, including the time the model stage shares the
+    cores with the decode stage that Ray Data runs ahead of it.
+    """
+    (t0, n0), (t1, n1) = stamps[0], stamps[-1]
+    if len(stamps) < 3 or t1 <= t0:
+        raise RuntimeError(f"only {len(stamps)} pieces were committed: too few to time a steady rate "
+                           "(score more images than --piece-rows times 3)")
+    return (n1 - n0) / (t1 - t0)
 
 
 def ray_train_rate(sizes: Sizes, data: str, out: str) -> list[float]:
@@ -348,13 +357,13 @@ def cpu_benchmark(work: str, sizes: Sizes) -> dict[str, Any]:
     print("seed-style loop ...", flush=True)
     naive = naive_rate(model_dir, files[: sizes.naive_images], score_threads)
     # A first run starts Ray's task workers and pays their imports: not measured, so that the small
-    # and the large run start equally warm and their difference is the images alone.
-    score_run(model_dir, data["small"], os.path.join(work, "scores-warm-up"), "none", sizes.score_batch)
+    # and the large run start equally warm.
+    score_run(model_dir, data["small"], os.path.join(work, "scores-warm-up"), "none", sizes)
     runs = {}
     for name, images, attention in (("none_small", data["small"], "none"), ("none_large", data["large"], "none"),
-                                    ("all_small", data["small"], "all"), ("all_large", data["large"], "all")):
+                                    ("all_large", data["large"], "all")):
         print(f"vitray score --attention {attention} on {os.path.basename(images)} ...", flush=True)
-        runs[name] = score_run(model_dir, images, os.path.join(work, f"scores-{name}"), attention, sizes.score_batch)
+        runs[name] = score_run(model_dir, images, os.path.join(work, f"scores-{name}"), attention, sizes)
     print("bare PyTorch training loop ...", flush=True)
     torch_epochs = torch_train_rate(sizes, train_pixels, train_labels, train_threads, sizes.train_epochs)
     print("vitray train (Ray Train, 1 worker) ...", flush=True)
@@ -362,8 +371,7 @@ def cpu_benchmark(work: str, sizes: Sizes) -> dict[str, Any]:
 
     # The first epoch of either loop is warm-up (allocator, iterator start); the best of the rest counts.
     ray_train, torch_train = max(ray_epochs[1:]), max(torch_epochs[1:])
-    none = steady_rate(runs["none_small"], runs["none_large"])
-    full = steady_rate(runs["all_small"], runs["all_large"])
+    none, full = runs["none_large"]["steady_images_per_s"], runs["all_large"]["steady_images_per_s"]
     ratios = {
         "train_ray_vs_torch": ray_train / torch_train,
         "score_vs_forward": none / forward,

@@ -15,16 +15,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import benchmark  # noqa: E402 - jobs/ is not a package
 
 
-def test_steady_rate_leaves_start_up_out() -> None:
-    # 10 s of start-up in both runs; then 100 images/s.
-    small = {"images": 1000, "scoring_s": 20.0}
-    large = {"images": 10000, "scoring_s": 110.0}
-    assert benchmark.steady_rate(small, large) == pytest.approx(100.0)
+def test_steady_rate_starts_at_the_first_committed_piece() -> None:
+    # 20 s of start-up before the first piece, then 100 images/s.
+    stamps = [(20.0, 512), (25.12, 1024), (30.24, 1536), (120.0, 10_512)]
+    assert benchmark.steady_rate(stamps) == pytest.approx(100.0)
 
 
-def test_steady_rate_refuses_a_machine_too_noisy_to_measure() -> None:
-    with pytest.raises(RuntimeError, match="too busy"):
-        benchmark.steady_rate({"images": 100, "scoring_s": 30.0}, {"images": 1000, "scoring_s": 25.0})
+def test_steady_rate_needs_several_pieces() -> None:
+    with pytest.raises(RuntimeError, match="too few"):
+        benchmark.steady_rate([(3.0, 60), (4.0, 120)])
 
 
 def test_peak_memory_counts_child_processes() -> None:
