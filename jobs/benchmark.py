@@ -277,15 +277,17 @@ def steady_rate(stamps: list[tuple[float, int]]) -> float:
 def ray_train_rate(sizes: Sizes, data: str, out: str) -> list[float]:
     """Images/s per epoch of `vitray train` (Ray Train, 1 worker) as its history.csv records them.
 
-    No augmentation: the data set is then decoded once and held in Ray's object store, so that
-    both loops train from memory and the ratio is the cost of Ray's loop and data iterator.
+    No augmentation and loss weights for the rare class (not the default class-balanced sampling, a
+    Ray Data stage of its own): the data set is then decoded once and held in Ray's object store,
+    both loops train from memory on the same images and the ratio is the cost of Ray's loop and
+    data iterator.
     """
     from vitray.train import TrainConfig, train
 
     shutil.rmtree(out, ignore_errors=True)
     result = train(TrainConfig(data=data, out=out, model=sizes.model, image_size=sizes.image_size,
                                epochs=sizes.train_epochs, batch_size=sizes.train_batch, workers=1,
-                               augment="none"))
+                               augment="none", class_weights="loss"))
     return [float(row["images_per_s"]) for row in result.history]
 
 

@@ -17,7 +17,8 @@ import pytest
 from conftest import synth_folder
 from vitray import storage
 from vitray.errors import VitrayError
-from vitray.train import TrainConfig, class_weights, lr_lambda, stratified_split, train
+from vitray.train import (TrainConfig, balance_batch, balanced_rates, class_weights, lr_lambda, stratified_split,
+                          train)
 
 VITRAY = [sys.executable, "-m", "vitray.cli"]
 
@@ -52,10 +53,40 @@ def test_class_weights_lift_a_rare_class():
     assert abs((490 * w[0] + 10 * w[1]) / 500 - 1.0) < 1e-6
 
 
+def test_balanced_sampling_gives_every_class_an_equal_share():
+    counts = np.array([735, 735, 735, 735, 54, 0])
+    rates = balanced_rates(counts)
+    assert rates[5] == 0.0 and rates[4] == pytest.approx(counts.sum() / (5 * 54), rel=1e-5)
+    labels = np.repeat(np.arange(6), counts)
+    batch = {"label": labels, "image": np.arange(len(labels))}
+    drawn = [np.bincount(balance_batch(batch, rates, seed=s)["label"], minlength=6) for s in range(20)]
+    mean = np.mean(drawn, axis=0)
+    assert mean[:5] == pytest.approx([counts.sum() / 5] * 5, rel=0.05)  # equal shares, same epoch length
+    out = balance_batch(batch, rates, seed=0)
+    assert np.array_equal(labels[out["image"]], out["label"])  # rows stay whole
+    images, times = np.unique(out["image"][out["label"] == 4], return_counts=True)
+    assert len(images) == 54 and set(times) <= {11, 12}  # each rare image 11.09 times on average
+
+
 def test_schedule_warms_up_then_decays_to_zero():
     f = lr_lambda(total_steps=100, warmup_steps=10)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.5, abs=1e-6) and f(100) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_training_rows_come_in_a_mixed_order(ray_session, inspection):
+    """An image folder lists its images class by class; training must not see them that way."""
+    from vitray.data.readers import inspect_source
+    from vitray.train import _prepared
+
+    source = inspect_source(inspection, None)
+    rows = _prepared(source, source.ids, 32, 3, shuffle_seed=0).take_all()
+    labels = [int(r["label"]) for r in rows]
+    assert sorted(labels) == sorted(source.row_labels.tolist())  # every image once
+    first = labels[: len(labels) // 4]
+    assert len(set(first)) == len(source.labels)  # every class already in the first quarter
+    again = [int(r["label"]) for r in _prepared(source, source.ids, 32, 3, shuffle_seed=0).take_all()]
+    assert again == labels  # seeded
 
 
 # --------------------------------------------------------------------------- runs

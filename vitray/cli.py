@@ -154,8 +154,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help=f"Ray Train workers (default {d('workers')})")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker; > 0 trains on GPU with bf16 (default 0)")
     p.add_argument("--finetune", help="full | head | last:K | lora:R (default full)")
-    p.add_argument("--class-weights", choices=("auto", "none"), help="auto: inverse-frequency loss weights "
-                                                                      "(default auto)")
+    p.add_argument("--class-weights", choices=("auto", "loss", "none"),
+                   help="rare classes: auto draws every class equally often per epoch (class-balanced "
+                        "sampling); loss weights the loss by inverse class frequency (default auto)")
     p.add_argument("--augment", choices=("auto", "none"), help="label-aware flips, shifts, lighting (default auto)")
     p.add_argument("--seed", type=int, help=f"(default {d('seed')})")
     p.add_argument("--config", help="YAML file with any of these options (flags override it)")

@@ -28,6 +28,7 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_macro
 # Data sets up to this size (resized uint8) are decoded once and kept in Ray's
 # object store; larger ones stream from storage every epoch.
 CACHE_BYTES = 2 * 1024**3
+CLASS_WEIGHTS = ("auto", "loss", "none")
 RUN_NAME = "train"
 
 
@@ -48,7 +49,7 @@ class TrainConfig:
     workers: int = 1
     gpus_per_worker: float = 0.0
     finetune: str = "full"
-    class_weights: str = "auto"
+    class_weights: str = "auto"  # auto: class-balanced sampling; loss: inverse-frequency loss weights; none
     augment: str = "auto"  # auto: label-aware flips where safe, shifts, lighting; none
     weight_decay: float = 0.05
     warmup_fraction: float = 0.1
@@ -70,8 +71,8 @@ class TrainConfig:
             raise VitrayError("--gpus-per-worker cannot be negative")
         if self.lr is not None and not 0 < self.lr < 1:
             raise VitrayError(f"--lr must be between 0 and 1, got {self.lr}")
-        if self.class_weights not in ("auto", "none"):
-            raise VitrayError(f"--class-weights must be auto or none, got {self.class_weights}")
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise VitrayError(f"--class-weights must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weights}")
         if self.augment not in ("auto", "none"):
             raise VitrayError(f"--augment must be auto or none, got {self.augment}")
         if self.image_size is not None and self.image_size < 4:
@@ -150,8 +151,12 @@ def prepare(config: TrainConfig) -> Prepared:
     log.info("model: %s parameters, %s trainable", params["total"], params["trainable"])
 
     init_ray(RayOptions(address=config.ray_address))
-    train_ds = _prepared(source, train_ids, prep.size, prep.channels)
+    train_ds = _prepared(source, train_ids, prep.size, prep.channels, shuffle_seed=config.seed)
     val_ds = _prepared(val_source, val_ids, prep.size, prep.channels)
+    if config.class_weights == "auto":
+        # Before augmentation: every repeat of a rare image gets its own flips and shifts.
+        train_ds = train_ds.map_batches(balance_batch, fn_kwargs={"rates": balanced_rates(counts)},
+                                        batch_format="numpy", batch_size=256)
     if config.augment == "auto":
         from vitray.data.preprocess import AugmentConfig, augment_batch
 
@@ -171,7 +176,7 @@ def loop_config(config: TrainConfig, prepared: Prepared) -> dict[str, Any]:
         "mean": list(prep.mean),
         "std": list(prep.std),
         "lr": config.resolved_lr(),
-        "class_weights": class_weights(np.array(prepared.class_counts)) if config.class_weights == "auto" else None,
+        "class_weights": class_weights(np.array(prepared.class_counts)) if config.class_weights == "loss" else None,
         "n_train": prepared.n_train,
         "history_uri": storage.join(config.out, "history.csv"),
     }
@@ -192,8 +197,35 @@ def stratified_split(ids: list[str], labels: np.ndarray, fraction: float, seed: 
     return [i for i, v in zip(ids, chosen) if not v], [i for i, v in zip(ids, chosen) if v]
 
 
+def balanced_rates(counts: np.ndarray) -> list[float]:
+    """How many times per epoch, on average, each image of a class is drawn so that every
+    class present gets an equal share of an epoch of the same length (`--class-weights auto`).
+
+    A class at 1/50 of the data is drawn ~10x per epoch (5 classes), each time with its own
+    augmentation, and the common ones ~0.8x. Measured against inverse-frequency loss weights
+    on the inspection images (README, "Measured"): the few rare images, each seen once an
+    epoch at ten times the weight, gave noisy steps and a passed recall of 0.5 to 0.95 from
+    run to run.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts > 0
+    rates = np.zeros_like(counts)
+    rates[present] = counts.sum() / (present.sum() * counts[present])
+    return rates.round(6).tolist()
+
+
+def balance_batch(batch: dict[str, np.ndarray], rates: Sequence[float], seed: int | None = None) -> dict[str, np.ndarray]:
+    """Ray Data UDF: each row repeated a random number of times whose mean is its class's rate
+    (the floor of the rate, plus one with the probability of its fraction); drawn anew each epoch."""
+    rng = np.random.default_rng(seed)
+    rate = np.asarray(rates, dtype=np.float64)[np.asarray(batch["label"], dtype=np.int64)]
+    repeats = np.floor(rate).astype(np.int64) + (rng.random(len(rate)) < rate - np.floor(rate))
+    index = np.repeat(np.arange(len(rate)), repeats)
+    return {k: v[index] for k, v in batch.items()}
+
+
 def class_weights(counts: np.ndarray) -> list[float]:
-    """Inverse-frequency loss weights, normalised so that the average image weighs 1.
+    """Inverse-frequency loss weights (`--class-weights loss`), normalised so that the average image weighs 1.
 
     A class at 1/50 of the data then weighs ~10x a common one, which is what
     lets the rare `passed` class be learned instead of ignored.
@@ -213,17 +245,29 @@ def peek_shape(source: Any) -> tuple[int, int]:
     return int(image.shape[2]), int(max(image.shape[:2]))
 
 
-def _prepared(source: Any, ids: list[str], size: int, channels: int) -> Any:
-    """Decoded, resized uint8 images as a Ray Dataset; cached in memory when small."""
+def _prepared(source: Any, ids: list[str], size: int, channels: int, shuffle_seed: int | None = None) -> Any:
+    """Decoded, resized uint8 images as a Ray Dataset; cached in memory when small.
+
+    With `shuffle_seed` (training data) the rows are put in a seeded random order first:
+    sources list their images class by class (an image folder's sub-folders, a table
+    sorted by label), and the per-epoch local shuffle buffer would otherwise feed the
+    model one class after another, with the rare class in a burst at the end of each
+    epoch. A cached set is shuffled row by row once; a streaming one reads its files in
+    a shuffled order and its blocks in a new order every epoch.
+    """
     from vitray.data.preprocess import resize_batch
     from vitray.data.readers import read_images
 
+    if shuffle_seed is not None:
+        ids = [ids[i] for i in np.random.default_rng(shuffle_seed).permutation(len(ids))]
     ds = read_images(source, ids).map_batches(
         resize_batch, fn_kwargs={"size": size, "channels": channels}, batch_format="numpy", batch_size=128)
     ds = ds.select_columns(["image", "label"])
     if len(ids) * size * size * channels <= CACHE_BYTES:
-        ds = ds.materialize()
-    return ds
+        if shuffle_seed is not None:
+            ds = ds.random_shuffle(seed=shuffle_seed)
+        return ds.materialize()
+    return ds if shuffle_seed is None else ds.randomize_block_order()
 
 
 def make_trainer(config: TrainConfig, prepared: Prepared, callbacks: Sequence[Any] = ()) -> Any:

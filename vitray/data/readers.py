@@ -452,14 +452,16 @@ def read_encoded(source: Source, ids: Iterable[str] | None = None, parallelism: 
     """A Ray Dataset of the source's images, still encoded: id, path, label, bbox, data|image.
 
     `ids` restricts it to those images (a split, or what is left to score),
-    filtered before any image bytes are read.
+    filtered before any image bytes are read; image files are read in the order of `ids`.
     """
     import ray.data
 
+    ids = list(ids) if ids is not None else None
     keep = frozenset(ids) if ids is not None else None
     tasks = source.tasks
-    if keep is not None and all(t["kind"] == "file" for t in tasks):
-        tasks = [t for t in tasks if t["id"] in keep]
+    if ids is not None and all(t["kind"] == "file" for t in tasks):
+        by_id = {t["id"]: t for t in tasks}
+        tasks = [by_id[i] for i in dict.fromkeys(ids) if i in by_id]  # in the order of `ids`
         keep = None
     label_of = {i: int(l) for i, l in zip(source.ids, source.row_labels) if l >= 0}
     fs = storage.resolve(source.uri).fs
