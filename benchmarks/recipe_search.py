@@ -39,17 +39,32 @@ def resized(X, b, size):
 
 def run(name, Xtr, ytr, btr, Xte, yte, bte, labels, preset="vit-tiny", patch=8, lr=1e-3, epochs=40, bs=64,
         wd=0.05, warm=0.1, ls=0.1, cw=True, aug=True, size=None, extra=None, seed=0, rot=0.0, zoom=0.0,
-        shift=None, ema=0.0):
+        shift=None, ema=0.0, balance=0.0, holdout=0.0, sincos=False):
+    """balance: sample each epoch with replacement, class c drawn ∝ count_c^(1-balance) (1: uniform
+    over classes); holdout: drop this stratified share of the training set, as vitray train's
+    validation split does."""
     torch.manual_seed(seed)
+    if holdout:
+        from vitray.train import stratified_split
+        keep, _ = stratified_split([str(i) for i in range(len(ytr))], ytr, holdout, seed)
+        keep = np.array([int(i) for i in keep]); Xtr, ytr, btr = Xtr[keep], ytr[keep], btr[keep]
     size = size or Xtr.shape[1]; ch = Xtr.shape[3]
     (Xtr, btr), (Xte, bte) = resized(Xtr, btr, size), resized(Xte, bte, size)
     kw = dict(PRESETS[preset], num_channels=ch, image_size=size, patch_size=patch, **(extra or {}))
-    model = ViTForImageClassification(ViTConfig(**kw, num_labels=len(labels), attn_implementation="sdpa")).to(dev)
+    model = ViTForImageClassification(ViTConfig(**kw, num_labels=len(labels), attn_implementation="sdpa"))
+    if sincos:
+        from vitray.models import init_position_embeddings
+        init_position_embeddings(model)
+    model = model.to(dev)
     steps = math.ceil(len(Xtr)/bs)*epochs
     decay=[p for p in model.parameters() if p.ndim>=2]; nod=[p for p in model.parameters() if p.ndim<2]
     opt = torch.optim.AdamW([{"params":decay,"weight_decay":wd},{"params":nod,"weight_decay":0}], lr=lr)
     sch = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, max(1,int(warm*steps))))
-    w = torch.tensor(class_weights(np.bincount(ytr, minlength=len(labels))), device=dev) if cw else None
+    counts = np.bincount(ytr, minlength=len(labels))
+    w = class_weights(counts) if cw else None
+    if w is not None and cw is not True:  # a power of inverse frequency, e.g. 0.5: milder weights
+        w = np.asarray(w) ** float(cw); w = (w * len(ytr) / (w * counts).sum()).tolist()
+    w = torch.tensor(w, dtype=torch.float32, device=dev) if w is not None else None
     lossf = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=ls)
     acfg = AugmentConfig.for_labels(labels) if aug else AugmentConfig(max_shift=0, brightness=0, contrast=0)
     acfg = dataclasses.replace(acfg, rotate=rot, scale=zoom, **({} if shift is None else {"max_shift": shift}))
@@ -58,6 +73,9 @@ def run(name, Xtr, ytr, btr, Xte, yte, bte, labels, preset="vit-tiny", patch=8, 
     rng = np.random.default_rng(seed); t0=time.time(); curve=[]
     for ep in range(epochs):
         model.train(); perm = rng.permutation(len(Xtr))
+        if balance:
+            p = np.bincount(ytr, minlength=len(labels)).astype(float) ** -balance
+            p = p[ytr] / p[ytr].sum(); perm = rng.choice(len(Xtr), size=len(Xtr), p=p)
         for i in range(0, len(perm), bs):
             idx = perm[i:i+bs]
             b = augment_batch({"image": Xtr[idx], "label": ytr[idx].copy(), "bbox": btr[idx]}, acfg, seed=int(rng.integers(1<<30)))

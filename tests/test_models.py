@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -224,6 +225,22 @@ def test_load_trained_explains_what_is_wrong(tmp_path):
                        image_size=16, patch_size=4)).save_pretrained(tmp_path / "backbone")
     with pytest.raises(VitrayError, match="not a ViTForImageClassification"):
         load_trained(str(tmp_path / "backbone"))
+
+
+def test_presets_start_with_two_dimensional_position_embeddings():
+    model, _ = tiny(size=32)  # 4 px patches: an 8x8 grid, hidden 64
+    table = model.vit.embeddings.position_embeddings.detach()[0]
+    assert torch.all(table[0] == 0)  # the CLS token has no place
+    grid = table[1:].reshape(8, 8, 64)
+    # The first quarter is sin(x·ω): the same down a column, different along a row; the third, sin(y·ω).
+    assert torch.allclose(grid[0, :, :16], grid[5, :, :16]) and not torch.allclose(grid[:, 0, :16], grid[:, 5, :16])
+    assert torch.allclose(grid[:, 0, 32:48], grid[:, 5, 32:48])
+    assert grid[0, 1, 0].item() == pytest.approx(math.sin(1.0))  # x = 1, ω₀ = 1
+    # Nearby patches are more alike than distant ones: the model sees where each patch is from the start.
+    near = torch.dot(grid[3, 3], grid[3, 4])
+    far = torch.dot(grid[3, 3], grid[3, 7])
+    assert near > far
+    assert model.vit.embeddings.position_embeddings.requires_grad  # still learned
 
 
 def test_describe_trained_checks_the_weights_without_reading_them(tmp_path):
