@@ -144,7 +144,7 @@ def main() -> None:
     print(f"\n{'target':<12}{'figures':<70}all met")
     for name, result in results.items():
         shown = ", ".join(f"{k} {v:.3f}" for k, v in result["figures"].items())
-        print(f"{name:<12}{shown:<70}{all(result['met'].values())}")
+        print(f"{name:<12}{shown:<70} {all(result['met'].values())}")
 
 
 if __name__ == "__main__":

@@ -254,7 +254,8 @@ def score_run(model_dir: str, images: str, out: str, attention: str, sizes: Size
                                      batch_size=sizes.score_batch, piece_rows=sizes.piece_rows),
                          progress=lambda state: stamps.append((time.perf_counter(), state["scored"])))
     return {"images": manifest["counts"]["scored"], "attention": attention, "batch_size": sizes.score_batch,
-            "steady_images_per_s": round(steady_rate(stamps), 1),
+            # A small run commits too few pieces to time; only the large runs' rates are compared.
+            "steady_images_per_s": round(steady_rate(stamps), 1) if len(stamps) >= 3 else None,
             "first_output_s": round(stamps[0][0] - started, 2), "scoring_s": manifest["scoring_s"],
             "manifest_images_per_s": manifest["images_per_s"], "pieces": manifest["pieces"],
             "peak_pss_mb": round(memory.peak / 2**20, 1)}
