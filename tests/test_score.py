@@ -145,7 +145,7 @@ def test_parquet_on_s3_scored_to_s3_with_every_map_then_a_new_shard(ray_session,
         assert r["path"] == f"{data}/{r['id']}"
         # `#` starts a fragment in a link: the overlay key spells the row as _row<i>.
         assert r["attention_png"] == f"attention/{shard.replace('.parquet', '.parquet_row')}{r['id'].split('#')[1]}.png"
-        assert png_size(f"{out}/{r['attention_png']}")[0] >= 224
+        assert png_size(f"{out}/{r['attention_png']}") == (32, 32)  # the model's input size
     assert predictions_table(out).num_rows == 12  # plain pyarrow.dataset on the S3 prefix
     assert the_manifest(out, manifest["run_id"])["status"] == "complete"
     assert storage.exists(f"{out}/report.html")
