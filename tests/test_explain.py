@@ -12,6 +12,7 @@ from vitray.explain import (
     grad_rollout,
     overlay,
     pointing_game,
+    register_weights_attention,
     rollout,
 )
 
@@ -143,6 +144,21 @@ def test_rollout_maps_equal_rollout_of_the_returned_attentions(pixels: torch.Ten
         attentions = model(pixel_values=pixels, output_attentions=True).attentions
     expected = reference_rollout([a.numpy() for a in attentions], "max", 0.5)
     np.testing.assert_allclose(maps.reshape(2, -1).numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["rollout", "grad-rollout"])
+def test_weights_attention_gives_eager_results(method: str, pixels: torch.Tensor) -> None:
+    eager = tiny_vit()
+    fast = tiny_vit(attn_implementation=register_weights_attention())
+    with torch.no_grad():
+        expected = eager(pixel_values=pixels, output_attentions=True)
+        got = fast(pixel_values=pixels, output_attentions=True)
+    torch.testing.assert_close(got.logits, expected.logits)
+    for a, b in zip(got.attentions, expected.attentions, strict=True):
+        torch.testing.assert_close(a, b)
+    # grad-rollout differentiates through the weights.
+    torch.testing.assert_close(attention_maps(fast, pixels, method=method)[0],
+                               attention_maps(eager, pixels, method=method)[0])
 
 
 def test_grad_rollout_depends_on_the_target_class(pixels: torch.Tensor) -> None:

@@ -22,7 +22,10 @@ from conftest import INSPECTION_LABELS, save_tiny_vit
 from vitray import storage
 from vitray.cli import main
 from vitray.data import synth
+from vitray.data.preprocess import resize_image
+from vitray.data.readers import decode_image
 from vitray.errors import VitrayError
+from vitray.explain import overlay
 from vitray.score import (
     PREDICTIONS_SCHEMA,
     PiecePlan,
@@ -104,6 +107,11 @@ def test_scores_each_image_once_with_the_documented_outputs_then_only_new_ones(r
         assert r["attention_png"] == f"attention/{r['id']}.png"
         # At the size the model saw (32 px): bulk overlays are neither enlarged nor captioned.
         assert png_size(os.path.join(out, r["attention_png"])) == (32, 32)
+    # The overlay is the map on the image as the model saw it, pixel for pixel.
+    seen = resize_image(decode_image(storage.read_bytes(defects[0]["path"])), 32, 3)
+    with Image.open(os.path.join(out, defects[0]["attention_png"])) as img:
+        np.testing.assert_array_equal(
+            np.asarray(img), np.asarray(overlay(seen, np.reshape(defects[0]["attention"], (8, 8)), min_side=0)))
     assert not os.listdir(os.path.join(out, "_pending"))
     assert read_errors(out).count_rows() == 0
 

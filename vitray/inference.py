@@ -39,16 +39,18 @@ class Predictor:
     def __init__(self, model_uri: str, options: PredictOptions = PredictOptions()) -> None:
         import torch
 
+        from vitray.explain import register_weights_attention
         from vitray.models import load_trained
 
         if options.num_threads:
             torch.set_num_threads(options.num_threads)
         self.options = options
-        # With a map for every image, one eager pass gives the logits and the attentions
-        # (eager costs about what SDPA does here); otherwise SDPA, and eager only for the maps.
+        self.weights_attention = register_weights_attention()
+        # With a map for every image, one pass with attention weights gives the logits and
+        # the maps; otherwise SDPA, switched to weights only for the images that get a map.
         self.one_pass = options.attention == "all" and options.method == "rollout"
         self.model, self.prep, self.labels = load_trained(
-            model_uri, attn_implementation="eager" if self.one_pass else "sdpa")
+            model_uri, attn_implementation=self.weights_attention if self.one_pass else "sdpa")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
         self.amp = self.device.type == "cuda"
@@ -94,8 +96,8 @@ class Predictor:
         want = np.ones(n, dtype=bool) if mode == "all" or self.negative is None else pred != self.negative
         if not want.any():
             return maps
-        # SDPA returns no attention weights: switch to eager only for the images that get a map.
-        self.model.set_attn_implementation("eager")
+        # SDPA returns no attention weights: switch only for the images that get a map.
+        self.model.set_attn_implementation(self.weights_attention)
         try:
             m, _ = attention_maps(self.model, x[np.flatnonzero(want)], method=self.options.method,
                                   head_fusion=self.options.head_fusion, discard_ratio=self.options.discard_ratio)

@@ -1,0 +1,31 @@
+"""The bulk overlays' PNG encoder: what it writes decodes to exactly the array it was given."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vitray.png import encode_rgb
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 3), (1, 1, 3), (5, 17, 3), (224, 224, 3)])
+def test_png_decodes_to_the_same_pixels(shape: tuple[int, int, int]) -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
+    with Image.open(io.BytesIO(encode_rgb(rgb))) as image:
+        assert image.format == "PNG" and image.mode == "RGB"
+        image.load()  # checks the CRCs and the deflate stream
+        np.testing.assert_array_equal(np.asarray(image), rgb)
+
+
+def test_smooth_images_compress() -> None:
+    ramp = np.broadcast_to(np.arange(128, dtype=np.uint8)[None, :, None], (128, 128, 3)).copy()
+    assert len(encode_rgb(ramp)) < ramp.nbytes / 20
+
+
+@pytest.mark.parametrize("bad", [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 4), np.uint8),
+                                 np.zeros((8, 8, 3), np.float32), np.zeros((0, 8, 3), np.uint8)])
+def test_other_arrays_are_refused(bad: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        encode_rgb(bad)
