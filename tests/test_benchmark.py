@@ -60,3 +60,16 @@ def test_table_shows_every_ratio_with_its_target_and_figures() -> None:
     assert "| attention_overhead | 2.00 | <= 1.3 | NO |" in text
     assert "1,000 / 1,400 img/s" in text  # score_vs_forward's two figures
     assert "GPU part: no CUDA device" in text
+
+
+def test_score_outputs_go_to_tmpfs_unless_told(tmp_path) -> None:
+    work = str(tmp_path / "work")
+    assert benchmark.scores_folder("work", work) == os.path.join(work, "scores")
+    assert benchmark.scores_folder(str(tmp_path / "fast"), work).startswith(str(tmp_path / "fast"))
+    if os.access("/dev/shm", os.W_OK):
+        assert benchmark.scores_folder("auto", work).startswith("/dev/shm/")
+
+
+def test_file_create_cost_is_measured_and_cleaned_up(tmp_path) -> None:
+    assert benchmark.file_create_ms(str(tmp_path), files=20) > 0
+    assert os.listdir(tmp_path) == []

@@ -11,6 +11,7 @@ from vitray.explain import (
     energy_in_box,
     grad_rollout,
     overlay,
+    overlay_maps,
     pointing_game,
     register_weights_attention,
     rollout,
@@ -277,3 +278,18 @@ def test_overlay_caption_sits_on_a_dark_box() -> None:
 def test_overlay_rejects_float_images() -> None:
     with pytest.raises(ValueError, match="uint8"):
         overlay(np.zeros((8, 8), dtype=np.float32), np.ones((2, 2)))
+
+
+def test_overlays_of_a_batch_are_the_single_overlays() -> None:
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, size=(5, 32, 48, 3), dtype=np.uint8)
+    maps = rng.random((5, 4, 6)).astype(np.float32)
+    maps[1] = 0.0  # no mass: the image unchanged
+    maps[2, 0, 0] = np.nan  # NaN cells count as 0
+    batch = overlay_maps(images, maps)
+    assert batch.shape == images.shape and batch.dtype == np.uint8
+    for i in range(5):
+        np.testing.assert_array_equal(batch[i], np.asarray(overlay(images[i], maps[i], min_side=0)))
+    np.testing.assert_array_equal(batch[1], images[1])
+    # The heat is scaled by each map's own max: a map times 7 gives the same overlay.
+    np.testing.assert_array_equal(overlay_maps(images[:1], 7 * maps[:1]), batch[:1])
