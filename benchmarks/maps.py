@@ -1,0 +1,71 @@
+"""How well each attention-map setting localises defects, for a trained inspection model.
+
+    python benchmarks/maps.py --model q/inspection/train/model [--style synth|alt] [--n 1000 --seed 12]
+
+Renders the test set that `benchmarks/quality.py` evaluates on (same arguments), keeps the defect
+images, and for every map setting prints pointing game and energy in box against the part's box
+(what `vitray evaluate` reports) and against the box around the part and its seat together (the
+gap between them is where a shift shows). Runs on the CPU in a minute or two, without Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SETTINGS = [("rollout", "mean", 0.0), ("rollout", "mean", 0.5), ("rollout", "mean", 0.9),
+            ("rollout", "max", 0.0), ("rollout", "max", 0.9), ("rollout", "min", 0.0),
+            ("grad-rollout", "mean", 0.0)]
+
+
+def union(a: tuple[float, ...], b: tuple[float, ...]) -> tuple[float, float, float, float]:
+    return min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])
+
+
+def main() -> int:
+    import torch
+
+    from vitray.data import synth
+    from vitray.data.preprocess import normalize, resize_image
+    from vitray.explain import attention_maps, energy_in_box, pointing_game, register_weights_attention
+    from vitray.models import load_trained
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--style", default="synth", choices=synth.STYLES)
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=12)
+    parser.add_argument("--size", type=int, default=64)
+    args = parser.parse_args()
+
+    model, prep, _ = load_trained(args.model, attn_implementation=register_weights_attention())
+    samples = [s for s in synth.generate(n=args.n, passed_fraction=0.2, size=args.size, seed=args.seed,
+                                         style=args.style) if s.label != "passed"]
+    pixels = np.stack([resize_image(s.image, prep.size, prep.channels) for s in samples])
+    x = normalize(torch.from_numpy(pixels), prep.mean, prep.std)
+    hw = (args.size, args.size)
+    part_area = np.mean([(s.bbox[2] - s.bbox[0]) * (s.bbox[3] - s.bbox[1]) for s in samples]) / (hw[0] * hw[1])
+    print(f"{len(samples)} defect images; part box {part_area:.1%} of the image")
+    print("| map | pointing / energy (part) | pointing / energy (part + seat) |\n|---|---|---|")
+    for method, fusion, discard in SETTINGS:
+        maps = np.concatenate([attention_maps(model, x[i:i + 128], method=method, head_fusion=fusion,
+                                              discard_ratio=discard)[0].numpy() for i in range(0, len(x), 128)])
+        part = [(pointing_game(m, s.bbox, hw), energy_in_box(m, s.bbox, hw)) for m, s in zip(maps, samples)]
+        both = [(pointing_game(m, union(s.bbox, s.seat), hw), energy_in_box(m, union(s.bbox, s.seat), hw))
+                for m, s in zip(maps, samples)]
+        (p1, e1), (p2, e2) = np.mean(part, axis=0), np.mean(both, axis=0)
+        name = f"{method}, {fusion}, discard {discard:g}" if method == "rollout" else method
+        print(f"| {name} | {p1:.2f} / {e1:.2f} | {p2:.2f} / {e2:.2f} |", flush=True)
+        print(json.dumps({"method": method, "head_fusion": fusion, "discard_ratio": discard, "pointing": round(p1, 3),
+                          "energy": round(e1, 3), "pointing_part_seat": round(p2, 3), "energy_part_seat": round(e2, 3)}),
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
