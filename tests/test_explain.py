@@ -162,6 +162,31 @@ def test_weights_attention_gives_eager_results(method: str, pixels: torch.Tensor
                                attention_maps(eager, pixels, method=method)[0])
 
 
+@pytest.mark.parametrize("head_fusion", ["mean", "max", "min"])
+def test_heads_fused_in_the_attention_give_the_same_maps(head_fusion: str, pixels: torch.Tensor) -> None:
+    eager = tiny_vit()
+    fused = tiny_vit(attn_implementation=register_weights_attention(head_fusion))
+    with torch.no_grad():
+        expected = eager(pixel_values=pixels, output_attentions=True).attentions
+        got = fused(pixel_values=pixels, output_attentions=True).attentions
+    fuse = {"mean": torch.mean, "max": torch.amax, "min": torch.amin}[head_fusion]
+    for a, b in zip(got, expected, strict=True):
+        assert a.shape == (2, 1, 17, 17)
+        torch.testing.assert_close(a, fuse(b, dim=1, keepdim=True))
+    torch.testing.assert_close(attention_maps(fused, pixels, head_fusion=head_fusion, discard_ratio=0.3)[0],
+                               attention_maps(eager, pixels, head_fusion=head_fusion, discard_ratio=0.3)[0])
+
+
+@pytest.mark.parametrize("method", ["rollout", "grad-rollout"])
+def test_maps_in_chunks_are_the_maps_of_the_whole_batch(method: str) -> None:
+    model = tiny_vit()
+    pixels = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    whole, logits = attention_maps(model, pixels, method=method)
+    parts, part_logits = attention_maps(model, pixels, method=method, chunk=2)
+    torch.testing.assert_close(parts, whole)
+    torch.testing.assert_close(part_logits, logits)
+
+
 def test_grad_rollout_depends_on_the_target_class(pixels: torch.Tensor) -> None:
     model = tiny_vit()
     predicted, logits = grad_rollout(model, pixels)

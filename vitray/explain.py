@@ -21,15 +21,24 @@ METHODS = ("rollout", "grad-rollout")
 WEIGHTS_ATTENTION = "vitray_weights"
 
 
-def register_weights_attention() -> str:
+def register_weights_attention(head_fusion: str | None = None) -> str:
     """Register `attention_with_weights` with transformers (per process, idempotent) → its name.
 
-    Pass the name as `attn_implementation` to a model whose attentions make maps.
+    Pass the name as `attn_implementation` to a model whose attentions make maps. With
+    `head_fusion`, the attention returns its heads already fused, (B, 1, N, N): fused while
+    they are in cache and a quarter of the memory to keep, which `rollout` takes as they are
+    (one head fuses to itself). grad-rollout needs the heads apart: no fusion for it.
     """
     from transformers import AttentionInterface
 
-    AttentionInterface.register(WEIGHTS_ATTENTION, attention_with_weights)
-    return WEIGHTS_ATTENTION
+    if head_fusion is None:
+        AttentionInterface.register(WEIGHTS_ATTENTION, attention_with_weights)
+        return WEIGHTS_ATTENTION
+    if head_fusion not in HEAD_FUSIONS:
+        raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+    name = f"{WEIGHTS_ATTENTION}_{head_fusion}"
+    AttentionInterface.register(name, functools.partial(attention_with_weights, head_fusion=head_fusion))
+    return name
 
 
 def attention_with_weights(
@@ -40,6 +49,7 @@ def attention_with_weights(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    head_fusion: str | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' eager attention (same result, weights returned), made contiguous first.
@@ -47,6 +57,7 @@ def attention_with_weights(
     The projections hand over (B, H, N, d) views with strided heads; eager multiplies
     those views as they are, and on CPU its two matmuls then cost ~2.5x the SDPA call they
     replace. Scaling the query (d wide) instead of the scores (N wide) saves a pass too.
+    With `head_fusion` the weights come back fused over the heads, (B, 1, N, N).
     """
     import torch
 
@@ -58,6 +69,8 @@ def attention_with_weights(
     if dropout > 0.0:
         weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value.contiguous()).transpose(1, 2).contiguous()
+    if head_fusion is not None:
+        weights = _fuse_heads(weights, head_fusion).unsqueeze(1)
     return output, weights
 
 
@@ -126,30 +139,36 @@ def attention_maps(
     method: str = "rollout",
     head_fusion: str = "mean",
     discard_ratio: float = 0.0,
+    chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `model` on `pixel_values` (B, C, H, W) → (maps (B, rows, cols) float32, logits).
 
     rows, cols = config.image_size // config.patch_size. The model is run in eval
     mode (dropout would make the maps random) and left in the mode it had.
     `head_fusion` applies to "rollout" only; "grad-rollout" always takes the
-    mean of the gradient-weighted heads.
+    mean of the gradient-weighted heads. `chunk` runs the batch that many images at
+    a time (the same maps): every layer's weights of a whole batch outgrow a CPU's caches.
     """
     import torch
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     rows, cols = _patch_grid(model.config)
+    parts = pixel_values.split(chunk) if chunk else (pixel_values,)
     was_training = model.training
     model.eval()
     try:
         if method == "rollout":
+            done = []
             with torch.inference_mode():
-                logits, attentions = _forward(model, pixel_values)
-                maps = rollout(attentions, head_fusion, discard_ratio)
+                for part in parts:
+                    logits, attentions = _forward(model, part)
+                    done.append((rollout(attentions, head_fusion, discard_ratio), logits))
         else:
-            maps, logits = grad_rollout(model, pixel_values, discard_ratio=discard_ratio)
+            done = [grad_rollout(model, part, discard_ratio=discard_ratio) for part in parts]
     finally:
         model.train(was_training)
+    maps, logits = (torch.cat(t) for t in zip(*done))
     if maps.shape[1] != rows * cols:
         raise ValueError(
             f"the model attends over {maps.shape[1]} patches but config.image_size and "

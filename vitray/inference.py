@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 ATTENTION_MODES = ("all", "defects", "none")
+MAP_CHUNK_CPU = 32  # images per pass when making maps on a CPU
 # The class whose images need no map under --attention defects.
 NEGATIVE_LABEL = "passed"
 
@@ -45,13 +46,18 @@ class Predictor:
         if options.num_threads:
             torch.set_num_threads(options.num_threads)
         self.options = options
-        self.weights_attention = register_weights_attention()
+        # Rollout takes the heads fused inside the attention; grad-rollout needs them apart.
+        self.weights_attention = register_weights_attention(
+            options.head_fusion if options.method == "rollout" else None)
         # With a map for every image, one pass with attention weights gives the logits and
         # the maps; otherwise SDPA, switched to weights only for the images that get a map.
         self.one_pass = options.attention == "all" and options.method == "rollout"
         self.model, self.prep, self.labels = load_trained(
             model_uri, attn_implementation=self.weights_attention if self.one_pass else "sdpa")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # On a CPU, 32 images at a time keep a layer's weights nearer the caches; a GPU wants
+        # the whole batch.
+        self.map_chunk = None if self.device.type == "cuda" else MAP_CHUNK_CPU
         self.model.to(self.device)
         self.amp = self.device.type == "cuda"
         self.negative = self.labels.index(NEGATIVE_LABEL) if NEGATIVE_LABEL in self.labels else None
@@ -62,27 +68,26 @@ class Predictor:
         import torch
 
         from vitray.data.preprocess import normalize
+        from vitray.explain import attention_maps
 
         images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device, non_blocking=True)
         x = normalize(images, self.prep.mean, self.prep.std)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            result = self.model(pixel_values=x, output_attentions=self.one_pass)
-            logits = result.logits.float()
+            if self.one_pass:
+                maps, logits = attention_maps(self.model, x, "rollout", self.options.head_fusion,
+                                              self.options.discard_ratio, chunk=self.map_chunk)
+            else:
+                logits = self.model(pixel_values=x).logits
+        logits = logits.float()
         probs = torch.softmax(logits, dim=-1)
         score, pred = probs.max(dim=-1)
         out = dict(batch)
         out["pred"] = pred.cpu().numpy().astype(np.int64)
         out["score"] = score.cpu().numpy().astype(np.float32)
         out["probs"] = probs.cpu().numpy().astype(np.float32)
-        out["attention"] = self._rollout(result.attentions) if self.one_pass else self._maps(x, out["pred"])
+        out["attention"] = (maps.reshape(len(maps), -1).float().cpu().numpy() if self.one_pass
+                            else self._maps(x, out["pred"]))
         return out
-
-    def _rollout(self, attentions: Any) -> np.ndarray:
-        """(B, rows*cols) maps from the attentions of the pass that made the predictions."""
-        from vitray.explain import rollout
-
-        maps = rollout(attentions, self.options.head_fusion, self.options.discard_ratio)
-        return maps.reshape(maps.shape[0], -1).float().cpu().numpy()
 
     def _maps(self, x: Any, pred: np.ndarray) -> np.ndarray:
         """(B, rows*cols) maps; rows without a map are NaN (written as null)."""
@@ -100,7 +105,8 @@ class Predictor:
         self.model.set_attn_implementation(self.weights_attention)
         try:
             m, _ = attention_maps(self.model, x[np.flatnonzero(want)], method=self.options.method,
-                                  head_fusion=self.options.head_fusion, discard_ratio=self.options.discard_ratio)
+                                  head_fusion=self.options.head_fusion, discard_ratio=self.options.discard_ratio,
+                                  chunk=self.map_chunk)
         finally:
             self.model.set_attn_implementation("sdpa")
         maps[want] = m.reshape(int(want.sum()), -1).float().cpu().numpy()
