@@ -213,7 +213,9 @@ def overlay(
 
 
 def overlay_maps(images: np.ndarray, maps: np.ndarray, alpha: float = 0.6) -> np.ndarray:
-    """Maps (B, rows, cols) blended onto RGB images (B, H, W, 3) uint8 → (B, H, W, 3) uint8.
+    """Maps (B, rows, cols) blended onto images (B, H, W, C) uint8 → RGB (B, H, W, 3) uint8.
+
+    C = 3 or 4 shows the image's colours, any other channel count its first channel.
 
     Each map, scaled to [0, 1] by its max (negative and NaN cells count as 0), is
     upsampled bilinearly to H×W (pixel centres, edges clamped) and coloured with
@@ -224,8 +226,9 @@ def overlay_maps(images: np.ndarray, maps: np.ndarray, alpha: float = 0.6) -> np
     """
     images = np.asarray(images)
     heat = np.clip(np.nan_to_num(np.asarray(maps, dtype=np.float32)), 0.0, None)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
-        raise ValueError(f"overlay_maps needs (B, H, W, 3) uint8 images, got {images.dtype} {images.shape}")
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"overlay_maps needs (B, H, W, C) uint8 images, got {images.dtype} {images.shape}")
+    images = _channels_as_rgb(images)
     if heat.ndim != 3 or heat.shape[0] != images.shape[0]:
         raise ValueError(f"overlay_maps needs one (rows, cols) map per image, got {heat.shape}")
     _, h, w, _ = images.shape
@@ -384,13 +387,18 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise ValueError(f"overlay needs a uint8 image, got {image.dtype}")
-    if image.ndim == 3 and image.shape[2] in (3, 4):
-        return np.ascontiguousarray(image[..., :3])
-    if image.ndim == 3:
-        image = image[..., 0]
-    if image.ndim != 2:
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3:
         raise ValueError(f"overlay needs an HxW or HxWxC image, got shape {image.shape}")
-    return np.repeat(image[..., None], 3, axis=2)
+    return _channels_as_rgb(image)
+
+
+def _channels_as_rgb(images: np.ndarray) -> np.ndarray:
+    """Channels-last uint8 (..., C) → (..., 3): RGB(A) keeps its colours, other counts show channel 0."""
+    if images.shape[-1] in (3, 4):
+        return np.ascontiguousarray(images[..., :3])
+    return np.repeat(images[..., :1], 3, axis=-1)
 
 
 @functools.lru_cache(maxsize=8)

@@ -402,10 +402,9 @@ def _overlay_pngs(images: np.ndarray, maps: np.ndarray, chunk: int = 64) -> list
     from vitray.png import encode_rgb
 
     images = np.asarray(images, dtype=np.uint8)
-    rgb = images[..., :3] if images.shape[3] in (3, 4) else np.repeat(images[..., :1], 3, axis=3)  # as overlay() does
     pngs = []
-    for start in range(0, len(rgb), chunk):
-        pngs += [encode_rgb(o) for o in overlay_maps(rgb[start:start + chunk], maps[start:start + chunk])]
+    for start in range(0, len(images), chunk):
+        pngs += [encode_rgb(o) for o in overlay_maps(images[start:start + chunk], maps[start:start + chunk])]
     return pngs
 
 
