@@ -495,6 +495,9 @@ def main() -> int:
                         help="where the score runs write: auto = /dev/shm when there is one (see scores_folder), "
                              "work = under --out")
     args = parser.parse_args()
+    if args.scores_to not in ("auto", "work") and not (os.path.isdir(args.scores_to)
+                                                        and os.access(args.scores_to, os.W_OK)):
+        parser.error(f"--scores-to {args.scores_to}: not a writable folder")
     sizes = QUICK if args.quick else Sizes()
     os.makedirs(args.out, exist_ok=True)
     work = os.path.join(args.out, "work")

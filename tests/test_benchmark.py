@@ -75,3 +75,12 @@ def test_score_outputs_go_to_tmpfs_unless_told(tmp_path) -> None:
 def test_file_create_cost_is_measured_and_cleaned_up(tmp_path) -> None:
     assert benchmark.file_create_ms(str(tmp_path), files=20) > 0
     assert os.listdir(tmp_path) == []
+
+
+def test_a_scores_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path) -> None:
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "benchmark.py")
+    done = subprocess.run([sys.executable, script, "--out", str(tmp_path / "out"), "--scores-to",
+                           str(tmp_path / "missing")], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "--scores-to" in done.stderr and "not a writable folder" in done.stderr
+    assert not (tmp_path / "out").exists()
