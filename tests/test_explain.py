@@ -177,6 +177,38 @@ def test_heads_fused_in_the_attention_give_the_same_maps(head_fusion: str, pixel
                                attention_maps(eager, pixels, head_fusion=head_fusion, discard_ratio=0.3)[0])
 
 
+@pytest.mark.parametrize("head_fusion", ["mean", "max", "min", None])
+def test_a_last_layer_of_its_cls_row_gives_the_same_maps_and_logits(head_fusion: str | None,
+                                                                    pixels: torch.Tensor) -> None:
+    eager = tiny_vit()
+    fused = tiny_vit(attn_implementation=register_weights_attention(head_fusion))
+    heads = 2 if head_fusion is None else 1
+    head_fusion = head_fusion or "max"  # heads apart in the attention, fused by rollout
+    seen: list[tuple[int, ...]] = []
+    hook = fused.vit.layers[-1].attention.register_forward_hook(lambda m, i, out: seen.append(tuple(out[1].shape)))
+    try:
+        maps, logits = attention_maps(fused, pixels, head_fusion=head_fusion)
+    finally:
+        hook.remove()
+    assert seen == [(2, heads, 1, 17)]  # the last layer gave its CLS row only
+    expected_maps, expected_logits = attention_maps(eager, pixels, head_fusion=head_fusion)
+    torch.testing.assert_close(maps, expected_maps)
+    torch.testing.assert_close(logits, expected_logits)
+    # Outside attention_maps the model gives every row again.
+    with torch.no_grad():
+        assert fused(pixel_values=pixels, output_attentions=True).attentions[-1].shape == (2, heads, 17, 17)
+
+
+def test_rollout_of_a_cls_row_last_layer() -> None:
+    attentions = random_attentions()
+    cls_row = attentions[:-1] + [attentions[-1][:, :, :1]]
+    torch.testing.assert_close(rollout(cls_row, "max"), rollout(attentions, "max"))
+    with pytest.raises(ValueError, match="every row of the last layer"):
+        rollout(cls_row, "mean", discard_ratio=0.5)
+    with pytest.raises(ValueError, match="attentions must be"):  # only the last layer may be one row
+        rollout([attentions[0][:, :, :1]] + attentions[1:], "mean")
+
+
 @pytest.mark.parametrize("method", ["rollout", "grad-rollout"])
 def test_maps_in_chunks_are_the_maps_of_the_whole_batch(method: str) -> None:
     model = tiny_vit()

@@ -4,9 +4,10 @@ Hugging Face ViTs, overlays of the maps on the image, and localisation metrics
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,6 +20,8 @@ HEAD_FUSIONS = ("mean", "max", "min")
 METHODS = ("rollout", "grad-rollout")
 # The attn_implementation that returns attention weights (see `attention_with_weights`).
 WEIGHTS_ATTENTION = "vitray_weights"
+# Set on a rollout's last attention module while `attention_maps` runs (see attention_with_weights).
+_CLS_ROW_ONLY = "_vitray_cls_row_only"
 
 
 def register_weights_attention(head_fusion: str | None = None) -> str:
@@ -58,10 +61,23 @@ def attention_with_weights(
     those views as they are, and on CPU its two matmuls then cost ~2.5x the SDPA call they
     replace. Scaling the query (d wide) instead of the scores (N wide) saves a pass too.
     With `head_fusion` the weights come back fused over the heads, (B, 1, N, N).
+
+    A module marked by `attention_maps` as a rollout's last layer (`_CLS_ROW_ONLY`) returns
+    only the CLS row of its weights, (B, H or 1, 1, N): that row is all rollout uses of
+    the last layer, so the layer's output comes from SDPA and softmax runs over one row
+    of N instead of N rows (on a CPU the exponentials are most of the weights' cost).
     """
     import torch
 
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if attention_mask is None and getattr(module, _CLS_ROW_ONLY, False):
+        output = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, dropout_p=dropout if module.training else 0.0, scale=scaling)
+        cls_scores = torch.matmul(query[:, :, :1] * scaling, key.transpose(2, 3))
+        weights = torch.softmax(cls_scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        if head_fusion is not None:
+            weights = _fuse_heads(weights, head_fusion).unsqueeze(1)
+        return output.transpose(1, 2).contiguous(), weights
     scores = torch.matmul((query * scaling).contiguous(), key.contiguous().transpose(2, 3))
     if attention_mask is not None:
         scores = scores + attention_mask
@@ -91,7 +107,9 @@ def rollout(
       4. R = Â_L @ ... @ Â_1 (layer 1 applied first);
       5. map = R[0, 1:] / max(R[0, 1:]): how much the CLS token draws from each
          patch through all layers; a map with no mass stays all zero.
-    Computed in float32 whatever the attentions' dtype.
+    Computed in float32 whatever the attentions' dtype. The last layer may come as its CLS
+    row only, (B, H, 1, N) (what `attention_maps` asks of the weights attention), since
+    step 4 uses no other row of it; without a discard the map is the same.
     """
     if head_fusion not in HEAD_FUSIONS:
         raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
@@ -160,7 +178,8 @@ def attention_maps(
     try:
         if method == "rollout":
             done = []
-            with torch.inference_mode():
+            # The discard ranks the whole matrix of every layer, the last one's too.
+            with torch.inference_mode(), _last_layer_cls_row(model, enabled=discard_ratio == 0):
                 for part in parts:
                     logits, attentions = _forward(model, part)
                     done.append((rollout(attentions, head_fusion, discard_ratio), logits))
@@ -306,8 +325,11 @@ def _check_attentions(attentions: Sequence[torch.Tensor] | None) -> None:
             "the model returned no attention weights; load it with "
             'attn_implementation="eager" (SDPA and flash attention do not return them)'
         )
-    for a in attentions:
-        if a.dim() != 4 or a.shape[-1] != a.shape[-2]:
+    last = len(attentions) - 1
+    for i, a in enumerate(attentions):
+        square = a.dim() == 4 and a.shape[-2] == a.shape[-1]
+        cls_row = a.dim() == 4 and i == last and a.shape[-2] == 1  # see rollout
+        if not (square or cls_row):
             raise ValueError(f"attentions must be (B, H, N, N) per layer, got {tuple(a.shape)}")
 
 
@@ -326,6 +348,8 @@ def _rollout_fused(fused: Sequence[torch.Tensor], discard_ratio: float) -> torch
     if not 0.0 <= discard_ratio < 1.0:
         raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
     n = fused[0].shape[-1]
+    if discard_ratio > 0 and fused[-1].shape[-2] != n:
+        raise ValueError("a discard ranks every row of the last layer: pass its whole attention matrix")
     eye = torch.eye(n, dtype=torch.float32, device=fused[0].device)
     # Only row 0 of R = Â_L ··· Â_1 is needed: e_0ᵀ Â_L, then times Â_(L-1) ... Â_1,
     # a vector through the layers (N² each) instead of the whole product (N³ each).
@@ -334,7 +358,7 @@ def _rollout_fused(fused: Sequence[torch.Tensor], discard_ratio: float) -> torch
         a = a.float()
         if discard_ratio > 0:
             a = _discard_lowest(a, discard_ratio)
-        a = 0.5 * a + 0.5 * eye
+        a = 0.5 * a + 0.5 * eye[: a.shape[-2]]  # a last layer of one row is the CLS row
         # The 0.5·I term keeps every row sum >= 0.5, so this never divides by zero.
         a = a / a.sum(dim=-1, keepdim=True)
         row = a[:, :1, :] if row is None else row @ a
@@ -356,6 +380,23 @@ def _discard_lowest(a: torch.Tensor, discard_ratio: float) -> torch.Tensor:
     lowest = body.topk(k, dim=-1, largest=False).indices
     body = body.scatter(1, lowest, 0.0)
     return torch.cat([a[:, :, :1], body.reshape(batch, n, n - 1)], dim=-1)
+
+
+@contextlib.contextmanager
+def _last_layer_cls_row(model: Any, enabled: bool) -> Iterator[None]:
+    """Mark the last encoder layer's attention for `attention_with_weights`' CLS-row mode."""
+    # The module that hands its q, k, v to the attention function: ViTAttention (q_proj)
+    # in transformers 5, ViTSelfAttention (query) before; modules() lists the last layer last.
+    found = [m for m in model.modules() if hasattr(m, "q_proj") or hasattr(m, "query")] if enabled else []
+    module = found[-1] if found else None
+    if module is None:
+        yield
+        return
+    setattr(module, _CLS_ROW_ONLY, True)
+    try:
+        yield
+    finally:
+        setattr(module, _CLS_ROW_ONLY, False)
 
 
 def _forward(model: Any, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
