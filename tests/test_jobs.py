@@ -195,6 +195,13 @@ def test_runtime_envs_keep_the_upload_small(tmp_path: Path) -> None:
     assert package.stat().st_size < 5 * 1024**2, f"{package.stat().st_size} bytes"
 
 
+def test_runtime_envs_carry_the_malloc_settings() -> None:
+    from vitray.runtime import MALLOC_ENV
+
+    for name in ("runtime_env.yaml", "runtime_env_pip.yaml"):
+        assert read_yaml(JOBS / name)["env_vars"] == MALLOC_ENV, name
+
+
 def test_pip_runtime_env_lists_the_project_dependencies() -> None:
     import tomllib
 
