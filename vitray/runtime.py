@@ -50,7 +50,11 @@ def tune_malloc() -> bool:
     except (OSError, AttributeError):  # macOS, musl: no mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return all(mallopt(_MALLOPT[name], int(value)) == 1 for name, value in malloc_env().items())
+    try:
+        settings = {_MALLOPT[name]: int(value) for name, value in malloc_env().items()}
+    except ValueError:  # the caller's own, unreadable value: glibc ignores it at start-up too
+        return False
+    return all(mallopt(option, value) == 1 for option, value in settings.items())
 
 
 def free_port() -> int:
@@ -85,7 +89,7 @@ def init_ray(options: RayOptions | None = None) -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     log_level = logging.WARNING if options.quiet else logging.INFO
     env_vars = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **malloc_env()}
-    tune_malloc()  # the driver's own work: vitray explain, the benchmark's plain loops
+    tune_malloc()  # the driver's own work, such as the benchmark's plain loops
     if options.quiet:
         # Ray Data logs every execution plan (each epoch, in every Train worker) at INFO and
         # says "progress bars disabled" as a warning; its errors still show. --verbose shows all.
