@@ -403,14 +403,13 @@ def cpu_benchmark(work: str, sizes: Sizes, scores: str) -> dict[str, Any]:
     score_run(model_dir, data["small"], os.path.join(scores, "warm-up"), "none", sizes)
     runs = {}
     plan = [("none_small", data["small"], "none")]
-    for pair in range(1, sizes.overhead_pairs + 1):
-        suffix = "" if pair == 1 else f"_{pair}"
+    suffixes = [""] + [f"_{p}" for p in range(2, sizes.overhead_pairs + 1)]  # one per pair
+    for suffix in suffixes:
         plan += [(f"none_large{suffix}", data["large"], "none"), (f"all_large{suffix}", data["large"], "all")]
     for name, images, attention in plan:
         print(f"vitray score --attention {attention} on {os.path.basename(images)} ...", flush=True)
         runs[name] = score_run(model_dir, images, os.path.join(scores, name), attention, sizes)
         shutil.rmtree(os.path.join(scores, name), ignore_errors=True)  # tmpfs is memory
-    suffixes = [""] + [f"_{p}" for p in range(2, sizes.overhead_pairs + 1)]
     pair_ratios = [runs[f"none_large{s}"]["steady_images_per_s"] / runs[f"all_large{s}"]["steady_images_per_s"]
                    for s in suffixes]
     print("bare PyTorch training loop ...", flush=True)
