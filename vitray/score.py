@@ -159,19 +159,11 @@ def _list(loc: storage.Location) -> list[pafs.FileInfo]:
     return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
 
 
-def _put(fs: pafs.FileSystem, path: str, data: bytes, durable: bool = False, atomic: bool = True) -> None:
-    """Write a whole object so that a reader sees all of it or nothing, even after a SIGKILL.
-
-    `atomic=False` (local disk) writes in place, for files that a pending marker already
-    covers: a half-written one belongs to an uncommitted piece, which recovery deletes.
-    """
+def _put(fs: pafs.FileSystem, path: str, data: bytes, durable: bool = False) -> None:
+    """Write a whole object so that a reader sees all of it or nothing, even after a SIGKILL."""
     if isinstance(fs, pafs.LocalFileSystem):
         folder, name = os.path.split(path)
         os.makedirs(folder, exist_ok=True)
-        if not atomic:
-            with open(path, "wb") as f:
-                f.write(data)
-            return
         # Hidden and in the same folder: invisible to dataset readers, and os.replace is atomic.
         tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
         try:
@@ -190,6 +182,15 @@ def _put(fs: pafs.FileSystem, path: str, data: bytes, durable: bool = False, ato
         # most, which pyarrow buffers and sends on close.
         with fs.open_output_stream(path) as f:
             f.write(data)
+
+
+def _write_in_place(paths: Sequence[str], data: Sequence[bytes]) -> None:
+    """Local files written in place (a pending marker covers them), each folder made once."""
+    for folder in {os.path.dirname(p) for p in paths}:
+        os.makedirs(folder, exist_ok=True)
+    for path, blob in zip(paths, data):
+        with open(path, "wb") as f:
+            f.write(blob)
 
 
 def _put_json(loc: storage.Location, obj: Any) -> None:
@@ -333,16 +334,13 @@ def write_piece(batch: dict[str, np.ndarray], plan: PiecePlan) -> dict[str, np.n
         rows = np.fromiter(pngs, dtype=np.int64)
         encoded = _overlay_pngs(batch["image"][rows], maps[rows].reshape(len(rows), *plan.grid))
 
-        def put_png(i: int, png: bytes) -> None:
-            _put(root.fs, root.child(*pngs[i].split("/")).path, png, atomic=False)
-
+        paths = [root.child(*pngs[i].split("/")).path for i in rows]
         if root.is_s3:
             # Threads: on S3 each overlay is a round trip, and a piece has hundreds of them.
             with ThreadPoolExecutor(max_workers=PNG_THREADS) as pool:
-                list(pool.map(put_png, rows, encoded))
+                list(pool.map(lambda path, png: _put(root.fs, path, png), paths, encoded))
         else:  # local writes do not wait: threads would only contend for the GIL
-            for i, png in zip(rows, encoded):
-                put_png(i, png)
+            _write_in_place(paths, encoded)
 
     bad = np.flatnonzero(~ok)
     if len(bad):
@@ -360,8 +358,8 @@ def write_piece(batch: dict[str, np.ndarray], plan: PiecePlan) -> dict[str, np.n
             "path": [_input_uri(plan.input_base, ids[i]) for i in good],
             "label": [labels[i] for i in good],
             "score": np.asarray(batch["score"], dtype=np.float32)[good],
-            "probs": [batch["probs"][i].tolist() for i in good],
-            "attention": [maps[i].tolist() if has_map[i] else None for i in good],
+            "probs": _float_lists(np.asarray(batch["probs"], dtype=np.float32)[good]),
+            "attention": _float_lists(maps[good], valid=has_map[good]),
             "attention_shape": [[rows, cols] if has_map[i] else None for i in good],
             "attention_png": [pngs.get(i) for i in good],
             "model": [plan.model] * len(good),
@@ -383,6 +381,14 @@ def write_piece(batch: dict[str, np.ndarray], plan: PiecePlan) -> dict[str, np.n
             "errors": np.array([len(bad)]), "labels": np.array([json.dumps(counts)], dtype=object),
             "error_kinds": np.array([json.dumps(kinds)], dtype=object),
             "seconds": np.array([time.perf_counter() - started])}
+
+
+def _float_lists(values: np.ndarray, valid: np.ndarray | None = None) -> pa.Array:
+    """(rows, k) float32 → list<float32> rows without a Python list per row; null where not `valid`."""
+    rows, k = values.shape
+    offsets = pa.array(np.arange(0, (rows + 1) * k, k, dtype=np.int32))
+    mask = None if valid is None else pa.array(~np.asarray(valid, dtype=bool))
+    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(values).ravel()), mask=mask)
 
 
 def _parquet_bytes(table: pa.Table, pq: Any) -> bytes:
