@@ -53,13 +53,15 @@ def test_table_shows_every_ratio_with_its_target_and_figures() -> None:
         "figures": {"forward_images_per_s": 1400.0, "naive_images_per_s": 250.0, "train_ray_images_per_s": 380.0,
                     "train_torch_images_per_s": 400.0, "score": runs,
                     "score_steady_images_per_s": {"none": 1000.0, "all": 500.0},
-                    "attention_overhead_pairs": [2.0, 1.9]},
+                    "attention_overhead_pairs": [2.0, 1.9],
+                    "train_pairs": [{"ratio": 0.93}, {"ratio": 0.97}, {"ratio": 0.95}]},
     }, "gpu": {"skipped": "no CUDA device"}}
     text = benchmark.table(results)
     for name in benchmark.TARGETS:
         assert name in text
     assert "| attention_overhead | 2.00 | <= 1.3 | NO |" in text
     assert "median of pairs 2.00, 1.90" in text
+    assert "best 380 / 400 img/s; median of pairs 0.93, 0.97, 0.95" in text  # train_ray_vs_torch
     assert "1,000 / 1,400 img/s" in text  # score_vs_forward's two figures
     assert "GPU part: no CUDA device" in text
 
