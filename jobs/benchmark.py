@@ -416,7 +416,7 @@ def cpu_benchmark(work: str, sizes: Sizes, scores: str) -> dict[str, Any]:
     pair_ratios = [runs[f"none_large{s}"]["steady_images_per_s"] / runs[f"all_large{s}"]["steady_images_per_s"]
                    for s in suffixes]
     train_pairs = []
-    for pair in range(sizes.train_pairs):
+    for _ in range(sizes.train_pairs):
         print("bare PyTorch training loop ...", flush=True)
         torch_epochs = torch_train_rate(sizes, train_pixels, train_labels, train_threads, sizes.train_epochs)
         print("vitray train (Ray Train, 1 worker) ...", flush=True)
