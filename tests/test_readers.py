@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from vitray.data import readers
 from vitray.data.readers import (ImageError, decode_image, detect_format, inspect_source, read_encoded,
                                  read_images)
 from vitray.errors import VitrayError
@@ -172,6 +173,34 @@ def test_odd_but_valid_images_decode(mode):
     img.save(buf, format="TIFF" if mode in ("CMYK", "I;16") else "PNG")
     arr = decode_image(buf.getvalue())
     assert arr.dtype == np.uint8 and arr.shape[:2] == (3, 5) and arr.shape[2] in (1, 3)
+
+
+@pytest.mark.parametrize("shape", [(9, 13, 3), (9, 13), (1, 1, 3), (300, 7)])
+def test_plain_pngs_decode_to_pils_pixels(shape):
+    # 8-bit grey and RGB PNGs take libspng; the pixels must be exactly PIL's.
+    pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    data = _png(pixels)
+    assert readers._decode_plain_png(data) is not None
+    decoded = decode_image(data)
+    expected = pixels if pixels.ndim == 3 else pixels[:, :, None]
+    assert decoded.dtype == np.uint8 and np.array_equal(decoded, expected)
+
+
+@pytest.mark.parametrize("mode", ["P", "RGBA", "LA", "I;16", "1"])
+def test_other_pngs_are_left_to_pil(mode):
+    buf = io.BytesIO()
+    Image.new(mode, (5, 3)).save(buf, format="PNG")
+    assert readers._decode_plain_png(buf.getvalue()) is None
+
+
+def test_damaged_png_data_is_reported_not_decoded():
+    # libspng would decode a flipped bit deep in the image data without complaint; the chunk's
+    # CRC gives it away, and PIL then names the file corrupt.
+    data = bytearray(_png(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)))
+    data[data.find(b"IDAT") + 2000] ^= 0x10
+    with pytest.raises(ImageError) as err:
+        decode_image(bytes(data))
+    assert err.value.kind == "corrupt"
 
 
 def test_first_frame_of_an_animated_gif():
