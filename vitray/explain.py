@@ -361,18 +361,23 @@ def _rollout_fused(fused: Sequence[torch.Tensor], discard_ratio: float) -> torch
     n = fused[0].shape[-1]
     if discard_ratio > 0 and fused[-1].shape[-2] != n:
         raise ValueError("a discard ranks every row of the last layer: pass its whole attention matrix")
-    eye = torch.eye(n, dtype=torch.float32, device=fused[0].device)
     # Only row 0 of R = Â_L ··· Â_1 is needed: e_0ᵀ Â_L, then times Â_(L-1) ... Â_1,
     # a vector through the layers (N² each) instead of the whole product (N³ each).
+    # Â = D⁻¹(0.5·A + 0.5·I) with D the row sums, so row·Â = 0.5·(u·A) + 0.5·u where
+    # u = row / diag(D): Â itself is never built (on a CPU its passes cost as much as
+    # the products). The 0.5·I term keeps every row sum >= 0.5: no division by zero.
     row = None
     for a in reversed(fused):
         a = a.float()
         if discard_ratio > 0:
             a = _discard_lowest(a, discard_ratio)
-        a = 0.5 * a + 0.5 * eye[: a.shape[-2]]  # a last layer of one row is the CLS row
-        # The 0.5·I term keeps every row sum >= 0.5, so this never divides by zero.
-        a = a / a.sum(dim=-1, keepdim=True)
-        row = a[:, :1, :] if row is None else row @ a
+        sums = a.sum(dim=-1).mul_(0.5).add_(0.5)  # (B, rows of a)
+        if row is None:  # the last layer: its CLS row is the start (all of a may be that row)
+            row = (0.5 * a[:, :1, :]).div_(sums[:, :1, None])
+            row[:, 0, 0] += 0.5 / sums[:, 0]
+        else:
+            u = row / sums[:, None, :]
+            row = torch.baddbmm(u, u, a, beta=0.5, alpha=0.5)
     cls_to_patches = row[:, 0, 1:]
     peak = cls_to_patches.amax(dim=-1, keepdim=True)
     return cls_to_patches / peak.clamp(min=torch.finfo(torch.float32).tiny)
