@@ -26,6 +26,14 @@ def test_steady_rate_needs_several_pieces() -> None:
         benchmark.steady_rate([(3.0, 60), (4.0, 120)])
 
 
+def test_score_runs_use_vitray_scores_defaults() -> None:
+    # The ratios speak for `vitray score` as users run it.
+    from vitray.score import ScoreConfig
+
+    defaults = ScoreConfig(model="m", input="i", output="o")
+    assert (benchmark.Sizes.score_batch, benchmark.Sizes.piece_rows) == (defaults.batch_size, defaults.piece_rows)
+
+
 def test_peak_memory_counts_child_processes() -> None:
     child = subprocess.Popen([sys.executable, "-c",
                               "import time; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
