@@ -47,9 +47,9 @@ class Sizes:
     train_batch: int = 32  # vitray train's default
     forward_seconds: float = 5.0
     # Large runs without and with maps, alternating: attention_overhead is the median of the
-    # pairs' ratios, since this VM's speed drifts by ~20% from one minute to the next (two
-    # pairs of one run have read 1.56 and 1.08).
-    overhead_pairs: int = 3
+    # pairs' ratios, since this VM's speed drifts by ~20% from one minute to the next (three
+    # pairs of one run have read 1.47, 1.30 and 1.00). Five: a pair is ~20 s.
+    overhead_pairs: int = 5
     # Bare loop then Ray Train, alternating: train_ray_vs_torch is the median of the pairs'
     # ratios (one pair each way has read anything from 0.82 to 1.23 with no change to the loop).
     train_pairs: int = 3
