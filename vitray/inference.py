@@ -24,7 +24,6 @@ class PredictOptions:
     method: str = "rollout"
     head_fusion: str = "mean"
     discard_ratio: float = 0.0
-    num_threads: int | None = None  # CPU threads per actor (None: as Ray gives)
 
 
 def model_info(model_uri: str) -> tuple[list[str], Any]:
@@ -44,8 +43,11 @@ class Predictor:
         from vitray.explain import register_weights_attention
         from vitray.models import load_trained
 
-        if options.num_threads:
-            torch.set_num_threads(options.num_threads)
+        # Torch's CPU threads stay as Ray gives them (1 per CPU the actor asks for). Ray Data
+        # builds the actor on its main thread and runs its calls on another: with two threads
+        # set here, loading the model would start one OpenMP pool and the first call a second,
+        # and libgomp, once its pools hold more threads than there are cores, stops spinning
+        # between parallel regions (small ops took twice as long in such an actor).
         self.options = options
         # Rollout takes the heads fused inside the attention; grad-rollout needs them apart.
         self.weights_attention = register_weights_attention(
