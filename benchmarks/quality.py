@@ -110,15 +110,18 @@ def vitray(*args: str) -> None:
     subprocess.run(command, check=True)
 
 
+def run_name(name: str, kaggle_rows: int = KAGGLE_TRAIN_ROWS) -> str:
+    """The target's key in quality.json and its folder under --out: kaggle@N for a subset."""
+    return name if name != "kaggle" or kaggle_rows == KAGGLE_TRAIN_ROWS else f"{name}@{kaggle_rows}"
+
+
 def measure(name: str, out: str, workers: int, kaggle_rows: int = KAGGLE_TRAIN_ROWS) -> dict:
     data_root = os.path.join(out, "data", name)
-    run = os.path.join(out, name)
+    run = os.path.join(out, run_name(name, kaggle_rows))
     if name == "digits":
         train, test = digits_folders(data_root)
     elif name == "kaggle":
         train, test = kaggle_csvs(data_root, kaggle_rows)
-        if kaggle_rows != KAGGLE_TRAIN_ROWS:
-            run = os.path.join(out, f"kaggle@{kaggle_rows}")
     else:
         train, test = inspection_sets(data_root, "synth" if name == "inspection" else "alt")
     started = time.perf_counter()
@@ -167,8 +170,7 @@ def main() -> None:
             results = json.load(f)
     runs = [(name, rows) for name in names for rows in (kaggle_rows if name == "kaggle" else [KAGGLE_TRAIN_ROWS])]
     for name, rows in runs:
-        key = name if rows == KAGGLE_TRAIN_ROWS else f"{name}@{rows}"
-        results[key] = measure(name, args.out, args.workers, rows)
+        results[run_name(name, rows)] = measure(name, args.out, args.workers, rows)
         with open(results_path, "w") as f:
             json.dump(results, f, indent=2)
     print(f"\n{'target':<12}{'figures':<70}all met")
