@@ -88,6 +88,41 @@ def test_list_files_is_sorted_and_only_files(root: str) -> None:
     assert all(i.size == 1 for i in storage.list_files(root))
 
 
+def test_local_listing_follows_each_real_folder_once_and_never_blocks(tmp_path: Path) -> None:
+    import os
+
+    root, other = tmp_path / "in", tmp_path / "other"
+    for path in (root / "a" / "x.png", root / "b.png", other / "o.png"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    (root / "a" / "up").symlink_to("..")  # a cycle
+    (root / "a" / "self").symlink_to(".")  # another
+    (root / "b-again").symlink_to(root / "a")  # inside the root: listed under its own path only
+    (root / "ext").symlink_to(other)  # outside: followed
+    (other / "back").symlink_to(root)  # and back in: not again
+    (root / "ext2").symlink_to(other)  # the same outside folder twice: once
+    (root / "broken.png").symlink_to(tmp_path / "nowhere")
+    os.mkfifo(root / "fifo.png")
+    with open(os.fsencode(str(root)) + b"/bad\xff.png", "wb") as f:
+        f.write(b"x")
+
+    listing = storage.walk(str(root))
+
+    names = [storage.relative(storage.resolve(str(root)), f.path) for f in listing.files]
+    assert names == ["a/x.png", "b.png", "broken.png", "ext/o.png"]
+    assert listing.bad_names == [f"{root}/bad\\xff.png"]
+    assert [f.path for f in storage.list_files(str(root))] == [f.path for f in listing.files]
+
+
+def test_an_output_that_cannot_be_written_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(VitrayError, match="is a file"):
+        storage.check_output(str(tmp_path / "file"))
+    with pytest.raises(VitrayError, match="is a file, so the folder cannot be made"):
+        storage.check_output(str(tmp_path / "file" / "sub"))
+    storage.check_output(str(tmp_path / "new" / "deeper"))  # made when written
+
+
 def test_missing_things(root: str) -> None:
     assert storage.list_files(root) == []
     assert not storage.exists(storage.join(root, "nope.json"))

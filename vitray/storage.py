@@ -8,15 +8,18 @@ endpoint); credentials come from the standard AWS chain and are never printed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
 from vitray.errors import VitrayError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -157,15 +160,126 @@ def write_json(uri: str, obj: Any) -> None:
     write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+@dataclass
+class Listing:
+    """What a recursive listing found: readable files, and names it cannot represent."""
+
+    files: list[pafs.FileInfo]
+    # Local file names that are not valid UTF-8 (legal on Linux), shown with their odd
+    # bytes escaped (`\\xe9`): an id must be text, so these are reported, never guessed at.
+    bad_names: list[str] = field(default_factory=list)
+
+
 def list_files(uri: str, recursive: bool = True) -> list[pafs.FileInfo]:
-    """Files under a prefix (sorted by path); storage failures as one line."""
+    """Files under a prefix (sorted by path); storage failures as one line.
+
+    Local names that are not valid UTF-8 are left out with a warning; `walk` returns them.
+    """
+    listing = walk(uri, recursive)
+    for name in listing.bad_names:
+        log.warning("skipping %s: the file name is not valid UTF-8", name)
+    return listing.files
+
+
+def walk(uri: str, recursive: bool = True) -> Listing:
+    """Files under a folder or prefix, sorted by path, and the names that could not be listed.
+
+    On S3 every key is a file. On local disk a link to a folder outside `uri` is followed
+    (`today -> /mnt/camera/2026-11-28`); a link to a folder inside `uri` is not (its files
+    are listed under their own path), and no real folder is entered twice, so link cycles
+    end. A broken link is listed as a file: reading it fails, which the readers report.
+    """
     loc = resolve(uri)
+    if loc.is_s3:
+        try:
+            selector = pafs.FileSelector(loc.path, recursive=recursive, allow_not_found=True)
+            infos = loc.fs.get_file_info(selector)
+        except OSError as exc:
+            raise VitrayError(describe_error(uri, exc)) from None
+        return Listing(sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path))
     try:
-        selector = pafs.FileSelector(loc.path, recursive=recursive, allow_not_found=True)
-        infos = loc.fs.get_file_info(selector)
+        return _walk_local(loc.path, recursive)
     except OSError as exc:
         raise VitrayError(describe_error(uri, exc)) from None
-    return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+
+
+def _walk_local(root: str, recursive: bool) -> Listing:
+    if not os.path.isdir(root):
+        return Listing([])
+    base = os.path.realpath(root)
+    files: list[pafs.FileInfo] = []
+    bad: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    stack = [os.fsencode(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as entries:
+                found = sorted(entries, key=lambda e: e.name, reverse=True)
+        except OSError as exc:
+            if folder == os.fsencode(root):
+                raise
+            log.warning("skipping folder %s: %s", _shown(folder), exc.strerror or exc)
+            continue
+        for entry in found:
+            try:
+                name = entry.path.decode("utf-8")
+            except UnicodeDecodeError:
+                bad.append(_shown(entry.path))
+                continue
+            try:
+                if entry.is_dir():  # follows a link
+                    if recursive and not (entry.is_symlink() and _inside(os.path.realpath(name), base)):
+                        stack.append(entry.path)
+                    continue
+                if entry.is_file():
+                    size = entry.stat().st_size
+                elif entry.is_symlink() and not os.path.exists(entry.path):
+                    size = 0  # a broken link: listed, so that reading it is reported
+                else:
+                    continue  # fifos, sockets, devices: not images, and reading a fifo blocks
+            except OSError as exc:
+                log.warning("skipping %s: %s", name, exc.strerror or exc)
+                continue
+            files.append(pafs.FileInfo(name, type=pafs.FileType.File, size=size))
+    return Listing(sorted(files, key=lambda i: i.path), sorted(bad))
+
+
+def _inside(path: str, base: str) -> bool:
+    return path == base or path.startswith(base.rstrip("/") + "/")
+
+
+def _shown(path: bytes) -> str:
+    """A local path for messages and error rows: undecodable bytes escaped (`\\xe9`)."""
+    return path.decode("utf-8", "backslashreplace")
+
+
+def check_output(uri: str, what: str = "--out") -> None:
+    """Refuse an output that cannot be written, before any work: a file, a missing bucket, a read-only folder."""
+    loc = resolve(uri)
+    found = info(uri)
+    if found.type == pafs.FileType.File:
+        raise VitrayError(f"{what} {uri} is a file; give a folder or s3:// prefix")
+    if loc.is_s3:
+        bucket = loc.path.split("/", 1)[0]
+        try:
+            exists = loc.fs.get_file_info(bucket).type != pafs.FileType.NotFound
+        except OSError as exc:
+            raise VitrayError(describe_error(uri, exc)) from None
+        if not exists:
+            raise VitrayError(f"{what} {uri}: bucket {bucket!r} does not exist (create it, or check the name)")
+        return
+    folder = loc.path
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise VitrayError(f"{what} {uri}: {folder} is a file, so the folder cannot be made")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise VitrayError(f"{what} {uri}: {folder} is not writable")
 
 
 def relative(root: Location, path: str) -> str:
