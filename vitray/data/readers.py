@@ -51,6 +51,7 @@ class Source:
     row_labels: np.ndarray  # label id per image, -1 when unlabelled
     tasks: list[dict[str, Any]] = field(repr=False)
     has_boxes: bool = False
+    bad_names: list[str] = field(default_factory=list)  # files whose names cannot be ids (storage.walk)
 
     @property
     def labelled(self) -> bool:
@@ -109,7 +110,7 @@ def inspect_source(uri: str, fmt: str | None = None, labels: list[str] | None = 
     reader = {"imagefolder": _inspect_imagefolder, "images": _inspect_images,
               "parquet": _inspect_parquet, "csv": _inspect_csv}[fmt]
     source = reader(uri, labels)
-    if not source.ids:
+    if not source.ids and not source.bad_names:
         raise VitrayError(f"{uri}: no images found ({fmt})")
     return source
 
@@ -144,13 +145,17 @@ def _inspect_images(uri: str, labels: list[str] | None) -> Source:
     if found.type == pafs.FileType.File:
         ids = [posixpath.basename(root.path)]
         paths = [root.path]
+        bad: list[str] = []
     else:
-        paths = [f.path for f in storage.list_files(uri) if f.path.lower().endswith(IMAGE_SUFFIXES)]
+        listing = storage.walk(uri)
+        paths = [f.path for f in listing.files if f.path.lower().endswith(IMAGE_SUFFIXES)]
         ids = [storage.relative(root, p) for p in paths]
-    if not ids:
+        bad = [n for n in listing.bad_names if n.lower().endswith(IMAGE_SUFFIXES)]
+    if not ids and not bad:
         raise VitrayError(f"{uri}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
     tasks = [{"kind": "file", "path": p, "id": i, "label": -1} for p, i in zip(paths, ids)]
-    return Source(uri, "images", list(labels or []), ids, np.full(len(ids), -1, np.int64), tasks)
+    return Source(uri, "images", list(labels or []), ids, np.full(len(ids), -1, np.int64), tasks,
+                  bad_names=bad)
 
 
 def _parquet_files(uri: str) -> tuple[storage.Location, list[str]]:
@@ -265,6 +270,7 @@ def _inspect_csv(uri: str, labels: list[str] | None) -> Source:
             raise VitrayError(
                 f"{where}: not the digit-recognizer layout: expected columns [label,] pixel0..pixel783, "
                 f"missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        _check_pixels(table, pixels, where)
         start = len(ids)
         ids.extend(f"{rel}#{i}" for i in range(table.num_rows))
         if "label" in table.column_names:
@@ -278,6 +284,33 @@ def _inspect_csv(uri: str, labels: list[str] | None) -> Source:
     index = {c: i for i, c in enumerate(classes)}
     row_labels = np.array([index[n] if n is not None else -1 for n in names], dtype=np.int64)
     return Source(uri, "csv", classes, ids, row_labels, tasks)
+
+
+def _check_pixels(table: pa.Table, columns: list[str], where: str) -> None:
+    """Every pixel a whole number 0-255; else one line naming the first bad cell (line as in an editor)."""
+    import pyarrow.compute as pc
+
+    for name in columns:
+        column = table.column(name)
+        numeric = pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
+        if numeric and not column.null_count:
+            low, high = pc.min_max(column).values()
+            whole = pa.types.is_integer(column.type) or pc.all(pc.equal(pc.floor(column), column)).as_py()
+            if low.as_py() >= 0 and high.as_py() <= 255 and whole:
+                continue
+        for row, value in enumerate(column.to_pylist()):
+            if not _pixel_value(value):
+                shown = "an empty cell" if value is None or value == "" else repr(value)
+                raise VitrayError(f"{where}: line {row + 2}, column {name}: {shown} is not a pixel value "
+                                  "(a whole number from 0 to 255)")
+
+
+def _pixel_value(value: Any) -> bool:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return 0 <= number <= 255 and number == int(number)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -409,7 +442,7 @@ def _read_task(task: dict[str, Any], fs: pafs.FileSystem, keep: frozenset[str] |
             with fs.open_input_stream(task["path"]) as f:
                 data = f.read()
         except OSError:
-            data = b""  # recorded as an empty/unreadable image by the decoder
+            data = None  # recorded as an unreadable image by the decoder
         add(task["id"], task["path"], task["label"], NO_BOX, data, None)
     elif kind == "parquet":
         import pyarrow.parquet as pq
@@ -528,6 +561,9 @@ def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     else:
         images = np.full(n, None, dtype=object)
         for i, data in enumerate(batch["data"]):
+            if not isinstance(data, (bytes, bytearray, memoryview)):  # None (Arrow may hand it over as NaN)
+                kinds[i], messages[i] = "unreadable", "cannot read the file (a broken link, or no permission)"
+                continue
             try:
                 images[i] = decode_image(data)
             except ImageError as exc:
