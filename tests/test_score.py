@@ -104,7 +104,7 @@ def test_scores_each_image_once_with_the_documented_outputs_then_only_new_ones(r
     for r in defects:
         assert r["attention_shape"] == [8, 8] and len(r["attention"]) == 64
         assert max(r["attention"]) == pytest.approx(1.0) and min(r["attention"]) >= 0
-        assert r["attention_png"] == f"attention/{r['id']}.png"
+        assert r["attention_png"] == attention_key(r["id"])
         # At the size the model saw (32 px): bulk overlays are neither enlarged nor captioned.
         assert png_size(os.path.join(out, r["attention_png"])) == (32, 32)
     # The overlay is the map on the image as the model saw it, pixel for pixel.
@@ -152,7 +152,7 @@ def test_parquet_on_s3_scored_to_s3_with_every_map_then_a_new_shard(ray_session,
     for r in rows:
         assert r["path"] == f"{data}/{r['id']}"
         # `#` starts a fragment in a link: the overlay key spells the row as _row<i>.
-        assert r["attention_png"] == f"attention/{shard.replace('.parquet', '.parquet_row')}{r['id'].split('#')[1]}.png"
+        assert r["attention_png"].startswith(f"attention/{shard.replace('.parquet', '.parquet_row')}{r['id'].split('#')[1]}-")
         assert png_size(f"{out}/{r['attention_png']}") == (32, 32)  # the model's input size
     assert predictions_table(out).num_rows == 12  # plain pyarrow.dataset on the S3 prefix
     assert the_manifest(out, manifest["run_id"])["status"] == "complete"
@@ -173,9 +173,10 @@ def test_parquet_on_s3_scored_to_s3_with_every_map_then_a_new_shard(ray_session,
 
 
 def test_attention_keys_are_safe_and_keep_subfolders():
-    assert attention_key("a/b/c.png") == "attention/a/b/c.png.png"
-    assert attention_key("data.parquet#12") == "attention/data.parquet_row12.png"
-    assert attention_key("../x/./y.png") == "attention/_/x/_/y.png.png"
+    assert attention_key("a/b/c.png").startswith("attention/a/b/c.png-")
+    assert attention_key("data.parquet#12").startswith("attention/data.parquet_row12-")
+    assert attention_key("../x/./y.png").startswith("attention/_/x/_/y.png-")
+    assert all(attention_key(i).endswith(".png") for i in ("a/b/c.png", "data.parquet#12"))
 
 
 def _piece_batch(ids: list[str], bad: dict[int, str] | None = None) -> dict[str, np.ndarray]:
@@ -205,8 +206,8 @@ def test_a_retried_piece_overwrites_itself_and_errors_go_beside_it(tmp_path):
     assert table.schema == PREDICTIONS_SCHEMA
     assert read_errors(out).to_table().to_pylist() == [
         {"path": "/in/e.png", "error": "corrupt", "message": "boom", "run_id": "run1"}]
-    assert os.path.isfile(os.path.join(out, "attention", "b", "c.png.png"))
-    assert not os.path.exists(os.path.join(out, "attention", "a.png.png"))  # no map, no overlay
+    assert os.path.isfile(os.path.join(out, attention_key("b/c.png")))
+    assert not os.path.exists(os.path.join(out, attention_key("a.png")))  # no map, no overlay
     assert os.listdir(os.path.join(out, "_pending")) == []
 
 
@@ -217,13 +218,14 @@ def test_recovery_after_a_kill_at_each_step_of_the_commit(where, tmp_path, reque
     write_piece(_piece_batch(["a.png", "b.png"]), plan)  # committed
     committed = plan.name(["a.png", "b.png"])
     # Killed between the commit and deleting the pending marker:
-    storage.write_json(f"{out}/_pending/{committed}.json", {"pngs": ["attention/b.png.png"]})
+    key_b, key_c, key_d = (attention_key(i) for i in ("b.png", "c.png", "d.png"))
+    storage.write_json(f"{out}/_pending/{committed}.json", {"pngs": [key_b]})
     # Killed after its overlays, before its commit (and one overlay half-written on local disk):
     lost = plan.name(["c.png", "d.png"])
-    storage.write_json(f"{out}/_pending/{lost}.json", {"pngs": ["attention/c.png.png", "attention/d.png.png"]})
-    storage.write_bytes(f"{out}/attention/c.png.png", b"\x89PNG...")
+    storage.write_json(f"{out}/_pending/{lost}.json", {"pngs": [key_c, key_d]})
+    storage.write_bytes(f"{out}/{key_c}", b"\x89PNG...")
     if where == "local":
-        Path(out, "attention", ".d.png.png.tmp-1-abc").write_bytes(b"\x89PN")
+        Path(out, "attention", f".{key_d.split('/')[-1]}.tmp-1-abc").write_bytes(b"\x89PN")
         # Killed in the middle of writing a predictions file: a hidden temp, invisible to readers.
         Path(out, "predictions", f".part-{lost}.parquet.tmp-1-abc").write_bytes(b"PAR1 half")
     assert sorted(predictions_table(out).column("id").to_pylist()) == ["a.png", "b.png"]
@@ -231,14 +233,14 @@ def test_recovery_after_a_kill_at_each_step_of_the_commit(where, tmp_path, reque
     found = recover(out)
 
     assert found["pending_dropped"] == 1 and found["pending_undone"] == 1
-    assert storage.exists(f"{out}/attention/b.png.png")  # belongs to a committed row
-    assert not storage.exists(f"{out}/attention/c.png.png")
+    assert storage.exists(f"{out}/{key_b}")  # belongs to a committed row
+    assert not storage.exists(f"{out}/{key_c}")
     assert storage.list_files(f"{out}/_pending") == []
     if where == "local":
         assert found["temp_files"] == 1
         assert not any(name.startswith(".") for _, _, names in os.walk(out) for name in names)
     assert committed_ids(out) == {"a.png", "b.png"}
-    assert recover(out) == {"pending_dropped": 0, "pending_undone": 0, "temp_files": 0}
+    assert recover(out) == {"pending_dropped": 0, "pending_undone": 0, "temp_files": 0, "unrecoverable": 0}
 
 
 def _session_processes(sid: int) -> list[int]:
@@ -295,8 +297,13 @@ def test_a_run_killed_mid_way_is_finished_by_the_next_one_exactly_once(ray_sessi
     kept = committed_ids(out)
     table = predictions_table(out)  # every visible file is whole, every id once
     assert table.num_rows == len(kept) and 0 < len(kept) < len(names)
+    lease = json.loads(Path(out, "_lease.json").read_text())  # the killed run's, left behind
+    while time.time() - lease["heartbeat"] < 1.0:  # stale after the 1 s given below
+        time.sleep(0.05)
 
-    manifest = score(ScoreConfig(model=tiny_model, input=str(data), output=out, attention="all", piece_rows=50))
+    manifest = score(ScoreConfig(model=tiny_model, input=str(data), output=out, attention="all", piece_rows=50,
+                                 lease_timeout=1.0))
+    assert manifest["took_over_lease_of"]["run_id"] != manifest["run_id"]
 
     assert manifest["counts"]["skipped"] == len(kept)
     assert manifest["counts"]["scored"] == len(names) - len(kept)
@@ -305,6 +312,7 @@ def test_a_run_killed_mid_way_is_finished_by_the_next_one_exactly_once(ray_sessi
     pngs = {p.relative_to(out).as_posix() for p in Path(out, "attention").rglob("*.png")}
     assert pngs == {attention_key(n) for n in names}
     assert not [p for p in Path(out).rglob(".*")] and not list(Path(out, "_pending").iterdir())
+    assert not Path(out, "_lease.json").exists()  # released at the end
     killed = [m for m in (json.loads(p.read_text()) for p in Path(out, "runs").glob("*.json"))
               if m["run_id"] != manifest["run_id"]]
     assert [m["status"] for m in killed] == ["running"]  # the killed run shows as never finished
@@ -374,7 +382,7 @@ def test_bad_files_become_error_rows_and_a_high_error_rate_fails_the_cli(ray_ses
     assert sorted(table.column("id").to_pylist()) == good
     for row in table.to_pylist():
         assert (out / row["attention_png"]).is_file()
-    assert (out / "attention" / "deep" / "er" / "&amp;_row1.png.png").is_file()
+    assert (out / attention_key("deep/er/&amp;#1.png")).is_file()
     found = read_errors(str(out)).to_table().to_pylist()
     assert {r["path"]: r["error"] for r in found} == {str(data / name): kind for name, kind in kinds.items()}
     assert all(r["message"] and r["run_id"] for r in found)

@@ -40,7 +40,10 @@ def _fraction(text: str) -> float:
 def _ray_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-address", default=None,
                         help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded Ray)")
-    parser.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own logs, and tracebacks of failures")
+    parser.add_argument("--shared-fs", action="store_true", default=None,
+                        help="a local output path is on a filesystem every Ray node mounts (on a cluster of "
+                             "several nodes a local output is refused without it; use s3:// instead)")
 
 
 # --------------------------------------------------------------------------- synth
@@ -354,6 +357,9 @@ def _add_score(sub: Any) -> None:
     p.add_argument("--submission", help="also write a Kaggle ImageId,Label CSV here (digit CSV input)")
     p.add_argument("--max-error-rate", type=_fraction, default=d("max_error_rate"),
                    help="fail (exit 1) when a larger share of the images cannot be read (default 1.0: never)")
+    p.add_argument("--lease-timeout", type=float, default=d("lease_timeout"), metavar="SECONDS",
+                   help="one run per --output: a run whose lease was not renewed for this long is gone, "
+                        f"and its lease is taken over (default {d('lease_timeout'):.0f})")
     _ray_options(p)
     p.set_defaults(func=_run_score)
 
@@ -365,6 +371,7 @@ def _run_score(args: argparse.Namespace) -> int:
                          attention=args.attention, method=args.method, batch_size=args.batch_size,
                          workers=args.workers, gpus_per_worker=args.gpus_per_worker, piece_rows=args.piece_rows,
                          submission=args.submission, max_error_rate=args.max_error_rate,
+                         lease_timeout=args.lease_timeout, shared_fs=bool(args.shared_fs),
                          ray_address=args.ray_address, verbose=args.verbose)
     manifest = score(config, progress=print_progress())
     counts = manifest["counts"]
@@ -438,11 +445,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except VitrayError as exc:
+        if exc.exit_code == 130:
+            sys.stderr.write(f"vitray: {exc}\n")
+            return 130
+        if exc.exit_code != 2 and exc.__cause__ is not None:  # a run that failed: keep its traceback
+            return _failed(args, exc, str(exc), exc.exit_code)
         sys.stderr.write(f"vitray: error: {exc}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("vitray: interrupted\n")
         return 130
+    except Exception as exc:  # noqa: BLE001 - anything else is one line here, the traceback in a log
+        from vitray.faults import describe
+
+        return _failed(args, exc, describe(exc, _output_of(args) or "the run"), 1)
+
+
+def _output_of(args: argparse.Namespace) -> str | None:
+    return getattr(args, "output", None) or getattr(args, "out", None)
+
+
+def _failed(args: argparse.Namespace, exc: BaseException, line: str, code: int) -> int:
+    """One line on stderr naming the log file that holds the traceback (also shown with --verbose)."""
+    import traceback
+
+    from vitray.faults import write_log
+
+    output = _output_of(args)
+    log = write_log(output if isinstance(output, str) else None, args.command, exc)
+    if getattr(args, "verbose", False):
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    where = f"; traceback in {log}" if log else ""
+    sys.stderr.write(f"vitray: error: {line}{where}\n")
+    return code
 
 
 if __name__ == "__main__":

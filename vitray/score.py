@@ -15,12 +15,17 @@ Commit protocol (what makes a rerun score only what is missing, and a kill harml
     4. `_pending/<piece>.json` is deleted.
   A row is committed iff it is in a file under predictions/, and `pyarrow.dataset` (which
   skips names starting with `.` or `_`) shows exactly the committed rows, each id once.
-  Before scoring, a run recovers from a killed one: a pending piece whose predictions file
-  exists lost only its marker (dropped); one without it is deleted with its PNGs; stale
-  local temp files are removed. Then the ids under predictions/ are skipped, everything
-  else is read. One run per OUT at a time: two concurrent runs would score the same images.
-  Images that fail to decode are not committed: each run tries them again and adds an
-  errors/ row (path, run_id), since a file may have been half-copied when it was listed.
+  One run per OUT at a time: before anything else a run takes OUT's lease (`vitray.lease`,
+  `_lease.json`); a second run is refused, a run whose lease went stale (killed) is taken
+  over, and a run that finds its own lease taken over stops taking new pieces.
+  Holding the lease, a run recovers from killed ones: a pending piece whose predictions
+  file exists lost only its marker (dropped); one without it is deleted with its PNGs;
+  stale local temp files are removed; an entry that cannot be cleaned is reported and
+  left, never blocking the run. Then the ids under predictions/ are skipped, everything
+  else is read. Images that fail to decode are not committed: each run tries them again
+  and adds an errors/ row (path, run_id), since a file may have been half-copied when it
+  was listed; so do files whose names are not UTF-8 (`bad-name`), which cannot be ids.
+  A failed or interrupted run marks its manifest and keeps every committed piece.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
 import secrets
@@ -43,8 +49,11 @@ import pyarrow.fs as pafs
 
 from vitray import storage
 from vitray.errors import VitrayError
+from vitray.lease import STALE_S, Lease
 from vitray.explain import HEAD_FUSIONS, METHODS  # both modules import torch only when used
 from vitray.inference import ATTENTION_MODES
+
+log = logging.getLogger(__name__)
 
 SCORE_FORMATS = ("images", "imagefolder", "parquet", "csv")
 PNG_THREADS = 8  # overlay writes in flight per piece
@@ -79,6 +88,8 @@ class ScoreConfig:
     piece_rows: int = 512  # rows per committed file; a kill loses at most the pieces in flight
     submission: str | None = None  # Kaggle ImageId,Label CSV (digit-recognizer CSV input only)
     max_error_rate: float = 1.0  # fail the run (exit 1) above this share of undecodable images
+    lease_timeout: float = STALE_S  # seconds without a heartbeat after which OUT's lease is taken over
+    shared_fs: bool = False  # a local --output that every Ray node mounts (else s3:// on a multi-node cluster)
     ray_address: str | None = None
     verbose: bool = False
 
@@ -94,6 +105,8 @@ class ScoreConfig:
                 raise VitrayError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.gpus_per_worker < 0:
             raise VitrayError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+        if self.lease_timeout <= 0:
+            raise VitrayError(f"--lease-timeout must be positive, got {self.lease_timeout}")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise VitrayError(f"--max-error-rate must be between 0 and 1, got {self.max_error_rate}")
 
@@ -110,15 +123,34 @@ def check_map_options(method: str, head_fusion: str, discard_ratio: float) -> No
 # --------------------------------------------------------------------------- layout of OUT
 
 
-def attention_key(image_id: str) -> str:
-    """OUT-relative key of an image's overlay: `attention/<id>.png`.
+KEY_SEGMENT_BYTES = 64  # of each folder and of the file name's readable part
+KEY_DEPTH = 8  # folders kept from the id; deeper ones are folded into the last
 
-    Subfolders of the id are kept; the `#<row>` of table ids becomes `_row<row>`
-    (`data.parquet#12` → `attention/data.parquet_row12.png`), since `#` starts a
-    fragment in a link; empty, `.` and `..` path segments become `_`.
+
+def attention_key(image_id: str) -> str:
+    """OUT-relative key of an image's overlay: `attention/<readable id>-<hash>.png`.
+
+    One key per id whatever the id holds, and always a legal name: the readable part keeps
+    the id's subfolders (at most 8, each cut to 64 bytes; empty, `.` and `..` segments
+    become `_`, `#<row>` of table ids `_row<row>`, unprintable characters `_`), and 16 hex
+    digits of the id's SHA-1 tell apart ids that read alike (`x#1.png`, `x_row1.png`) or
+    were cut short. A key stays under 700 bytes (S3 allows 1,024) and each name under 100
+    (filesystems allow 255).
     """
-    parts = [p if p not in ("", ".", "..") else "_" for p in image_id.replace("\\", "/").split("/")]
-    return "attention/" + "/".join(parts).replace("#", "_row") + ".png"
+    digest = hashlib.sha1(image_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    parts = image_id.replace("\\", "/").split("/")
+    if len(parts) > KEY_DEPTH:
+        parts = parts[: KEY_DEPTH - 1] + ["_".join(parts[KEY_DEPTH - 1:])]
+    readable = [_key_segment(p) for p in parts]
+    readable[-1] = f"{readable[-1]}-{digest}.png"
+    return "attention/" + "/".join(readable)
+
+
+def _key_segment(part: str) -> str:
+    if part in ("", ".", ".."):
+        return "_"
+    text = "".join(c if c.isprintable() else "_" for c in part.replace("#", "_row"))
+    return text.encode("utf-8", "replace")[:KEY_SEGMENT_BYTES].decode("utf-8", "ignore") or "_"
 
 
 def read_predictions(output: str) -> Any:
@@ -206,31 +238,48 @@ def _delete(fs: pafs.FileSystem, path: str) -> None:
         pass
 
 
-def recover(output: str) -> dict[str, int]:
-    """Clean up what a killed run left under OUT (see the module docstring); safe to repeat."""
+def recover(output: str, run_id: str | None = None) -> dict[str, int]:
+    """Clean up what killed runs left under OUT (see the module docstring); safe to repeat.
+
+    Called by the run holding OUT's lease, so every pending piece found belongs to a run
+    that is gone (`run_id`, the caller's own, is left alone). One entry that cannot be
+    cleaned (a name the filesystem refuses, a damaged marker) is reported and skipped:
+    it must never keep a run from scoring.
+    """
     root = storage.resolve(output)
     pending = root.child("_pending")
-    found = {"pending_dropped": 0, "pending_undone": 0, "temp_files": 0}
+    found = {"pending_dropped": 0, "pending_undone": 0, "temp_files": 0, "unrecoverable": 0}
     for info in _list(pending):
-        if not info.path.endswith(".json"):
+        piece = posixpath.basename(info.path)
+        if not piece.endswith(".json") or (run_id and piece.startswith(f"{run_id}-")):
             continue
-        piece = posixpath.basename(info.path)[: -len(".json")]
-        if root.fs.get_file_info(root.child("predictions", f"part-{piece}.parquet").path).type == pafs.FileType.File:
-            found["pending_dropped"] += 1  # committed; only the marker's delete was lost
-        else:
-            with root.fs.open_input_stream(info.path) as f:
-                record = json.loads(f.read())
-            for key in record.get("pngs", []):
-                png = root.child(*key.split("/"))
-                _delete(root.fs, png.path)
-                if not root.is_s3:
-                    _remove_temps(posixpath.dirname(png.path), posixpath.basename(png.path))
-            found["pending_undone"] += 1
-        _delete(root.fs, info.path)
+        try:
+            found[_recover_piece(root, info.path, piece[: -len(".json")])] += 1
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            found["unrecoverable"] += 1
+            log.warning("could not clean up %s: %s", info.path, str(exc).splitlines()[0] if str(exc) else exc)
     if not root.is_s3:
         for folder in ("_pending", "predictions", "errors", "runs"):
             found["temp_files"] += _remove_temps(root.child(folder).path)
     return found
+
+
+def _recover_piece(root: storage.Location, marker: str, piece: str) -> str:
+    if root.fs.get_file_info(root.child("predictions", f"part-{piece}.parquet").path).type == pafs.FileType.File:
+        _delete(root.fs, marker)
+        return "pending_dropped"  # committed; only the marker's delete was lost
+    with root.fs.open_input_stream(marker) as f:
+        record = json.loads(f.read())
+    for key in record.get("pngs", []):
+        try:
+            png = root.child(*key.split("/"))
+            _delete(root.fs, png.path)
+            if not root.is_s3:
+                _remove_temps(posixpath.dirname(png.path), posixpath.basename(png.path))
+        except OSError as exc:  # e.g. a name too long for this filesystem: it was never written
+            log.warning("could not delete overlay %s of an unfinished piece: %s", key, exc)
+    _delete(root.fs, marker)
+    return "pending_undone"
 
 
 def _remove_temps(folder: str, name: str = "") -> int:
@@ -478,66 +527,81 @@ def _check_input(config: ScoreConfig) -> Any:
     if type(inp.fs) is type(out.fs) and (out.path + "/").startswith(inp.path.rstrip("/") + "/"):
         raise VitrayError(f"--output {config.output} is inside --input {config.input}: "
                           "its overlays would be scored by the next run")
-    if storage.info(config.output).type == pafs.FileType.File:
-        raise VitrayError(f"--output {config.output} is a file; give a folder or s3:// prefix")
+    storage.check_output(config.output, "--output")
     return source
+
+
+def _check_cluster(config: ScoreConfig) -> None:
+    """On a cluster, a local --output must be a folder every node mounts (pieces commit on any node)."""
+    if storage.is_s3(config.output) or config.shared_fs or not (config.ray_address or os.environ.get("RAY_ADDRESS")):
+        return  # an embedded Ray is this machine alone
+    from vitray.cluster import check_shared_output
+    from vitray.runtime import RayOptions, init_ray
+
+    init_ray(RayOptions(address=config.ray_address, quiet=not config.verbose))
+    check_shared_output(config.output, config.shared_fs, "--output")
 
 
 def score(config: ScoreConfig, progress: Callable[[dict[str, int]], None] | None = None) -> dict:
     """Score every image of `config.input` not yet committed under `config.output`; return the manifest.
 
-    Raises VitrayError (exit 2) for a bad model, input or option before any work, and
-    VitrayError with exit code 1 when the share of undecodable images is above
-    `max_error_rate` (after everything else is committed and the manifest written).
+    Raises VitrayError (exit 2) for a bad model, input or option, or an output another
+    run holds, before any work; VitrayError with exit code 1 when the run fails (a full
+    disk, an unreachable S3, the share of undecodable images above `max_error_rate`:
+    what was committed stays) and with exit code 130 when interrupted (Ctrl-C).
     """
     wall_start = time.perf_counter()
     config.check()
     labels, prep, grid = _check_model(config.model)
     source = _check_input(config)
     _check_gpus(config)
+    _check_cluster(config)
 
     run_id = new_run_id()
     out = storage.resolve(config.output).uri
-    model = storage.resolve(config.model).uri
-    manifest: dict[str, Any] = {
-        "run_id": run_id, "status": "running", "started": _now(), "finished": None,
-        "model": model, "input": storage.resolve(config.input).uri, "output": out, "format": source.format,
-        "labels_of_model": labels, "arguments": dataclasses.asdict(config),
-    }
-    runs = storage.resolve(storage.join(out, "runs", f"{run_id}.json"))
-    _put_json(runs, manifest)  # a run that never finishes stays visible as "running"
-    manifest["recovered"] = recover(out)
-    done = committed_ids(out)
-    remaining = [i for i in source.ids if i not in done]
-    skipped = len(source) - len(remaining)
-
-    totals = _Totals()
-    scoring_s = 0.0
-    if remaining:
-        from vitray.runtime import RayOptions, init_ray
-
-        init_ray(RayOptions(address=config.ray_address, quiet=not config.verbose))
-        # Ids are relative to the input folder, or (one file given) to the folder holding it.
-        root = storage.resolve(config.input).uri
-        base = posixpath.dirname(root) if storage.info(root).type == pafs.FileType.File else root
-        plan = PiecePlan(out, run_id, model, tuple(labels), grid, base)
-        ds = _pipeline(config, source, remaining, prep, plan)
-        started = time.perf_counter()
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for row in range(len(batch["piece"])):
-                totals.add({k: v[row] for k, v in batch.items()})
-            if progress:
-                progress({"scored": totals.scored, "errors": totals.errors, "total": len(remaining),
-                          "skipped": skipped})
-        scoring_s = time.perf_counter() - started
+    with Lease(out, run_id, stale_s=config.lease_timeout) as lease:
+        manifest: dict[str, Any] = {
+            "run_id": run_id, "status": "running", "started": _now(), "finished": None,
+            "model": storage.resolve(config.model).uri, "input": storage.resolve(config.input).uri, "output": out,
+            "format": source.format, "labels_of_model": labels, "arguments": dataclasses.asdict(config),
+        }
+        if lease.took_over:
+            manifest["took_over_lease_of"] = lease.took_over
+        runs = storage.resolve(storage.join(out, "runs", f"{run_id}.json"))
+        _put_json(runs, manifest)  # a run that never finishes stays visible as "running"
+        manifest["recovered"] = recover(out, run_id)
+        totals, skipped, scoring_s = _Totals(), 0, 0.0
+        try:
+            _record_bad_names(out, run_id, source)
+            done = committed_ids(out)
+            remaining = [i for i in source.ids if i not in done]
+            skipped = len(source) - len(remaining)
+            if remaining:
+                started = time.perf_counter()
+                _run(config, source, remaining, prep, PiecePlan(out, run_id, manifest["model"], tuple(labels), grid,
+                                                                _ids_base(config.input)),
+                     totals, lease, progress, skipped)
+                scoring_s = time.perf_counter() - started
+        except BaseException as exc:
+            failure = _failure(exc, out, totals)
+            manifest.update(status="interrupted" if failure.exit_code == 130 else "failed", finished=_now(),
+                            failure=str(failure), counts={"scored": totals.scored, "errors": totals.errors})
+            try:
+                _put_json(runs, manifest)
+            except Exception:  # noqa: BLE001 - the storage that failed may refuse this too
+                pass
+            raise failure from exc
 
     manifest.update({
         "status": "complete", "finished": _now(),
-        "counts": {"scored": totals.scored, "skipped": skipped, "errors": totals.errors, "total": len(source)},
+        "counts": {"scored": totals.scored, "skipped": skipped, "errors": totals.errors + len(source.bad_names),
+                   "total": len(source) + len(source.bad_names)},
         "labels": totals.labels, "error_kinds": totals.error_kinds, "pieces": totals.pieces,
         "wall_s": round(time.perf_counter() - wall_start, 3), "scoring_s": round(scoring_s, 3),
         "images_per_s": round(totals.scored / scoring_s, 2) if scoring_s > 0 else None,
     })
+    if source.bad_names:
+        manifest["error_kinds"]["bad-name"] = len(source.bad_names)
     attempted = totals.scored + totals.errors
     rate = totals.errors / attempted if attempted else 0.0
     failure = None
@@ -561,6 +625,54 @@ def score(config: ScoreConfig, progress: Callable[[dict[str, int]], None] | None
     if failure:
         raise failure
     return manifest
+
+
+def _ids_base(input_uri: str) -> str:
+    """Ids are relative to the input folder, or (one file given) to the folder holding it."""
+    root = storage.resolve(input_uri).uri
+    return posixpath.dirname(root) if storage.info(root).type == pafs.FileType.File else root
+
+
+def _run(config: ScoreConfig, source: Any, remaining: list[str], prep: Any, plan: PiecePlan, totals: _Totals,
+         lease: Lease, progress: Callable[[dict[str, int]], None] | None, skipped: int) -> None:
+    from vitray.runtime import RayOptions, init_ray
+
+    init_ray(RayOptions(address=config.ray_address, quiet=not config.verbose))
+    for batch in _pipeline(config, source, remaining, prep, plan).iter_batches(batch_size=None,
+                                                                              batch_format="numpy"):
+        for row in range(len(batch["piece"])):
+            totals.add({k: v[row] for k, v in batch.items()})
+        lease.check()  # taken over: stop taking new pieces (the pieces in flight are this run's own)
+        if progress:
+            progress({"scored": totals.scored, "errors": totals.errors, "total": len(remaining), "skipped": skipped})
+
+
+def _record_bad_names(out: str, run_id: str, source: Any) -> None:
+    """Files whose names cannot be ids (not valid UTF-8) become error rows of their own kind, each run."""
+    if not source.bad_names:
+        return
+    import pyarrow.parquet as pq
+
+    n = len(source.bad_names)
+    table = pa.table({"path": source.bad_names, "error": ["bad-name"] * n,
+                      "message": ["the file name is not valid UTF-8; rename the file to score it"] * n,
+                      "run_id": [run_id] * n}, schema=ERRORS_SCHEMA)
+    root = storage.resolve(out)
+    _put(root.fs, root.child("errors", f"part-{run_id}-names.parquet").path, _parquet_bytes(table, pq), durable=True)
+    log.warning("%d file(s) with names that are not valid UTF-8 recorded in %s", n, storage.join(out, "errors"))
+
+
+def _failure(exc: BaseException, out: str, totals: _Totals) -> VitrayError:
+    """What a failed or interrupted run tells the user: one line, what failed and what to do."""
+    from vitray.faults import describe
+
+    kept = f"the {totals.scored} images committed by this run are kept" if totals.scored else \
+        "the images committed before are kept"
+    if isinstance(exc, KeyboardInterrupt):
+        return VitrayError(f"interrupted; {kept}; the same command scores the rest", exit_code=130)
+    if isinstance(exc, VitrayError):
+        return exc
+    return VitrayError(f"{describe(exc, out)}; {kept}; rerun the same command to score the rest", exit_code=1)
 
 
 def _pipeline(config: ScoreConfig, source: Any, remaining: list[str], prep: Any, plan: PiecePlan) -> Any:
