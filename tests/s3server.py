@@ -187,6 +187,12 @@ class SeaweedS3:
                 time.sleep(0.1)
         raise RuntimeError(f"S3 at {self.endpoint} did not come up ({last}):\n{self.log_tail()}")
 
+    def kill(self) -> None:
+        """An outage: the server dies at once (SIGKILL by PID); `stop` still cleans up."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM by PID, SIGKILL after the grace period, then remove the files."""
         proc, self._proc = self._proc, None

@@ -194,3 +194,32 @@ def test_a_csv_with_a_bad_pixel_is_one_line_before_any_work(tmp_path, capsys):
         assert err == [f"vitray: error: {tmp_path / 'train.csv'}: line 3, column pixel300: 'dark' is not a pixel "
                        "value (a whole number from 0 to 255)"]
     assert not (tmp_path / "o").exists() and not (tmp_path / "t").exists()
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_an_s3_outage_mid_run_is_one_line(tiny_model, tmp_path):
+    from s3server import SeaweedS3
+
+    data = tmp_path / "night"
+    noise_pngs(data, [f"{i:04d}.png" for i in range(600)])
+    with SeaweedS3() as server:
+        server.make_bucket("night")
+        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **server.env(),
+               "XDG_CACHE_HOME": str(tmp_path / "cache")}  # its own Ray, whose workers see this server
+        out = "s3://night/scores"
+        proc = run_cli("score", "--model", tiny_model, "--input", str(data), "--output", out, "--attention", "all",
+                       "--piece-rows", "4", "--batch-size", "4", env=env)
+        client, deadline = server.client(), time.monotonic() + 180
+        while not client.list_objects_v2(Bucket="night", Prefix="scores/predictions/").get("KeyCount"):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no piece committed in time"
+            time.sleep(0.1)
+        server.kill()
+        code, stderr = proc.wait(timeout=240), proc.stderr.read()
+
+    assert code == 1, stderr
+    lines = errors_of(stderr)
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert "cannot reach the S3 endpoint" in lines[0] and "rerun the same command" in lines[0], lines[0]
+    assert server.access_key not in stderr and server.secret_key not in stderr

@@ -50,10 +50,11 @@ def describe(exc: BaseException, where: str) -> str:
     if errno.EACCES in errnos or "permission denied" in lowered:
         return f"permission denied writing {where}"
     if storage.is_s3(where) or "s3" in lowered:
-        for e in chain:
-            line = storage.describe_error(where, e)
-            if "cannot reach the S3 endpoint" in line or "access denied" in line:
-                return line
+        # A task's own error reaches the driver only as text inside Ray's wrapper: read every line.
+        for line in text.splitlines():
+            shown = storage.describe_error(where, Exception(line.strip()))
+            if "cannot reach the S3 endpoint" in shown or "access denied" in shown:
+                return shown[:400]
     return f"{where}: {innermost_line(exc)}"
 
 
@@ -61,9 +62,11 @@ def innermost_line(exc: BaseException) -> str:
     """The innermost `SomeError: message` line of a (Ray-wrapped) failure."""
     lines: list[str] = []
     for e in causes(exc):
-        lines += [f"{type(e).__name__}: {str(e).strip()}"] + [line.strip() for line in str(e).splitlines()]
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        lines += [f"{type(e).__name__}: {first}"] + [line.strip() for line in str(e).splitlines()]
     errors = [line for line in lines if _ERROR_LINE.match(line) and not line.startswith(("RayTaskError",
-                                                                                          "RaySystemError"))]
+                                                                                          "RaySystemError",
+                                                                                          "UserCodeException"))]
     found = errors[-1] if errors else (lines[0] if lines else type(exc).__name__)
     return found[:300]
 
