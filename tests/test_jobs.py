@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from s3server import LOOPBACK, free_ports
-from vitray.cli import _train_config, build_parser
+from vitray.cli import _train_config, parse
 from vitray.errors import VitrayError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,14 +59,6 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return values
 
 
-def cli_has(command: str) -> bool:
-    try:
-        entry.command_parser(command)
-        return True
-    except VitrayError:
-        return False
-
-
 # --------------------------------------------------------------------------- configs
 
 
@@ -81,13 +73,13 @@ def test_every_config_belongs_to_a_job() -> None:
 
 @pytest.mark.parametrize("path", configs_of("train"), ids=lambda p: p.stem)
 def test_train_configs_load_through_the_cli(path: Path) -> None:
-    config = _train_config(build_parser().parse_args(["train", "--config", str(path)]))
+    config = _train_config(parse(["train", "--config", str(path)]))
     config.check()
     assert config.data.startswith("s3://YOUR-BUCKET/") and config.out.startswith("s3://YOUR-BUCKET/")
 
 
 def test_train_configs_repeat_the_seed_runs() -> None:
-    configs = {p.stem: _train_config(build_parser().parse_args(["train", "--config", str(p)]))
+    configs = {p.stem: _train_config(parse(["train", "--config", str(p)]))
                for p in configs_of("train")}
     digits = configs["train-digits-scratch"]
     assert digits.data.endswith("digit-recognizer/train.csv")
@@ -106,10 +98,9 @@ def test_tune_config_searches_lr_and_epochs_with_asha() -> None:
     assert {"data", "out", "lr", "epochs", "samples", "scheduler"} <= set(values)
     assert values["lr"] == "loguniform:1e-4:3e-3" and values["epochs"] == "choice:5,10,15"
     assert values["scheduler"] == "asha" and values["samples"] >= 1
-    if cli_has("tune"):  # and through the tune command's own --config loader
-        from vitray.cli import _tune_config
+    from vitray.cli import _tune_config
 
-        _tune_config(build_parser().parse_args(["tune", "--config", str(path)])).check()
+    _tune_config(parse(["tune", "--config", str(path)])).check()
 
 
 def test_score_config_is_the_nightly_s3_scoring() -> None:
@@ -131,50 +122,62 @@ def test_evaluate_config_uses_the_held_out_split() -> None:
                          ids=lambda p: p.stem)
 def test_other_configs_parse_with_their_command(path: Path) -> None:
     command = path.stem.split("-")[0]
-    if not cli_has(command):
-        pytest.skip(f"this vitray has no '{command}' command yet")
-    parser = entry.command_parser(command)
-    args = parser.parse_args(entry.config_flags(str(path), parser))
+    args = parse([command, "--config", str(path)])
     for key, value in read_yaml(path).items():
         assert getattr(args, key) == value, key
 
 
-# --------------------------------------------------------------------------- the entry point
+# --------------------------------------------------------------------------- every command's --config
 
 
-def test_a_cli_config_passes_through_untouched() -> None:
-    argv = ["--config", "jobs/configs/train-digits-scratch.yaml", "--epochs", "3"]
-    assert entry.job_argv("train", argv) == ["train", *argv]
-
-
-def test_config_keys_become_flags_that_the_command_line_overrides(tmp_path: Path) -> None:
+def test_every_command_reads_a_config_and_flags_override_it(tmp_path: Path) -> None:
     path = tmp_path / "eval.yaml"
-    path.write_text("model: m\ndata: d\nout: o\nbatch_size: 64\nverbose: true\n")
-    given, rest = entry.split_config(["--config", str(path), "--batch-size", "8"])
-    assert (given, rest) == (str(path), ["--batch-size", "8"])
-    parser = entry.command_parser("evaluate")
-    args = parser.parse_args(entry.config_flags(given, parser) + rest)
+    path.write_text("model: m\ndata: d\nout: o\nbatch-size: 64\nverbose: true\n")
+    args = parse(["evaluate", "--config", str(path), "--batch-size", "8"])
     assert (args.model, args.data, args.out, args.batch_size, args.verbose) == ("m", "d", "o", 8, True)
+    (tmp_path / "score.yaml").write_text("model: m\ninput: i\noutput: o\nattention: all\nlease_timeout: 5\n")
+    args = parse(["score", "--config", str(tmp_path / "score.yaml"), "--attention", "none"])
+    assert (args.model, args.input, args.attention, args.lease_timeout) == ("m", "i", "none", 5.0)
+    (tmp_path / "synth.yaml").write_text("n: 12\nstyle: alt\n")
+    args = parse(["synth", "out", "--config", str(tmp_path / "synth.yaml")])
+    assert (args.n, args.style, args.size) == (12, "alt", 64)
+    (tmp_path / "explain.yaml").write_text("model: m\nout: o\nhead_fusion: max\n")
+    args = parse(["explain", "a.png", "--config", str(tmp_path / "explain.yaml")])
+    assert (args.model, args.head_fusion, args.images) == ("m", "max", ["a.png"])
+    (tmp_path / "params.yaml").write_text("model: vit-tiny\nfinetune: lora:4\njson: true\n")
+    args = parse(["params", "--config", str(tmp_path / "params.yaml")])
+    assert (args.model, args.finetune, args.json) == ("vit-tiny", "lora:4", True)
 
 
-def test_an_unknown_config_key_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("text, needle", [
+    ("model: m\nbatchsize: 8\n", "unknown option(s) batchsize for 'vitray evaluate'"),
+    ("model: m\nbatch_size: many\n", "batch_size: invalid literal"),
+    ("model: m\ndata: d\nformat: tiff\n", "format must be one of"),
+    ("- a list\n", "a config must be a mapping"),
+    ("data: d\nout: o\n", "--model is required (on the command line or in --config)"),
+])
+def test_a_bad_config_is_one_line_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture, text: str,
+                                                   needle: str) -> None:
+    from vitray.cli import main
+
     path = tmp_path / "bad.yaml"
-    path.write_text("model: m\nbatchsize: 8\n")
-    with pytest.raises(VitrayError, match="unknown option.*batchsize"):
-        entry.config_flags(str(path), entry.command_parser("evaluate"))
-    assert entry.run("no-such-command", []) == 2
-    assert capsys.readouterr().err.startswith("vitray: error: this vitray has no 'no-such-command'")
+    path.write_text(text)
+    assert main(["evaluate", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("vitray: error:") and needle in err[0], err
+
+
+def test_a_job_passes_its_arguments_to_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert entry.run("evaluate", ["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_job_scripts_answer_help(command: str) -> None:
     done = subprocess.run([sys.executable, str(JOBS / f"{command}.py"), "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
-    if cli_has(command):
-        assert done.returncode == 0, done.stderr
-        assert f"usage: vitray {command}" in done.stdout
-    else:  # the job exists before its command; it says so in one line
-        assert done.returncode == 2 and done.stderr.startswith("vitray: error:"), done.stderr
+    assert done.returncode == 0, done.stderr
+    assert f"usage: vitray {command}" in done.stdout and "--config YAML" in done.stdout
 
 
 # --------------------------------------------------------------------------- runtime environments

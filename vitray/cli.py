@@ -103,35 +103,83 @@ def read_yaml_mapping(path: str) -> dict[str, Any]:
     return values
 
 
-def _load_config(path: str | None, allowed: Sequence[str]) -> dict[str, Any]:
-    """Options from a YAML file (same keys as the flags, '-' or '_'); flags given override it."""
-    if not path:
-        return {}
-    values = read_yaml_mapping(path)
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - set(allowed))
-    if unknown:
-        raise VitrayError(f"{path}: unknown option(s) {', '.join(unknown)}")
-    return values
+_UNSET = object()  # an option's value while parsing: "not on the command line"
 
 
-def _coerce(cls: Any, values: dict[str, Any]) -> dict[str, Any]:
-    """YAML values to the types of the config's fields (YAML reads `1e-4` as a string)."""
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for name, value in values.items():
-        kinds = [t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None)]
-        kind = kinds[0] if len(kinds) == 1 else None
-        if value is None or kind not in (int, float, str):
-            out[name] = value
+def _configurable(parser: argparse.ArgumentParser) -> None:
+    """Give a command `--config YAML` and keep what the command line really gave apart from defaults."""
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help="options from a YAML file (keys are option names, - or _; flags given override it)")
+    if "--verbose" not in parser._option_string_actions:
+        parser.add_argument("--verbose", action="store_true", help="show the libraries' own logs and tracebacks")
+    defaults, required = {}, []
+    for action in parser._actions:  # argparse has no public view of a parser's options
+        if not action.option_strings or action.dest in ("help", "config"):
             continue
+        defaults[action.dest] = action.default
+        action.default = _UNSET
+        if action.required:
+            required.append(action)
+            action.required = False  # it may come from --config: checked after merging
+    parser.set_defaults(option_defaults=defaults, required_options=required)
+
+
+def _merge_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Options not on the command line from `--config` (typed as their flag would be), else their default."""
+    values = read_yaml_mapping(args.config) if args.config else {}
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    by_key = {**{opt.lstrip("-").replace("-", "_"): a for a in actions.values() for opt in a.option_strings},
+              **actions}
+    extra = set(getattr(args, "config_extra", None) or ())
+    unknown = sorted(str(k) for k in values if str(k).replace("-", "_") not in by_key and
+                     str(k).replace("-", "_") not in extra or str(k) in ("help", "config"))
+    if unknown:
+        raise VitrayError(f"{args.config}: unknown option(s) {', '.join(unknown)} for 'vitray {args.command}'")
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        action = by_key.get(name)
+        dest = action.dest if action else name
+        if getattr(args, dest, _UNSET) is not _UNSET and action is not None:
+            continue  # given on the command line
+        setattr(args, dest, _typed(action, value, args.config, key) if action else value)
+    for dest, default in args.option_defaults.items():
+        if getattr(args, dest, _UNSET) is _UNSET:
+            setattr(args, dest, default)
+    for action in args.required_options:
+        if getattr(args, action.dest) is None:
+            raise VitrayError(f"{action.option_strings[0]} is required (on the command line or in --config)")
+    return args
+
+
+def _typed(action: argparse.Action, value: Any, path: str, key: Any) -> Any:
+    """A YAML value as its flag would have parsed it (YAML reads `1e-4` as a string)."""
+    if value is None:
+        return None
+    if action.nargs == 0:  # a switch such as --verbose
+        return bool(value)
+    if action.type is None:
+        typed = value  # strings, and tune's SPACEs as written (a list is a choice)
+    else:
         try:
-            out[name] = kind(value)
-        except (TypeError, ValueError):
-            raise VitrayError(f"config option {name}: expected {kind.__name__}, got {value!r}") from None
-    return out
+            typed = [action.type(str(v)) for v in value] if isinstance(value, list) and action.nargs else \
+                action.type(str(value))
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+            raise VitrayError(f"{path}: {key}: {exc}") from None
+    if action.choices is not None and typed not in action.choices:
+        raise VitrayError(f"{path}: {key} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return typed
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line (and its --config) as one Namespace; usage errors exit 2 with one line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return _merge_config(_subparser(parser, args.command), args)
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
 
 
 def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
@@ -139,6 +187,8 @@ def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from dataclasses import fields
+
     from vitray.train import TrainConfig
 
     d = lambda name: _default(TrainConfig, name)  # noqa: E731
@@ -162,15 +212,15 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                         "sampling); loss weights the loss by inverse class frequency (default auto)")
     p.add_argument("--augment", choices=("auto", "none"), help="label-aware flips, shifts, lighting (default auto)")
     p.add_argument("--seed", type=int, help=f"(default {d('seed')})")
-    p.add_argument("--config", help="YAML file with any of these options (flags override it)")
     _ray_options(p)
+    # A config may also set the recipe's fields that have no flag (weight_decay, label_smoothing, ...).
+    p.set_defaults(config_extra=[f.name for f in fields(TrainConfig)])
 
 
 def _train_config(args: argparse.Namespace) -> Any:
     from vitray.train import TrainConfig, config_fields
 
-    names = config_fields()
-    values = {**_coerce(TrainConfig, _load_config(args.config, names)), **_given(args, names)}
+    values = _given(args, config_fields())
     for required in ("data", "out"):
         if not values.get(required):
             raise VitrayError(f"--{required} is required (on the command line or in --config)")
@@ -294,14 +344,7 @@ def _tune_config(args: argparse.Namespace) -> Any:
     from vitray.train import TrainConfig, config_fields
     from vitray.tune import SEARCHABLE, SearchConfig
 
-    names = [*config_fields(), *TUNE_OPTIONS, "workers_per_trial"]
-    loaded = _load_config(args.config, names)
-    if "workers_per_trial" in loaded:
-        loaded["workers"] = loaded.pop("workers_per_trial")
-    # YAML values take their option's type, except a SPACE, which stays as written.
-    typed = {**_coerce(TrainConfig, {k: v for k, v in loaded.items() if k in config_fields() and k not in SEARCHABLE}),
-             **_coerce(SearchConfig, {k: v for k, v in loaded.items() if k in TUNE_OPTIONS})}
-    values = {**loaded, **typed, **_given(args, names)}
+    values = _given(args, [*config_fields(), *TUNE_OPTIONS, "workers_per_trial"])
     for required in ("data", "out"):
         if not values.get(required):
             raise VitrayError(f"--{required} is required (on the command line or in --config)")
@@ -364,8 +407,22 @@ def _add_score(sub: Any) -> None:
     p.set_defaults(func=_run_score)
 
 
+def _score_progress() -> tuple[Callable[[dict[str, int]], None], Callable[[], None]]:
+    """A progress callback for `score` (a bar on a terminal, lines elsewhere) and its close."""
+    from vitray.progress import Progress
+
+    bar: list[Progress] = []
+
+    def show(state: dict[str, int]) -> None:
+        if not bar:
+            bar.append(Progress("scoring", state["total"], unit="img"))
+        bar[0].set(state["scored"] + state["errors"], errors=state["errors"])
+
+    return show, lambda: bar and bar[0].close()
+
+
 def _run_score(args: argparse.Namespace) -> int:
-    from vitray.score import ScoreConfig, print_progress, score
+    from vitray.score import ScoreConfig, score
 
     config = ScoreConfig(model=args.model, input=args.input, output=args.output, format=args.format,
                          attention=args.attention, method=args.method, batch_size=args.batch_size,
@@ -373,7 +430,11 @@ def _run_score(args: argparse.Namespace) -> int:
                          submission=args.submission, max_error_rate=args.max_error_rate,
                          lease_timeout=args.lease_timeout, shared_fs=bool(args.shared_fs),
                          ray_address=args.ray_address, verbose=args.verbose)
-    manifest = score(config, progress=print_progress())
+    show, close = _score_progress()
+    try:
+        manifest = score(config, progress=show)
+    finally:
+        close()
     counts = manifest["counts"]
     rate = manifest["images_per_s"]
     print(f"scored {counts['scored']} images ({counts['skipped']} already done, {counts['errors']} errors)"
@@ -432,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for add in COMMANDS:
         add(sub)
+    for command in sub.choices.values():
+        _configurable(command)
     return parser
 
 
@@ -440,8 +503,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parse(argv)
+    except VitrayError as exc:
+        sys.stderr.write(f"vitray: error: {exc}\n")
+        return exc.exit_code
+    setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except VitrayError as exc:
@@ -459,6 +526,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vitray.faults import describe
 
         return _failed(args, exc, describe(exc, _output_of(args) or "the run"), 1)
+
+
+def setup_logging(verbose: bool) -> None:
+    """The one logging set-up: vitray's lines on stderr; the libraries' only with --verbose.
+
+    Quiet, Ray and its workers keep their logs in Ray's log files (vitray.runtime), and the
+    libraries' Python warnings (deprecations inside Ray, PyTorch, transformers) are not shown;
+    vitray's own warnings and every error are.
+    """
+    import logging
+    import warnings
+
+    from vitray.runtime import VERBOSE_ENV
+
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"  # Ray's workers and job drivers read it too
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LineFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("vitray").setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.captureWarnings(True)
+    if not verbose:
+        for library in ("ray", "torch", "transformers", "peft", "pyarrow", "datasets", "huggingface_hub",
+                        "accelerate", "tqdm"):
+            warnings.filterwarnings("ignore", module=rf"{library}(\.|$)")
+
+
+class _LineFormatter:
+    """INFO as the bare message; warnings and errors say so."""
+
+    def format(self, record: Any) -> str:
+        import logging
+
+        text = record.getMessage()
+        if record.exc_info and logging.getLogger().level <= logging.INFO:
+            text += "\n" + logging.Formatter().formatException(record.exc_info)
+        if record.levelno >= logging.WARNING:
+            return f"vitray: {record.levelname.lower()}: {text}" if record.name.startswith("vitray") else \
+                f"{record.name}: {record.levelname.lower()}: {text}"
+        return text if record.name.startswith("vitray") else f"{record.name}: {text}"
 
 
 def _output_of(args: argparse.Namespace) -> str | None:

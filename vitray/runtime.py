@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # On a 2-core machine, 2 Train workers + Ray Data readers + an inference actor
 # need room: logical CPUs are slots, not cores.
@@ -25,11 +25,20 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_":
 _MALLOPT = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_MMAP_THRESHOLD_": -3}  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
 
 
+VERBOSE_ENV = "VITRAY_VERBOSE"  # "1": Ray's own logs and every worker's output (the CLI's --verbose)
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
 @dataclass(frozen=True)
 class RayOptions:
     address: str | None = None  # a cluster to join; None → RAY_ADDRESS or embedded
     num_cpus: int | None = None  # logical CPUs of an embedded Ray
-    quiet: bool = True
+    # Quiet: vitray's own lines and progress only (workers send theirs through
+    # vitray.progress); Ray's logs and the workers' output stay in Ray's log files.
+    quiet: bool = field(default_factory=lambda: not verbose())
 
 
 def embedded_cpus() -> int:
@@ -97,9 +106,10 @@ def init_ray(options: RayOptions | None = None) -> None:
         logging.getLogger("ray.data").setLevel(os.environ[DATA_LOG_LEVEL_ENV])
         # A local Ray turns token authentication on, and says so on every start: keep it on, quietly.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    # Worker output reaches the terminal: that is where training shows its progress.
+    # Quiet, the workers' own output (Ray's and PyTorch's chatter) stays in Ray's log files;
+    # their errors still reach the driver as exceptions, and their progress through vitray.progress.
     if address:
-        ray.init(address=address, logging_level=log_level)
+        ray.init(address=address, logging_level=log_level, log_to_driver=not options.quiet)
     else:
         # The dashboard serves Ray's state API, which Ray Train's controller uses
         # to clean up after itself; it listens on loopback only.
@@ -109,12 +119,12 @@ def init_ray(options: RayOptions | None = None) -> None:
         env_vars[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
         ray.init(num_cpus=options.num_cpus or embedded_cpus(), include_dashboard=True,
                  dashboard_host="127.0.0.1", dashboard_port=port,
-                 logging_level=log_level,
+                 logging_level=log_level, log_to_driver=not options.quiet,
                  # Train V2 patches print() on workers so that each line shows twice; plain print.
                  runtime_env={"env_vars": env_vars})
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    # Progress bars stay on (long work shows progress); per-operator bars are noise.
+    # vitray draws its own progress (vitray.progress); Ray Data's bars show with --verbose.
     ctx.enable_operator_progress_bars = False
-    ctx.enable_progress_bars = not options.quiet or os.environ.get("VITRAY_PROGRESS") == "1"
+    ctx.enable_progress_bars = not options.quiet

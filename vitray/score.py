@@ -37,7 +37,6 @@ import logging
 import os
 import posixpath
 import secrets
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -576,6 +575,8 @@ def score(config: ScoreConfig, progress: Callable[[dict[str, int]], None] | None
             done = committed_ids(out)
             remaining = [i for i in source.ids if i not in done]
             skipped = len(source) - len(remaining)
+            log.info("%s images in %s, %s already scored in %s: %s to score", f"{len(source):,}", config.input,
+                     f"{skipped:,}", out, f"{len(remaining):,}")
             if remaining:
                 started = time.perf_counter()
                 _run(config, source, remaining, prep, PiecePlan(out, run_id, manifest["model"], tuple(labels), grid,
@@ -787,19 +788,3 @@ def _png_bytes(image: Any) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def print_progress(stream: Any = sys.stderr) -> Callable[[dict[str, int]], None]:
-    """A progress callback for `score` that prints at most one line every two seconds."""
-    last = [0.0]
-
-    def show(state: dict[str, int]) -> None:
-        now = time.monotonic()
-        done = state["scored"] + state["errors"]
-        if now - last[0] >= 2.0 or done >= state["total"]:
-            last[0] = now
-            stream.write(f"scored {state['scored']}/{state['total']} images, {state['errors']} errors "
-                         f"({state['skipped']} already done)\n")
-            stream.flush()
-
-    return show
