@@ -48,7 +48,8 @@ def main() -> int:
 
     from vitray.data import synth
     from vitray.data.preprocess import normalize, resize_image
-    from vitray.explain import attention_maps, energy_in_box, pointing_game, register_weights_attention
+    from vitray.explain import attention_maps, register_weights_attention
+    from vitray.localisation import energy_in_box, pointing_game
     from vitray.models import load_trained
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

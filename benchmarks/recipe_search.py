@@ -14,7 +14,8 @@ from vitray.data.preprocess import AugmentConfig, augment_batch, normalize, resi
 from vitray.models import PRESETS
 from vitray.train import class_weights, lr_lambda
 from vitray.evaluate import classification_metrics
-from vitray.explain import attention_maps, pointing_game, energy_in_box
+from vitray.explain import attention_maps
+from vitray.localisation import energy_in_box, pointing_game
 
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

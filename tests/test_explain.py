@@ -6,16 +6,9 @@ import pytest
 import torch
 from transformers import ViTConfig, ViTForImageClassification
 
-from vitray.explain import (
-    attention_maps,
-    energy_in_box,
-    grad_rollout,
-    overlay,
-    overlay_maps,
-    pointing_game,
-    register_weights_attention,
-    rollout,
-)
+from vitray.explain import attention_maps, grad_rollout, register_weights_attention, rollout
+from vitray.localisation import energy_in_box, pointing_game
+from vitray.overlays import overlay, overlay_maps
 
 
 def reference_rollout(attentions: list[np.ndarray], head_fusion: str, discard_ratio: float) -> np.ndarray:

@@ -29,7 +29,6 @@ import yaml
 
 from s3server import LOOPBACK, free_ports
 from vitray.cli import _train_config, parse
-from vitray.errors import VitrayError
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "jobs"

@@ -15,7 +15,8 @@ from PIL import Image
 
 from conftest import INSPECTION_LABELS
 from vitray import storage
-from vitray.report import gather, write_report
+from vitray.lease import Lease
+from vitray.score.report import gather, write_report
 from vitray.score import ERRORS_SCHEMA, PiecePlan, attention_key, write_piece
 
 EVIL = "<script>alert(1)</script>.png"
@@ -32,7 +33,8 @@ def commit(out: str, run_id: str, ids: list[str], labels: list[str], scores: lis
              "error_kind": np.array([""] * n, dtype=object), "error": np.array([""] * n, dtype=object),
              "pred": pred, "score": np.array(scores, dtype=np.float32), "probs": probs,
              "attention": rng.random((n, 64)).astype(np.float32)}
-    write_piece(batch, PiecePlan(out, run_id, "/models/m", tuple(INSPECTION_LABELS), (8, 8), "/in"))
+    with Lease(out, run_id):  # only the run holding the output's lease commits
+        write_piece(batch, PiecePlan(out, run_id, "/models/m", tuple(INSPECTION_LABELS), (8, 8), "/in"))
 
 
 @pytest.fixture

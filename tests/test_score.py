@@ -25,14 +25,15 @@ from vitray.data import synth
 from vitray.data.preprocess import resize_image
 from vitray.data.readers import decode_image
 from vitray.errors import VitrayError
-from vitray.explain import overlay
+from vitray.lease import Lease, LeaseLost
+from vitray.explain import explain_images
+from vitray.overlays import overlay
 from vitray.score import (
     PREDICTIONS_SCHEMA,
     PiecePlan,
     ScoreConfig,
     attention_key,
     committed_ids,
-    explain_images,
     read_errors,
     read_predictions,
     recover,
@@ -197,8 +198,9 @@ def test_a_retried_piece_overwrites_itself_and_errors_go_beside_it(tmp_path):
     out = str(tmp_path / "out")
     plan = PiecePlan(out, "run1", "m", tuple(INSPECTION_LABELS), (8, 8), "/in")
     batch = _piece_batch(["a.png", "b/c.png", "d.png", "e.png"], bad={3: "corrupt"})
-    first = write_piece(batch, plan)
-    second = write_piece(batch, plan)  # Ray retrying the same task
+    with Lease(out, "run1"):
+        first = write_piece(batch, plan)
+        second = write_piece(batch, plan)  # Ray retrying the same task
     assert first["piece"][0] == second["piece"][0]
     assert (int(first["scored"][0]), int(first["errors"][0])) == (3, 1)
     table = predictions_table(out)
@@ -211,11 +213,21 @@ def test_a_retried_piece_overwrites_itself_and_errors_go_beside_it(tmp_path):
     assert os.listdir(os.path.join(out, "_pending")) == []
 
 
+def test_a_run_that_lost_its_lease_commits_nothing(tmp_path):
+    out = str(tmp_path / "out")
+    plan = PiecePlan(out, "stalled", "m", tuple(INSPECTION_LABELS), (8, 8), "/in")
+    with Lease(out, "new-holder"):  # it took the stalled run's lease over
+        with pytest.raises(LeaseLost, match="no longer holds the output's lease"):
+            write_piece(_piece_batch(["a.png", "b.png"]), plan)
+    assert committed_ids(out) == set()
+
+
 @pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
 def test_recovery_after_a_kill_at_each_step_of_the_commit(where, tmp_path, request):
     out = str(tmp_path / "out") if where == "local" else request.getfixturevalue("s3_prefix") + "/out"
     plan = PiecePlan(out, "run1", "m", tuple(INSPECTION_LABELS), (8, 8), "/in")
-    write_piece(_piece_batch(["a.png", "b.png"]), plan)  # committed
+    with Lease(out, "run1"):
+        write_piece(_piece_batch(["a.png", "b.png"]), plan)  # committed
     committed = plan.name(["a.png", "b.png"])
     # Killed between the commit and deleting the pending marker:
     key_b, key_c, key_d = (attention_key(i) for i in ("b.png", "c.png", "d.png"))

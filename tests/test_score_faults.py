@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from test_score import noise_pngs, predictions_table
-from vitray import storage
 from vitray.cli import main
 from vitray.score import ScoreConfig, attention_key, read_errors, recover, score
 
@@ -224,3 +223,13 @@ def test_an_s3_outage_mid_run_is_one_line(tiny_model, tmp_path):
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     assert "cannot reach the S3 endpoint" in lines[0] and "rerun the same command" in lines[0], lines[0]
     assert server.access_key not in stderr and server.secret_key not in stderr
+
+
+def test_more_actors_than_the_machine_holds_is_one_line_before_any_work(tiny_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # an embedded Ray: this machine's slots alone
+    noise_pngs(tmp_path / "in", ["a.png"])
+    code = main(["score", "--model", tiny_model, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"),
+                 "--workers", "64"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vitray")]
+    assert code == 2 and len(err) == 1 and err[0].startswith("vitray: error: --workers 64 needs 64 CPUs"), err
+    assert "use --workers" in err[0] and not (tmp_path / "o").exists()

@@ -372,7 +372,9 @@ def _run_tune(args: argparse.Namespace) -> int:
 
 
 def _add_score(sub: Any) -> None:
-    from vitray.score import ATTENTION_MODES, METHODS, SCORE_FORMATS, ScoreConfig
+    from vitray.explain import HEAD_FUSIONS, METHODS
+    from vitray.inference import ATTENTION_MODES
+    from vitray.score import SCORE_FORMATS, ScoreConfig
 
     d = lambda name: _default(ScoreConfig, name)  # noqa: E731
     p = sub.add_parser("score", help="score images in bulk with Ray Data",
@@ -388,6 +390,10 @@ def _add_score(sub: Any) -> None:
                    help=f"which images get an attention map and overlay (default {d('attention')}: "
                         "those not predicted 'passed')")
     p.add_argument("--method", choices=METHODS, default=d("method"), help=f"(default {d('method')})")
+    p.add_argument("--head-fusion", choices=HEAD_FUSIONS, default=d("head_fusion"),
+                   help=f"how a layer's heads are combined (rollout; default {d('head_fusion')})")
+    p.add_argument("--discard-ratio", type=float, default=d("discard_ratio"),
+                   help="share of the weakest attention links dropped per layer, in [0, 1) (default 0)")
     p.add_argument("--batch-size", type=_positive_int, default=d("batch_size"),
                    help=f"images per model call (default {d('batch_size')})")
     p.add_argument("--workers", type=_positive_int, default=d("workers"),
@@ -425,7 +431,8 @@ def _run_score(args: argparse.Namespace) -> int:
     from vitray.score import ScoreConfig, score
 
     config = ScoreConfig(model=args.model, input=args.input, output=args.output, format=args.format,
-                         attention=args.attention, method=args.method, batch_size=args.batch_size,
+                         attention=args.attention, method=args.method, head_fusion=args.head_fusion,
+                         discard_ratio=args.discard_ratio, batch_size=args.batch_size,
                          workers=args.workers, gpus_per_worker=args.gpus_per_worker, piece_rows=args.piece_rows,
                          submission=args.submission, max_error_rate=args.max_error_rate,
                          lease_timeout=args.lease_timeout, shared_fs=bool(args.shared_fs),
@@ -449,7 +456,7 @@ def _run_score(args: argparse.Namespace) -> int:
 
 
 def _add_explain(sub: Any) -> None:
-    from vitray.score import HEAD_FUSIONS, METHODS
+    from vitray.explain import HEAD_FUSIONS, METHODS
 
     p = sub.add_parser("explain", help="attention maps for a few images",
                        description="Where the model looked: for each IMAGE, OUT/<name>.png (overlay), "
@@ -467,7 +474,7 @@ def _add_explain(sub: Any) -> None:
 
 
 def _run_explain(args: argparse.Namespace) -> int:
-    from vitray.score import explain_images
+    from vitray.explain import explain_images
 
     results = explain_images(args.model, args.images, args.out, method=args.method, head_fusion=args.head_fusion,
                              discard_ratio=args.discard_ratio)

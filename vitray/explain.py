@@ -1,12 +1,15 @@
-"""Where did the model look: attention rollout and gradient-weighted rollout for
-Hugging Face ViTs, overlays of the maps on the image, and localisation metrics
-(pointing game, energy in box) that measure a map against a labelled box.
+"""Where did the model look: attention rollout and gradient-weighted rollout for Hugging
+Face ViTs, and the `vitray explain` command that draws them for a few images.
+
+Overlays are drawn by `vitray.overlays`; maps are measured against boxes by `vitray.localisation`.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
+import io
+import os
+import posixpath
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +17,6 @@ import numpy as np
 
 if TYPE_CHECKING:
     import torch
-    from PIL import Image
 
 HEAD_FUSIONS = ("mean", "max", "min")
 METHODS = ("rollout", "grad-rollout")
@@ -196,136 +198,6 @@ def attention_maps(
     return maps.reshape(-1, rows, cols), logits
 
 
-def overlay(
-    image: np.ndarray,
-    amap: np.ndarray,
-    label: str | None = None,
-    score: float | None = None,
-    min_side: int = 224,
-    alpha: float = 0.6,
-) -> Image.Image:
-    """Blend a colour-mapped attention map onto `image` → RGB PIL image.
-
-    `image` is H×W or H×W×C uint8 (C = 1 grey, 3 RGB, 4 RGBA; other channel
-    counts show their first channel). Images whose short side is below
-    `min_side` are first enlarged by a whole factor (nearest, so pixels stay
-    crisp). The blend is `overlay_maps`'. `label` and `score` go in the top-left
-    corner on a dark box.
-    """
-    from PIL import Image
-
-    rgb = _as_rgb(image)
-    h, w = rgb.shape[:2]
-    if min(h, w) < min_side:
-        factor = math.ceil(min_side / min(h, w))
-        rgb = np.asarray(Image.fromarray(rgb).resize((w * factor, h * factor), Image.Resampling.NEAREST))
-    heat = np.asarray(amap, dtype=np.float32)
-    if heat.ndim != 2:
-        raise ValueError(f"attention map must be 2-D (rows, cols), got shape {heat.shape}")
-    out = Image.fromarray(overlay_maps(rgb[None], heat[None], alpha)[0])
-    text = " ".join(
-        part for part in (label, None if score is None else f"{score:.2f}") if part is not None
-    )
-    if text:
-        _draw_caption(out, text)
-    return out
-
-
-def overlay_maps(images: np.ndarray, maps: np.ndarray, alpha: float = 0.6) -> np.ndarray:
-    """Maps (B, rows, cols) blended onto images (B, H, W, C) uint8 → RGB (B, H, W, 3) uint8.
-
-    C = 3 or 4 shows the image's colours, any other channel count its first channel.
-
-    Each map, scaled to [0, 1] by its max (negative and NaN cells count as 0), is
-    upsampled bilinearly to H×W (pixel centres, edges clamped) and coloured with
-    matplotlib's "jet"; the colour c is blended per pixel as (1 - a)·image + a·c with
-    a = alpha·heat, in 8 bits as PIL's composite rounds it: where the model did not look,
-    the part stays visible. Vectorised over the batch: the bulk overlays of `vitray score`
-    are drawn a piece at a time.
-    """
-    images = np.asarray(images)
-    heat = np.clip(np.nan_to_num(np.asarray(maps, dtype=np.float32)), 0.0, None)
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"overlay_maps needs (B, H, W, C) uint8 images, got {images.dtype} {images.shape}")
-    images = _channels_as_rgb(images)
-    if heat.ndim != 3 or heat.shape[0] != images.shape[0]:
-        raise ValueError(f"overlay_maps needs one (rows, cols) map per image, got {heat.shape}")
-    _, h, w, _ = images.shape
-    peak = heat.max(axis=(1, 2), keepdims=True)
-    heat = np.divide(heat, peak, out=np.zeros_like(heat), where=peak > 0)
-    up = np.clip(_linear_weights(heat.shape[1], h) @ heat @ _linear_weights(heat.shape[2], w).T, 0.0, 1.0).ravel()
-    # Indexed as matplotlib quantises [0, 1] into its table.
-    level = np.minimum(up * _JET_LEVELS, _JET_LEVELS - 1).astype(np.uint8)
-    a = np.rint(alpha * 255.0 * up).astype(np.uint16)
-    keep = 255 - a
-    # One channel at a time over flat pixel rows: numpy's loops over a trailing axis of 3 with
-    # a broadcast weight ran 3x slower than these (0.11 → 0.04 ms per 64 px overlay).
-    pixels = images.reshape(-1, 3)
-    out = np.empty_like(pixels)
-    for c, table in enumerate(_jet_channels()):
-        t = pixels[:, c] * keep
-        t += table.take(level) * a
-        t += 128
-        t += t >> 8  # t / 255, rounded, without a division
-        t >>= 8
-        out[:, c] = t
-    return out.reshape(images.shape)
-
-
-@functools.lru_cache(maxsize=32)
-def _linear_weights(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) linear interpolation between pixel centres, clamped at the edges."""
-    centre = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0, n_in - 1)
-    lower = np.floor(centre).astype(np.int64)
-    upper = np.minimum(lower + 1, n_in - 1)
-    frac = (centre - lower).astype(np.float32)
-    weights = np.zeros((n_out, n_in), dtype=np.float32)
-    rows = np.arange(n_out)
-    np.add.at(weights, (rows, lower), 1.0 - frac)
-    np.add.at(weights, (rows, upper), frac)
-    return weights
-
-
-def pointing_game(amap: np.ndarray, bbox: Sequence[float], image_hw: tuple[int, int]) -> bool:
-    """True if the centre of the map's highest cell lies in `bbox` (x1, y1, x2, y2).
-
-    The map's grid is taken to cover the whole image of size `image_hw` = (H, W)
-    (the model input was a resize, not a crop), so cell (r, c) has its centre at
-    ((c + 0.5)·W/cols, (r + 0.5)·H/rows). The box edges count as inside; on ties
-    the first cell in row-major order is the highest.
-    """
-    heat = _as_map(amap)
-    x1, y1, x2, y2 = _as_box(bbox)
-    rows, cols = heat.shape
-    height, width = image_hw
-    r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    x = (c + 0.5) * width / cols
-    y = (r + 0.5) * height / rows
-    return bool(x1 <= x <= x2 and y1 <= y <= y2)
-
-
-def energy_in_box(amap: np.ndarray, bbox: Sequence[float], image_hw: tuple[int, int]) -> float:
-    """Share of the map's mass inside `bbox` (x1, y1, x2, y2), in [0, 1].
-
-    Each cell of the map is a rectangle of the image (grid over the whole image,
-    as in `pointing_game`) and counts with the fraction of its area that the box
-    covers: energy = Σ map·overlap / Σ map. This is exact for the map held
-    constant over each cell (nearest upsampling), with no resampling. Negative
-    values count as 0; a map with no mass has energy 0.
-    """
-    heat = np.clip(_as_map(amap), 0.0, None)
-    x1, y1, x2, y2 = _as_box(bbox)
-    rows, cols = heat.shape
-    height, width = image_hw
-    total = heat.sum()
-    if total <= 0:
-        return 0.0
-    # Overlap is separable: (share of each column's width) × (share of each row's height).
-    overlap_x = _interval_overlap(np.arange(cols + 1) * width / cols, x1, x2)
-    overlap_y = _interval_overlap(np.arange(rows + 1) * height / rows, y1, y2)
-    return float((heat * np.outer(overlap_y, overlap_x)).sum() / total)
-
-
 # --- helpers -------------------------------------------------------------------
 
 
@@ -429,70 +301,80 @@ def _patch_grid(config: Any) -> tuple[int, int]:
     return height // patch_h, width // patch_w
 
 
-_JET_LEVELS = 256  # entries of matplotlib's "jet" lookup table
+def check_map_options(method: str, head_fusion: str, discard_ratio: float) -> None:
+    """One-line errors for the map options of `explain` and `score`."""
+    from vitray.errors import VitrayError
+
+    if method not in METHODS:
+        raise VitrayError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if head_fusion not in HEAD_FUSIONS:
+        raise VitrayError(f"--head-fusion must be one of {', '.join(HEAD_FUSIONS)}, got {head_fusion!r}")
+    if not 0.0 <= discard_ratio < 1.0:
+        raise VitrayError(f"--discard-ratio must be in [0, 1), got {discard_ratio}")
 
 
-@functools.lru_cache(maxsize=1)
-def _jet_channels() -> np.ndarray:
-    """matplotlib's "jet" table as (3, 256) uint16, one contiguous row per channel (integers index its table)."""
-    from matplotlib import colormaps
-
-    return np.ascontiguousarray(np.rint(colormaps["jet"](np.arange(_JET_LEVELS))[:, :3] * 255.0).astype(np.uint16).T)
+# --------------------------------------------------------------------------- the explain command
 
 
-def _as_rgb(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f"overlay needs a uint8 image, got {image.dtype}")
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.ndim != 3:
-        raise ValueError(f"overlay needs an HxW or HxWxC image, got shape {image.shape}")
-    return _channels_as_rgb(image)
+def explain_images(model: str, images: Sequence[str], out: str, method: str = "rollout",
+                   head_fusion: str = "mean", discard_ratio: float = 0.0) -> list[dict]:
+    """Attention maps for a few images, without Ray; returns one dict per image.
+
+    Writes `OUT/<name>.png` (overlay on the image as the model saw it, with label and
+    score), `OUT/<name>_input.png` (that image, enlarged for viewing) and `OUT/<name>.npy`
+    (the map on the patch grid, max-normalised). `<name>` is the file's stem, made unique.
+    """
+    import torch
+
+    from vitray.data.preprocess import normalize, resize_image
+    from vitray.data.readers import ImageError, decode_image
+    from vitray import storage
+    from vitray.errors import VitrayError
+    from vitray.models import load_trained
+    from vitray.overlays import overlay
+    from vitray.png import encode
+
+    check_map_options(method, head_fusion, discard_ratio)
+    if not images:
+        raise VitrayError("explain: give at least one image")
+    net, prep, labels = load_trained(model, attn_implementation=register_weights_attention())
+    pixels = []
+    for uri in images:  # every image is checked before anything is written
+        try:
+            pixels.append(resize_image(decode_image(storage.read_bytes(uri)), prep.size, prep.channels))
+        except ImageError as exc:
+            raise VitrayError(f"{uri}: {exc.kind}: {exc}") from None
+    x = normalize(torch.from_numpy(np.stack(pixels)), prep.mean, prep.std)
+    maps, logits = attention_maps(net, x, method=method, head_fusion=head_fusion, discard_ratio=discard_ratio)
+    probs = torch.softmax(logits.float(), dim=-1)
+    scores, preds = probs.max(dim=-1)
+    results = []
+    for uri, name, image, amap, pred, prob in zip(images, _unique_names(images), pixels, maps.numpy(),
+                                                  preds.tolist(), scores.tolist()):
+        label = labels[pred]
+        shown = overlay(image, amap, label=label, score=prob)
+        files = {"png": storage.join(out, f"{name}.png"), "input_png": storage.join(out, f"{name}_input.png"),
+                 "npy": storage.join(out, f"{name}.npy")}
+        storage.write_bytes(files["png"], encode(np.asarray(shown)))
+        storage.write_bytes(files["input_png"], encode(np.asarray(_enlarged(image, shown.size))))
+        buf = io.BytesIO()
+        np.save(buf, amap.astype(np.float32))
+        storage.write_bytes(files["npy"], buf.getvalue())
+        results.append({"image": uri, "label": label, "score": round(float(prob), 4), **files})
+    return results
 
 
-def _channels_as_rgb(images: np.ndarray) -> np.ndarray:
-    """Channels-last uint8 (..., C) → (..., 3): RGB(A) keeps its colours, other counts show channel 0."""
-    if images.shape[-1] in (3, 4):
-        return np.ascontiguousarray(images[..., :3])
-    return np.repeat(images[..., :1], 3, axis=-1)
+def _unique_names(uris: Sequence[str]) -> list[str]:
+    names, seen = [], {}
+    for uri in uris:
+        stem = os.path.splitext(posixpath.basename(uri.rstrip("/")))[0] or "image"
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return names
 
 
-@functools.lru_cache(maxsize=8)
-def _font(size: int) -> Any:
-    """PIL's default font at `size` px (loading it is most of a caption's cost)."""
-    from PIL import ImageFont
+def _enlarged(image: np.ndarray, size: tuple[int, int]) -> Any:
+    from PIL import Image
 
-    return ImageFont.load_default(size=size)
-
-
-def _draw_caption(image: Image.Image, text: str) -> None:
-    from PIL import ImageDraw
-
-    size = max(12, min(image.size) // 14)
-    font = _font(size)
-    draw = ImageDraw.Draw(image)
-    pad = max(2, size // 4)
-    left, top, right, bottom = draw.textbbox((pad, pad), text, font=font)
-    draw.rectangle((0, 0, right + pad, bottom + pad), fill=(0, 0, 0))
-    draw.text((pad, pad), text, fill=(255, 255, 255), font=font)
-
-
-def _as_map(amap: np.ndarray) -> np.ndarray:
-    heat = np.asarray(amap, dtype=np.float64)
-    if heat.ndim != 2 or heat.size == 0:
-        raise ValueError(f"attention map must be a non-empty 2-D (rows, cols) array, got shape {heat.shape}")
-    return heat
-
-
-def _as_box(bbox: Sequence[float]) -> tuple[float, float, float, float]:
-    if len(bbox) != 4:
-        raise ValueError(f"bbox must be x1, y1, x2, y2, got {list(bbox)}")
-    x1, y1, x2, y2 = (float(v) for v in bbox)
-    return x1, y1, x2, y2
-
-
-def _interval_overlap(edges: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Fraction of each interval [edges[i], edges[i+1]] covered by [lo, hi]."""
-    covered = np.clip(np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo), 0.0, None)
-    return covered / np.diff(edges)
+    pil = Image.fromarray(image[:, :, 0], mode="L") if image.shape[2] == 1 else Image.fromarray(image, mode="RGB")
+    return pil.resize(size, Image.Resampling.NEAREST)  # crisp pixels, the same size as the overlay

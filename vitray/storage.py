@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import posixpath
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -133,23 +134,62 @@ def read_bytes(uri: str) -> bytes:
         raise VitrayError(describe_error(uri, exc)) from None
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole object; on S3 a PUT is atomic, locally via rename."""
+def write_bytes(uri: str, data: bytes, durable: bool = False) -> None:
+    """Write a whole object so that a reader sees all of it or nothing; see `put`."""
     loc = resolve(uri)
     try:
-        if loc.is_s3:
-            # No create_dir on S3: it would cost a HeadBucket and leave an empty
-            # `prefix/` marker object beside the data, and a PUT needs no parent.
-            with loc.fs.open_output_stream(loc.path) as f:
-                f.write(data)
-        else:
-            loc.fs.create_dir(posixpath.dirname(loc.path), recursive=True)
-            tmp = f"{loc.path}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, loc.path)
+        put(loc, data, durable)
     except OSError as exc:
         raise VitrayError(describe_error(uri, exc)) from None
+
+
+def put(loc: Location, data: bytes, durable: bool = False) -> None:
+    """Write a whole object so that a reader sees all of it or nothing, even after a SIGKILL.
+
+    S3 makes an object visible only when its upload completes (a PUT; no `create_dir`, which
+    would cost a HeadBucket and leave an empty `prefix/` marker). Locally the bytes go to a
+    hidden temp file in the same folder (`.name.tmp-*`: invisible to dataset readers, and
+    what `remove_temps` cleans up after a kill), fsync'd when `durable`, then `os.replace`.
+    """
+    if loc.is_s3:
+        with loc.fs.open_output_stream(loc.path) as f:
+            f.write(data)
+        return
+    folder, name = os.path.split(loc.path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, loc.path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def remove_temps(folder: str, name: str = "") -> int:
+    """Local temp files of `put` (all, or those of one file name) that a kill left behind."""
+    if not os.path.isdir(folder):
+        return 0
+    prefix = f".{name}.tmp-" if name else "."
+    removed = 0
+    for entry in os.listdir(folder):
+        if entry.startswith(prefix) and ".tmp-" in entry:
+            os.remove(os.path.join(folder, entry))
+            removed += 1
+    return removed
+
+
+def delete(loc: Location) -> None:
+    """Delete a file; one that is already gone is fine."""
+    try:
+        loc.fs.delete_file(loc.path)
+    except FileNotFoundError:
+        pass
 
 
 def read_json(uri: str) -> Any:

@@ -5,21 +5,19 @@ parquet or as an image folder through `vitray.storage`. Two styles render the sa
 """
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import math
 import numbers
-import posixpath
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from vitray import storage
+from vitray.png import encode
 from vitray.errors import VitrayError
 
 CLASSES: tuple[str, ...] = ("passed", "Xplus", "Xminus", "Yplus", "Yminus")
@@ -423,26 +421,9 @@ def _render(sc: _Scenes, size: int, look: _Look, rng: np.random.Generator) -> np
 # --- writing ---------------------------------------------------------------------------------
 
 
-def _png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _response(sample: Sample) -> str:
     # A Python-literal dict, as in the FRAMEimages data set.
     return repr({"bboxes": [list(sample.bbox)], "labels": [sample.label]})
-
-
-def _put(loc: storage.Location, write: Callable[[pa.NativeFile], object]) -> None:
-    """Stream one object to its filesystem; storage failures become one line."""
-    try:
-        if not loc.is_s3:
-            loc.fs.create_dir(posixpath.dirname(loc.path), recursive=True)
-        with loc.fs.open_output_stream(loc.path) as f:
-            write(f)
-    except OSError as exc:
-        raise VitrayError(storage.describe_error(loc.uri, exc)) from None
 
 
 def _write_parquet(root: storage.Location, samples: Iterator[Sample], n: int, shard_rows: int) -> int:
@@ -451,21 +432,22 @@ def _write_parquet(root: storage.Location, samples: Iterator[Sample], n: int, sh
         rows = list(itertools.islice(samples, shard_rows))
         first = k * shard_rows
         image = pa.StructArray.from_arrays(
-            [pa.array([_png(r.image) for r in rows], pa.binary()),
+            [pa.array([encode(r.image) for r in rows], pa.binary()),
              pa.array([f"{first + i:05d}.png" for i in range(len(rows))], pa.string())],
             fields=list(_SCHEMA.field("image").type),
         )
         label = pa.array([LABEL_NAMES.index(r.label) for r in rows], pa.int64())
         response = pa.array([_response(r) for r in rows], pa.string())
         table = pa.Table.from_arrays([image, label, response], schema=_SCHEMA)
-        _put(root.child(f"data-{k:05d}-of-{shards:05d}.parquet"), lambda f: pq.write_table(table, f))
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        storage.write_bytes(root.child(f"data-{k:05d}-of-{shards:05d}.parquet").uri, sink.getvalue().to_pybytes())
     return shards
 
 
 def _write_imagefolder(root: storage.Location, samples: Iterator[Sample]) -> int:
     count = 0
     for i, sample in enumerate(samples):
-        data = _png(sample.image)
-        _put(root.child(sample.label, f"{i:05d}.png"), lambda f: f.write(data))
+        storage.write_bytes(root.child(sample.label, f"{i:05d}.png").uri, encode(sample.image))
         count += 1
     return count

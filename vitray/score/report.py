@@ -46,7 +46,7 @@ class ReportData:
 
 def gather(output: str, gallery_size: int = 48, error_rows: int = 200) -> ReportData:
     """Stream the committed rows of OUT into counts and the few rows the page lists."""
-    from vitray.score import read_errors, read_predictions
+    from vitray.score.outputs import read_errors, read_predictions
 
     data = ReportData(storage.resolve(output).uri)
     data.runs = _runs(output)

@@ -1,0 +1,323 @@
+"""The one place that knows a scoring output's layout and how pieces are committed to it.
+
+OUT holds `predictions/` (Parquet, one row per scored image), `errors/` (Parquet rows of
+images that could not be used), `attention/<key>.png` overlays, `runs/<run_id>.json`
+manifests, `_lease.json` (`vitray.lease`) and, while a piece is on its way, `_pending/`.
+
+Commit protocol (what makes a rerun score only what is missing, and a kill harmless):
+  A piece is one batch of the writer stage, named `<run_id>-<hash of its ids>`, so a Ray
+  retry of the same batch rewrites the same names instead of adding new ones. In order:
+    1. `_pending/<piece>.json` lists the overlay PNGs the piece is about to write;
+    2. the PNGs `attention/<key>.png`, then `errors/part-<piece>.parquet` (if any failed);
+    3. the commit: `predictions/part-<piece>.parquet`, written as one whole object
+       (`storage.put`: a single PUT on S3; a hidden temp file, fsync'd, renamed locally);
+    4. `_pending/<piece>.json` is deleted.
+  A row is committed iff it is in a file under predictions/, and `pyarrow.dataset` (which
+  skips names starting with `.` or `_`) shows exactly the committed rows, each id once.
+  Only the run holding OUT's lease commits or recovers. Recovery after a killed run: a
+  pending piece whose predictions file exists lost only its marker (dropped); one without
+  it is deleted with its PNGs; stale local temp files are removed; an entry that cannot be
+  cleaned is reported and left, never blocking the run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from vitray import storage
+
+log = logging.getLogger(__name__)
+
+PNG_THREADS = 8  # overlay writes in flight per piece
+
+PREDICTIONS_SCHEMA = pa.schema([
+    ("id", pa.string()), ("path", pa.string()), ("label", pa.string()), ("score", pa.float32()),
+    ("probs", pa.list_(pa.float32())), ("attention", pa.list_(pa.float32())),
+    ("attention_shape", pa.list_(pa.int32())), ("attention_png", pa.string()),
+    ("model", pa.string()), ("run_id", pa.string()),
+])
+ERRORS_SCHEMA = pa.schema([("path", pa.string()), ("error", pa.string()), ("message", pa.string()),
+                           ("run_id", pa.string())])
+
+
+KEY_SEGMENT_BYTES = 64  # of each folder and of the file name's readable part
+KEY_DEPTH = 8  # folders kept from the id; deeper ones are folded into the last
+
+
+def attention_key(image_id: str) -> str:
+    """OUT-relative key of an image's overlay: `attention/<readable id>-<hash>.png`.
+
+    One key per id whatever the id holds, and always a legal name: the readable part keeps
+    the id's subfolders (at most 8, each cut to 64 bytes; empty, `.` and `..` segments
+    become `_`, `#<row>` of table ids `_row<row>`, unprintable characters `_`), and 16 hex
+    digits of the id's SHA-1 tell apart ids that read alike (`x#1.png`, `x_row1.png`) or
+    were cut short. A key stays under 700 bytes (S3 allows 1,024) and each name under 100
+    (filesystems allow 255).
+    """
+    digest = hashlib.sha1(image_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    parts = image_id.replace("\\", "/").split("/")
+    if len(parts) > KEY_DEPTH:
+        parts = parts[: KEY_DEPTH - 1] + ["_".join(parts[KEY_DEPTH - 1:])]
+    readable = [_key_segment(p) for p in parts]
+    readable[-1] = f"{readable[-1]}-{digest}.png"
+    return "attention/" + "/".join(readable)
+
+
+def _key_segment(part: str) -> str:
+    if part in ("", ".", ".."):
+        return "_"
+    text = "".join(c if c.isprintable() else "_" for c in part.replace("#", "_row"))
+    return text.encode("utf-8", "replace")[:KEY_SEGMENT_BYTES].decode("utf-8", "ignore") or "_"
+
+
+def read_predictions(output: str) -> Any:
+    """The committed predictions under OUT as a `pyarrow.dataset.Dataset` (empty when none)."""
+    import pyarrow.dataset as pads
+
+    loc = storage.resolve(storage.join(output, "predictions"))
+    files = [f.path for f in _list(loc) if _visible(f.path) and f.path.endswith(".parquet")]
+    return pads.dataset(files, schema=PREDICTIONS_SCHEMA, filesystem=loc.fs, format="parquet")
+
+
+def read_errors(output: str) -> Any:
+    """The errors/ rows under OUT as a `pyarrow.dataset.Dataset` (empty when none)."""
+    import pyarrow.dataset as pads
+
+    loc = storage.resolve(storage.join(output, "errors"))
+    files = [f.path for f in _list(loc) if _visible(f.path) and f.path.endswith(".parquet")]
+    return pads.dataset(files, schema=ERRORS_SCHEMA, filesystem=loc.fs, format="parquet")
+
+
+def committed_ids(output: str) -> set[str]:
+    """Ids already committed under OUT (read from the `id` column only)."""
+    ids: set[str] = set()
+    for batch in read_predictions(output).to_batches(columns=["id"]):
+        ids.update(batch.column(0).to_pylist())
+    return ids
+
+
+def _visible(path: str) -> bool:
+    # The same rule as pyarrow.dataset's discovery: hidden and `_` names are not data.
+    return not posixpath.basename(path).startswith((".", "_"))
+
+
+def _list(loc: storage.Location) -> list[pafs.FileInfo]:
+    """Files directly under a folder/prefix, none when it does not exist."""
+    return storage.list_files(loc.uri, recursive=False)
+
+
+def _write_in_place(paths: Sequence[str], data: Sequence[bytes]) -> None:
+    """Local overlays written in place, each folder made once: their piece's pending marker
+    covers them, so a temp file and rename each (`storage.put`) would buy nothing."""
+    for folder in {os.path.dirname(p) for p in paths}:
+        os.makedirs(folder, exist_ok=True)
+    for path, blob in zip(paths, data):
+        with open(path, "wb") as f:
+            f.write(blob)
+
+
+def recover(output: str, run_id: str | None = None) -> dict[str, int]:
+    """Clean up what killed runs left under OUT (see the module docstring); safe to repeat.
+
+    Called by the run holding OUT's lease, so every pending piece found belongs to a run
+    that is gone (`run_id`, the caller's own, is left alone). One entry that cannot be
+    cleaned (a name the filesystem refuses, a damaged marker) is reported and skipped:
+    it must never keep a run from scoring.
+    """
+    root = storage.resolve(output)
+    pending = root.child("_pending")
+    found = {"pending_dropped": 0, "pending_undone": 0, "temp_files": 0, "unrecoverable": 0}
+    for info in _list(pending):
+        piece = posixpath.basename(info.path)
+        if not piece.endswith(".json") or (run_id and piece.startswith(f"{run_id}-")):
+            continue
+        try:
+            found[_recover_piece(root, info.path, piece[: -len(".json")])] += 1
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            found["unrecoverable"] += 1
+            log.warning("could not clean up %s: %s", info.path, str(exc).splitlines()[0] if str(exc) else exc)
+    if not root.is_s3:
+        for folder in ("_pending", "predictions", "errors", "runs"):
+            found["temp_files"] += storage.remove_temps(root.child(folder).path)
+    return found
+
+
+def _recover_piece(root: storage.Location, marker: str, piece: str) -> str:
+    if root.fs.get_file_info(root.child("predictions", f"part-{piece}.parquet").path).type == pafs.FileType.File:
+        storage.delete(storage.Location(root.fs, marker, marker))
+        return "pending_dropped"  # committed; only the marker's delete was lost
+    with root.fs.open_input_stream(marker) as f:
+        record = json.loads(f.read())
+    for key in record.get("pngs", []):
+        try:
+            png = root.child(*key.split("/"))
+            storage.delete(png)
+            if not root.is_s3:
+                storage.remove_temps(posixpath.dirname(png.path), posixpath.basename(png.path))
+        except OSError as exc:  # e.g. a name too long for this filesystem: it was never written
+            log.warning("could not delete overlay %s of an unfinished piece: %s", key, exc)
+    storage.delete(storage.Location(root.fs, marker, marker))
+    return "pending_undone"
+
+
+@dataclass(frozen=True)
+class PiecePlan:
+    """What the writer stage needs to commit a piece (pickled to the Ray tasks)."""
+
+    output: str
+    run_id: str
+    model: str
+    labels: tuple[str, ...]
+    grid: tuple[int, int]
+    input_base: str  # input URI that ids are relative to
+
+    def name(self, ids: Sequence[str]) -> str:
+        # The ids, not a counter: a retried task writes the same names, never a second copy.
+        digest = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+        return f"{self.run_id}-{digest}"
+
+
+def write_piece(batch: dict[str, np.ndarray], plan: PiecePlan) -> dict[str, np.ndarray]:
+    """Ray Data UDF: commit one piece of scored rows (protocol in the module docstring) → one summary row."""
+    import pyarrow.parquet as pq
+
+    started = time.perf_counter()
+    root = storage.resolve(plan.output)
+    ids = [str(i) for i in batch["id"]]
+    piece = plan.name(ids)
+    ok = batch["error_kind"] == ""
+    maps = np.asarray(batch["attention"], dtype=np.float32)
+    has_map = ok & ~np.isnan(maps).any(axis=1)
+    pngs = {i: attention_key(ids[i]) for i in np.flatnonzero(has_map)}
+    labels = [plan.labels[p] if p >= 0 else "" for p in batch["pred"]]
+
+    pending = root.child("_pending", f"{piece}.json")
+    if pngs:
+        storage.put(pending, json.dumps({"run_id": plan.run_id, "pngs": list(pngs.values())}).encode())
+
+        rows = np.fromiter(pngs, dtype=np.int64)
+        encoded = _overlay_pngs(batch["image"][rows], maps[rows].reshape(len(rows), *plan.grid))
+
+        places = [root.child(*pngs[i].split("/")) for i in rows]
+        if root.is_s3:
+            # Threads: on S3 each overlay is a round trip, and a piece has hundreds of them.
+            with ThreadPoolExecutor(max_workers=PNG_THREADS) as pool:
+                list(pool.map(storage.put, places, encoded))
+        else:  # local writes do not wait: threads would only contend for the GIL
+            _write_in_place([p.path for p in places], encoded)
+
+    bad = np.flatnonzero(~ok)
+    if len(bad):
+        errors = pa.table({"path": [_input_uri(plan.input_base, ids[i]) for i in bad],
+                           "error": [str(batch["error_kind"][i]) for i in bad],
+                           "message": [str(batch["error"][i]) for i in bad],
+                           "run_id": [plan.run_id] * len(bad)}, schema=ERRORS_SCHEMA)
+        storage.put(root.child("errors", f"part-{piece}.parquet"), _parquet_bytes(errors, pq), durable=True)
+
+    good = np.flatnonzero(ok)
+    if len(good):
+        _check_lease(root, plan.run_id)
+        rows, cols = plan.grid
+        table = pa.table({
+            "id": [ids[i] for i in good],
+            "path": [_input_uri(plan.input_base, ids[i]) for i in good],
+            "label": [labels[i] for i in good],
+            "score": np.asarray(batch["score"], dtype=np.float32)[good],
+            "probs": _float_lists(np.asarray(batch["probs"], dtype=np.float32)[good]),
+            "attention": _float_lists(maps[good], valid=has_map[good]),
+            "attention_shape": [[rows, cols] if has_map[i] else None for i in good],
+            "attention_png": [pngs.get(i) for i in good],
+            "model": [plan.model] * len(good),
+            "run_id": [plan.run_id] * len(good),
+        }, schema=PREDICTIONS_SCHEMA)
+        # The commit: from here on these ids are done.
+        storage.put(root.child("predictions", f"part-{piece}.parquet"), _parquet_bytes(table, pq), durable=True)
+    if pngs:
+        storage.delete(pending)
+
+    counts: dict[str, int] = {}
+    for i in good:
+        counts[labels[i]] = counts.get(labels[i], 0) + 1
+    kinds: dict[str, int] = {}
+    for i in bad:
+        kinds[str(batch["error_kind"][i])] = kinds.get(str(batch["error_kind"][i]), 0) + 1
+    return {"piece": np.array([piece], dtype=object), "scored": np.array([len(good)]),
+            "errors": np.array([len(bad)]), "labels": np.array([json.dumps(counts)], dtype=object),
+            "error_kinds": np.array([json.dumps(kinds)], dtype=object),
+            "seconds": np.array([time.perf_counter() - started])}
+
+
+def _check_lease(root: storage.Location, run_id: str) -> None:
+    """Commit only while this run holds OUT's lease: a run that stalled past the lease's stale
+    time and was taken over must not commit the ids the new holder is scoring too."""
+    from vitray.lease import LEASE_NAME, LeaseLost
+
+    try:
+        with root.fs.open_input_stream(root.child(LEASE_NAME).path) as f:
+            holder = json.loads(f.read()).get("run_id")
+    except (OSError, ValueError):
+        holder = None
+    if holder != run_id:
+        raise LeaseLost(f"{root.uri}: run {run_id} no longer holds the output's lease (held by {holder}); "
+                        "this piece was not committed", exit_code=1)
+
+
+def _float_lists(values: np.ndarray, valid: np.ndarray | None = None) -> pa.Array:
+    """(rows, k) float32 → list<float32> rows without a Python list per row; null where not `valid`."""
+    rows, k = values.shape
+    offsets = pa.array(np.arange(0, (rows + 1) * k, k, dtype=np.int32))
+    mask = None if valid is None else pa.array(~np.asarray(valid, dtype=bool))
+    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(values).ravel()), mask=mask)
+
+
+def _parquet_bytes(table: pa.Table, pq: Any) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def _overlay_pngs(images: np.ndarray, maps: np.ndarray, chunk: int = 64) -> list[bytes]:
+    """The bulk overlays: each map on the image the model saw, at that size, without a caption.
+
+    Label and score are in the row (and the report's captions). Drawn a chunk of images at
+    a time (small enough to stay in cache), each then a PNG of its own: drawing and encoding
+    one overlay at a time through PIL cost as much as the tiny model's forward pass.
+    """
+    from vitray.overlays import overlay_maps
+    from vitray.png import encode
+
+    images = np.asarray(images, dtype=np.uint8)
+    pngs = []
+    for start in range(0, len(images), chunk):
+        pngs += [encode(o) for o in overlay_maps(images[start:start + chunk], maps[start:start + chunk])]
+    return pngs
+
+
+def _input_uri(base: str, image_id: str) -> str:
+    return storage.join(base, image_id)
+
+
+def record_bad_names(out: str, run_id: str, source: Any) -> None:
+    """Files whose names cannot be ids (not valid UTF-8) become error rows of their own kind, each run."""
+    if not source.bad_names:
+        return
+    import pyarrow.parquet as pq
+
+    n = len(source.bad_names)
+    table = pa.table({"path": source.bad_names, "error": ["bad-name"] * n,
+                      "message": ["the file name is not valid UTF-8; rename the file to score it"] * n,
+                      "run_id": [run_id] * n}, schema=ERRORS_SCHEMA)
+    root = storage.resolve(out)
+    storage.put(root.child("errors", f"part-{run_id}-names.parquet"), _parquet_bytes(table, pq), durable=True)
+    log.warning("%d file(s) with names that are not valid UTF-8 recorded in %s", n, storage.join(out, "errors"))

@@ -1,0 +1,378 @@
+"""A scoring run: its options, the Ray Data pipeline and the run that commits every image once.
+
+`score` streams images (any folder or s3:// prefix of images, or a data set) through
+read → decode/resize (tasks) → `Predictor` actors → a writer stage that commits each
+piece of rows to OUT (`vitray.score.outputs`); the driver sees one summary row per piece,
+so memory stays flat. One run per OUT at a time: a run takes OUT's lease (`vitray.lease`)
+before anything else, then recovers what killed runs left, skips the committed ids and
+scores the rest. Images that fail to decode are not committed: each run tries them again
+and adds an errors/ row, since a file may have been half-copied when it was listed; so
+do files whose names are not UTF-8 (`bad-name`), which cannot be ids. A failed or
+interrupted run marks its manifest and keeps every committed piece.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import posixpath
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pyarrow.fs as pafs
+
+from vitray import storage
+from vitray.errors import VitrayError
+from vitray.explain import check_map_options  # imports torch only when used
+from vitray.inference import ATTENTION_MODES
+from vitray.lease import STALE_S, Lease
+from vitray.score.outputs import PiecePlan, committed_ids, read_predictions, record_bad_names, recover, write_piece
+
+log = logging.getLogger(__name__)
+
+SCORE_FORMATS = ("images", "imagefolder", "parquet", "csv")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """One scoring run; every default lives here (the CLI reads them) and goes into the manifest."""
+
+    model: str  # trained model folder or s3:// prefix
+    input: str  # folder/prefix of images (recursive), or image folder / parquet / digit CSV
+    output: str  # folder or s3:// prefix: predictions/, errors/, attention/, runs/, report.html
+    format: str | None = None  # detected when None
+    attention: str = "defects"  # all | defects (not predicted `passed`) | none
+    method: str = "rollout"  # rollout | grad-rollout
+    head_fusion: str = "mean"
+    discard_ratio: float = 0.0
+    # Images per model call. Each call to the actor costs Ray ~5-10 ms besides the model:
+    # 256 kept a CPU actor busy where 64 left it waiting a quarter of the time.
+    batch_size: int = 256
+    workers: int = 1  # inference actors, each loads the model once
+    gpus_per_worker: float = 0.0
+    piece_rows: int = 512  # rows per committed file; a kill loses at most the pieces in flight
+    submission: str | None = None  # Kaggle ImageId,Label CSV (digit-recognizer CSV input only)
+    max_error_rate: float = 1.0  # fail the run (exit 1) above this share of undecodable images
+    lease_timeout: float = STALE_S  # seconds without a heartbeat after which OUT's lease is taken over
+    shared_fs: bool = False  # a local --output that every Ray node mounts (else s3:// on a multi-node cluster)
+    ray_address: str | None = None
+    verbose: bool = False
+
+    def check(self) -> None:
+        """One-line errors for option values, before anything is read."""
+        if self.attention not in ATTENTION_MODES:
+            raise VitrayError(f"--attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
+        check_map_options(self.method, self.head_fusion, self.discard_ratio)
+        if self.format is not None and self.format not in SCORE_FORMATS:
+            raise VitrayError(f"--format must be one of {', '.join(SCORE_FORMATS)}, got {self.format!r}")
+        for name in ("batch_size", "workers", "piece_rows"):
+            if int(getattr(self, name)) < 1:
+                raise VitrayError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.gpus_per_worker < 0:
+            raise VitrayError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+        if self.lease_timeout <= 0:
+            raise VitrayError(f"--lease-timeout must be positive, got {self.lease_timeout}")
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise VitrayError(f"--max-error-rate must be between 0 and 1, got {self.max_error_rate}")
+
+
+def _prepare(batch: dict[str, np.ndarray], size: int, channels: int) -> dict[str, np.ndarray]:
+    """Decode and resize; an image that fails keeps its row (a blank image and its error kind)."""
+    from vitray.data.preprocess import resize_image
+    from vitray.data.readers import decode_batch
+
+    decoded = decode_batch(batch)
+    n = len(decoded["id"])
+    images = np.zeros((n, size, size, channels), dtype=np.uint8)
+    kinds = np.array(["" if k is None else str(k) for k in decoded["error_kind"]], dtype=object)
+    messages = np.array(["" if m is None else str(m) for m in decoded["error"]], dtype=object)
+    for i, image in enumerate(decoded["image"]):
+        if image is None:
+            continue
+        try:
+            images[i] = resize_image(np.asarray(image), size, channels)
+        except Exception as exc:  # one odd image must not fail the whole run
+            kinds[i], messages[i] = "corrupt", f"cannot convert: {str(exc).splitlines()[0][:200]}"
+    return {"id": decoded["id"], "image": images, "error_kind": kinds, "error": messages}
+
+
+def _scorer_class() -> type:
+    """`Predictor` that passes over the rows that failed to decode (imported lazily: torch)."""
+    from vitray.inference import Predictor
+
+    class Scorer(Predictor):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            ok = batch["error_kind"] == ""
+            out = super().__call__(batch) if ok.all() else self._skip_failed(batch, ok)
+            if self.options.attention == "none":
+                del out["image"]  # only overlays need the pixels downstream
+            return out
+
+        def _skip_failed(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, np.ndarray]:
+            """The model sees only the rows that decoded; the others get NaN and pred -1."""
+            n, cells = len(ok), self.grid[0] * self.grid[1]
+            out = dict(batch)
+            out["pred"] = np.full(n, -1, dtype=np.int64)
+            out["score"] = np.full(n, np.nan, dtype=np.float32)
+            out["probs"] = np.full((n, len(self.labels)), np.nan, dtype=np.float32)
+            out["attention"] = np.full((n, cells), np.nan, dtype=np.float32)
+            if ok.any():
+                part = super().__call__({k: v[ok] for k, v in batch.items()})
+                for key in ("pred", "score", "probs", "attention"):
+                    out[key][ok] = part[key]
+            return out
+
+    return Scorer
+
+
+@dataclass
+class _Totals:
+    scored: int = 0
+    errors: int = 0
+    pieces: int = 0
+    labels: dict[str, int] = field(default_factory=dict)
+    error_kinds: dict[str, int] = field(default_factory=dict)
+
+    def add(self, summary: dict[str, Any]) -> None:
+        self.scored += int(summary["scored"])
+        self.errors += int(summary["errors"])
+        self.pieces += 1
+        for target, text in ((self.labels, summary["labels"]), (self.error_kinds, summary["error_kinds"])):
+            for key, value in json.loads(text).items():
+                target[key] = target.get(key, 0) + int(value)
+
+
+def new_run_id() -> str:
+    """Sortable by start time (UTC), unique across machines."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def _check_model(model: str) -> tuple[list[str], Any, tuple[int, int]]:
+    """Labels, preprocessing and patch grid of a trained ViT classifier; one-line error otherwise."""
+    from vitray.models import describe_trained
+
+    labels, prep, patch = describe_trained(model)
+    return labels, prep, (prep.size // patch, prep.size // patch)
+
+
+def _check_gpus(config: ScoreConfig) -> None:
+    """An embedded Ray has only this machine's GPUs: asking for absent ones would wait forever."""
+    if config.gpus_per_worker <= 0 or config.ray_address or os.environ.get("RAY_ADDRESS"):
+        return  # a cluster may have (or autoscale to) GPU nodes the driver cannot see
+    if _local_gpus() < config.gpus_per_worker:
+        raise VitrayError(f"--gpus-per-worker {config.gpus_per_worker}: this machine has "
+                          f"{_local_gpus()} GPUs (join a GPU cluster with --ray-address)")
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _check_input(config: ScoreConfig) -> Any:
+    from vitray.data.readers import detect_format, inspect_source
+
+    fmt = config.format or detect_format(config.input)
+    # An image folder is scored like any tree of images: its class folders are only part of the ids.
+    fmt = "images" if fmt == "imagefolder" else fmt
+    source = inspect_source(config.input, fmt)
+    if config.submission and source.format != "csv":
+        raise VitrayError("--submission needs digit-recognizer CSV input (pixel0..pixel783); "
+                          f"{config.input} is {source.format}")
+    inp, out = storage.resolve(config.input), storage.resolve(config.output)
+    if type(inp.fs) is type(out.fs) and (out.path + "/").startswith(inp.path.rstrip("/") + "/"):
+        raise VitrayError(f"--output {config.output} is inside --input {config.input}: "
+                          "its overlays would be scored by the next run")
+    storage.check_output(config.output, "--output")
+    return source
+
+
+def _check_cluster(config: ScoreConfig) -> None:
+    """The actors fit the cluster; on a cluster, a local --output is a folder every node mounts."""
+    from vitray.cluster import check_fits, check_shared_output, plan, shortfall
+
+    # Each actor holds a CPU (and its GPUs); decoding needs a CPU of its own beside them.
+    if not (config.ray_address or os.environ.get("RAY_ADDRESS")):  # an embedded Ray: this machine alone
+        from vitray.runtime import embedded_cpus
+
+        gpus = _local_gpus() if config.gpus_per_worker > 0 else 0
+        worker = {"CPU": 1.0, "GPU": config.gpus_per_worker}
+        fit = plan([{"CPU": float(embedded_cpus()), "GPU": float(gpus)}], config.workers, worker, {"CPU": 1.0})
+        if not fit.fits:
+            raise VitrayError(shortfall(fit, "--workers", config.workers, 1.0, config.gpus_per_worker, 1.0,
+                                        "decoding"))
+        return
+    from vitray.runtime import RayOptions, init_ray
+
+    init_ray(RayOptions(address=config.ray_address, quiet=not config.verbose))
+    check_shared_output(config.output, config.shared_fs, "--output")
+    check_fits(config.workers, 1.0, config.gpus_per_worker, "--workers", extra_cpus=1.0, extra_for="decoding")
+
+
+def score(config: ScoreConfig, progress: Callable[[dict[str, int]], None] | None = None) -> dict:
+    """Score every image of `config.input` not yet committed under `config.output`; return the manifest.
+
+    Raises VitrayError (exit 2) for a bad model, input or option, or an output another
+    run holds, before any work; VitrayError with exit code 1 when the run fails (a full
+    disk, an unreachable S3, the share of undecodable images above `max_error_rate`:
+    what was committed stays) and with exit code 130 when interrupted (Ctrl-C).
+    """
+    wall_start = time.perf_counter()
+    config.check()
+    labels, prep, grid = _check_model(config.model)
+    source = _check_input(config)
+    _check_gpus(config)
+    _check_cluster(config)
+
+    run_id = new_run_id()
+    out = storage.resolve(config.output).uri
+    with Lease(out, run_id, stale_s=config.lease_timeout) as lease:
+        manifest: dict[str, Any] = {
+            "run_id": run_id, "status": "running", "started": _now(), "finished": None,
+            "model": storage.resolve(config.model).uri, "input": storage.resolve(config.input).uri, "output": out,
+            "format": source.format, "labels_of_model": labels, "arguments": dataclasses.asdict(config),
+        }
+        if lease.took_over:
+            manifest["took_over_lease_of"] = lease.took_over
+        runs = storage.resolve(storage.join(out, "runs", f"{run_id}.json"))
+        storage.write_json(runs.uri, manifest)  # a run that never finishes stays visible as "running"
+        manifest["recovered"] = recover(out, run_id)
+        totals, skipped, scoring_s = _Totals(), 0, 0.0
+        try:
+            record_bad_names(out, run_id, source)
+            done = committed_ids(out)
+            remaining = [i for i in source.ids if i not in done]
+            skipped = len(source) - len(remaining)
+            log.info("%s images in %s, %s already scored in %s: %s to score", f"{len(source):,}", config.input,
+                     f"{skipped:,}", out, f"{len(remaining):,}")
+            if remaining:
+                started = time.perf_counter()
+                _run(config, source, remaining, prep, PiecePlan(out, run_id, manifest["model"], tuple(labels), grid,
+                                                                _ids_base(config.input)),
+                     totals, lease, progress, skipped)
+                scoring_s = time.perf_counter() - started
+        except BaseException as exc:
+            failure = _failure(exc, out, totals)
+            manifest.update(status="interrupted" if failure.exit_code == 130 else "failed", finished=_now(),
+                            failure=str(failure), counts={"scored": totals.scored, "errors": totals.errors})
+            try:
+                storage.write_json(runs.uri, manifest)
+            except Exception:  # noqa: BLE001 - the storage that failed may refuse this too
+                pass
+            raise failure from exc
+
+    manifest.update({
+        "status": "complete", "finished": _now(),
+        "counts": {"scored": totals.scored, "skipped": skipped, "errors": totals.errors + len(source.bad_names),
+                   "total": len(source) + len(source.bad_names)},
+        "labels": totals.labels, "error_kinds": totals.error_kinds, "pieces": totals.pieces,
+        "wall_s": round(time.perf_counter() - wall_start, 3), "scoring_s": round(scoring_s, 3),
+        "images_per_s": round(totals.scored / scoring_s, 2) if scoring_s > 0 else None,
+    })
+    if source.bad_names:
+        manifest["error_kinds"]["bad-name"] = len(source.bad_names)
+    attempted = totals.scored + totals.errors
+    rate = totals.errors / attempted if attempted else 0.0
+    failure = None
+    if rate > config.max_error_rate:
+        failure = VitrayError(f"{totals.errors} of {attempted} images could not be read "
+                              f"(error rate {rate:.1%} > --max-error-rate {config.max_error_rate}); "
+                              f"see {storage.join(out, 'errors')}", exit_code=1)
+    elif config.submission:
+        try:
+            manifest["submission"] = write_submission(out, source.ids, config.submission)
+        except VitrayError as exc:
+            failure = exc
+    if failure:
+        manifest.update(status="failed", failure=str(failure))
+    storage.write_json(runs.uri, manifest)
+
+    from vitray.score.report import write_report
+
+    # What was scored is committed either way: the report and the manifest show it.
+    manifest["report"] = write_report(out)
+    if failure:
+        raise failure
+    return manifest
+
+
+def _ids_base(input_uri: str) -> str:
+    """Ids are relative to the input folder, or (one file given) to the folder holding it."""
+    root = storage.resolve(input_uri).uri
+    return posixpath.dirname(root) if storage.info(root).type == pafs.FileType.File else root
+
+
+def _run(config: ScoreConfig, source: Any, remaining: list[str], prep: Any, plan: PiecePlan, totals: _Totals,
+         lease: Lease, progress: Callable[[dict[str, int]], None] | None, skipped: int) -> None:
+    from vitray.runtime import RayOptions, init_ray
+
+    init_ray(RayOptions(address=config.ray_address, quiet=not config.verbose))
+    for batch in _pipeline(config, source, remaining, prep, plan).iter_batches(batch_size=None,
+                                                                              batch_format="numpy"):
+        for row in range(len(batch["piece"])):
+            totals.add({k: v[row] for k, v in batch.items()})
+        lease.check()  # taken over: stop taking new pieces (the pieces in flight are this run's own)
+        if progress:
+            progress({"scored": totals.scored, "errors": totals.errors, "total": len(remaining), "skipped": skipped})
+
+
+def _failure(exc: BaseException, out: str, totals: _Totals) -> VitrayError:
+    """What a failed or interrupted run tells the user: one line, what failed and what to do."""
+    from vitray.faults import describe
+
+    kept = f"the {totals.scored} images committed by this run are kept" if totals.scored else \
+        "the images committed before are kept"
+    if isinstance(exc, KeyboardInterrupt):
+        return VitrayError(f"interrupted; {kept}; the same command scores the rest", exit_code=130)
+    if isinstance(exc, VitrayError):
+        return exc
+    return VitrayError(f"{describe(exc, out)}; {kept}; rerun the same command to score the rest", exit_code=1)
+
+
+def _pipeline(config: ScoreConfig, source: Any, remaining: list[str], prep: Any, plan: PiecePlan) -> Any:
+    """read → decode/resize (tasks) → model (actor pool) → commit pieces (tasks) → one row per piece."""
+    import ray.data
+
+    from vitray.data.readers import read_encoded
+    from vitray.inference import PredictOptions
+
+    options = PredictOptions(attention=config.attention, method=config.method, head_fusion=config.head_fusion,
+                             discard_ratio=config.discard_ratio)
+    return (read_encoded(source, ids=remaining)
+            # Half a CPU slot: reading waits on storage much of the time, and resources that
+            # differ from the actors' keep Ray Data from fusing decode into them (an actor
+            # holding a GPU would then decode one batch at a time while the GPU waits).
+            .map_batches(_prepare, fn_kwargs={"size": prep.size, "channels": prep.channels},
+                         batch_size=64, batch_format="numpy", num_cpus=0.5)
+            .map_batches(_scorer_class(), fn_constructor_args=(config.model, options),
+                         batch_size=config.batch_size, batch_format="numpy",
+                         compute=ray.data.ActorPoolStrategy(size=config.workers),
+                         num_gpus=config.gpus_per_worker or None)
+            .map_batches(write_piece, fn_kwargs={"plan": plan}, batch_size=config.piece_rows,
+                         batch_format="numpy"))
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def write_submission(output: str, ids: Sequence[str], uri: str) -> dict:
+    """Kaggle `ImageId,Label` (ImageId 1..N in the input's row order) from the committed predictions."""
+    wanted = {image_id: n for n, image_id in enumerate(ids)}
+    labels: list[str | None] = [None] * len(ids)
+    for batch in read_predictions(output).to_batches(columns=["id", "label"]):
+        for image_id, label in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+            if image_id in wanted:
+                labels[wanted[image_id]] = label
+    missing = sum(label is None for label in labels)
+    if missing:
+        raise VitrayError(f"--submission: {missing} of {len(ids)} rows have no prediction under {output}",
+                          exit_code=1)
+    text = "ImageId,Label\n" + "".join(f"{n},{label}\n" for n, label in enumerate(labels, start=1))
+    storage.write_bytes(uri, text.encode())
+    return {"uri": uri, "rows": len(ids)}
