@@ -72,6 +72,7 @@ def _run_synth(args: argparse.Namespace) -> int:
                           seed=args.seed, fmt=args.format, style=args.style)
     counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
     print(f"wrote {summary['n']} images ({counts}) as {args.format} to {args.out}")
+    print(f"next: vitray train --data {args.out} --out RUN")
     return 0
 
 
@@ -264,12 +265,16 @@ def _add_evaluate(sub: Any) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from vitray import storage
     from vitray.evaluate import evaluate, format_report
 
     metrics = evaluate(args.model, args.data, args.out, fmt=args.format, batch_size=args.batch_size,
                        ray_address=args.ray_address)
     print(format_report(metrics))
-    print(f"evaluation written to {args.out}")
+    print(_summary(f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}",
+                   {"evaluation": storage.join(args.out, "evaluation.json"),
+                    "confusion matrix": storage.join(args.out, "confusion_matrix.png")},
+                   f"vitray score --model {args.model} --input IMAGES --output SCORES"))
     return 0
 
 
@@ -428,6 +433,7 @@ def _score_progress() -> tuple[Callable[[dict[str, int]], None], Callable[[], No
 
 
 def _run_score(args: argparse.Namespace) -> int:
+    from vitray import storage
     from vitray.score import ScoreConfig, score
 
     config = ScoreConfig(model=args.model, input=args.input, output=args.output, format=args.format,
@@ -444,11 +450,17 @@ def _run_score(args: argparse.Namespace) -> int:
         close()
     counts = manifest["counts"]
     rate = manifest["images_per_s"]
-    print(f"scored {counts['scored']} images ({counts['skipped']} already done, {counts['errors']} errors)"
-          + (f" at {rate:.1f} images/s" if rate else "") + f"; run {manifest['run_id']}")
-    print(f"predictions in {args.output}; report {manifest['report']}")
+    labels = ", ".join(f"{name} {n}" for name, n in sorted(manifest["labels"].items(), key=lambda kv: -kv[1]))
+    outputs = {"predictions": storage.join(args.output, "predictions"), "report": manifest["report"],
+               "manifest": storage.join(args.output, "runs", f"{manifest['run_id']}.json")}
+    if counts["errors"]:
+        outputs["errors"] = storage.join(args.output, "errors")
     if manifest.get("submission"):
-        print(f"submission {manifest['submission']['uri']}")
+        outputs["submission"] = manifest["submission"]["uri"]
+    print(_summary(f"scored {counts['scored']:,} images ({counts['skipped']:,} already done, {counts['errors']:,} "
+                   "errors)" + (f" at {rate:,.0f} img/s" if rate else "") + (f": {labels}" if labels else ""),
+                   outputs, f"open {manifest['report']}" if not storage.is_s3(args.output) else
+                   f"python -c \"import pyarrow.dataset as d; print(d.dataset('{outputs['predictions']}').head(5))\""))
     return 0
 
 
@@ -481,7 +493,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     width = max(len(r["image"]) for r in results)
     for r in results:
         print(f"{r['image']:<{width}}  {r['label']}  {r['score']:.3f}")
-    print(f"maps written to {args.out}")
+    print(f"maps written to {args.out} (per image: <name>.png overlay, <name>_input.png, <name>.npy map)")
     return 0
 
 
@@ -533,6 +545,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vitray.faults import describe
 
         return _failed(args, exc, describe(exc, _output_of(args) or "the run"), 1)
+
+
+def _summary(headline: str, outputs: dict[str, str], next_command: str) -> str:
+    """The closing lines of a command: what it did, where its outputs are, what a user runs next."""
+    width = max(len(name) for name in outputs)
+    return "\n".join([headline, *(f"  {name:<{width}}  {where}" for name, where in outputs.items()),
+                      f"next: {next_command}"])
 
 
 def setup_logging(verbose: bool) -> None:
