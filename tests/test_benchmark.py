@@ -1,4 +1,4 @@
-"""jobs/benchmark.py's measuring pieces, without running the benchmark (minutes, and a speed figure
+"""benchmarks/benchmark.py's measuring pieces, without running the benchmark (minutes, and a speed figure
 means nothing on a shared test machine): start-up drops out of the steady rate, the memory peak
 sees the Ray processes under the driver, and the table shows every ratio against its target."""
 from __future__ import annotations
@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
-import benchmark  # noqa: E402 - jobs/ is not a package
+import benchmark  # noqa: E402 - benchmarks/ is not a package
 
 
 def test_steady_rate_starts_at_the_first_committed_piece() -> None:
@@ -88,7 +88,7 @@ def test_file_create_cost_is_measured_and_cleaned_up(tmp_path) -> None:
 
 
 def test_a_scores_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path) -> None:
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "benchmark.py")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "benchmark.py")
     done = subprocess.run([sys.executable, script, "--out", str(tmp_path / "out"), "--scores-to",
                            str(tmp_path / "missing")], capture_output=True, text=True)
     assert done.returncode == 2

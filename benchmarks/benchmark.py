@@ -1,10 +1,10 @@
 """Throughput of vitray's Ray paths against plain PyTorch, as ratios measured side by side in one run.
 
-`python jobs/benchmark.py --out DIR [--quick] [--gpu]` writes DIR/benchmark.json and prints a table.
+`python benchmarks/benchmark.py --out DIR [--quick] [--gpu]` writes DIR/benchmark.json and prints a table.
 The model is the from-scratch preset that `vitray train` builds by default (vit-tiny, here on
 64 px synthetic inspection images), untrained: throughput does not depend on the weights.
 Every ratio compares two figures taken in this run, on this machine, with the same batch size
-and thread count. `--gpu` adds `jobs/gpu_benchmark.py`'s bf16 ViT-B/16 sweep when CUDA is there.
+and thread count. `--gpu` adds `benchmarks/gpu_benchmark.py`'s bf16 ViT-B/16 sweep when CUDA is there.
 """
 from __future__ import annotations
 
@@ -506,7 +506,7 @@ def main() -> int:
     parser.add_argument("--out", required=True, help="folder for benchmark.json (and the run's scratch data)")
     parser.add_argument("--quick", action="store_true", help="a smoke test in well under a minute of work; "
                         "its figures are too small to mean anything")
-    parser.add_argument("--gpu", action="store_true", help="also run jobs/gpu_benchmark.py's sweep (needs CUDA)")
+    parser.add_argument("--gpu", action="store_true", help="also run benchmarks/gpu_benchmark.py's sweep (needs CUDA)")
     parser.add_argument("--gpu-batch-sizes", default=None, help="for --gpu; default gpu_benchmark's")
     parser.add_argument("--keep", action="store_true", help="keep the generated images, model and outputs")
     parser.add_argument("--scores-to", default="auto", metavar="auto|work|FOLDER",
@@ -549,10 +549,10 @@ def main() -> int:
 
 
 def gpu_benchmark(batch_sizes: str | None) -> dict[str, Any]:
-    """jobs/gpu_benchmark.py's sweep, or why it did not run."""
+    """benchmarks/gpu_benchmark.py's sweep, or why it did not run."""
     import torch
 
-    from gpu_benchmark import DEFAULT_BATCH_SIZES, gpu_sweep  # jobs/ is first on sys.path
+    from gpu_benchmark import DEFAULT_BATCH_SIZES, gpu_sweep  # benchmarks/ is first on sys.path
 
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}

@@ -3,8 +3,8 @@
 Runs without Ray (the GPU machines lent to development have none): it drives the
 same `vitray.inference.Predictor` that `vitray score` puts on its actor pool, and
 the same normalise + bf16 autocast step as the training loop, over batch sizes.
-`python jobs/gpu_benchmark.py --out DIR` writes DIR/gpu_benchmark.json and prints a table;
-`jobs/benchmark.py --gpu` runs the same sweep (`gpu_sweep`) beside its CPU ratios.
+`python benchmarks/gpu_benchmark.py --out DIR` writes DIR/gpu_benchmark.json and prints a table;
+`benchmarks/benchmark.py --gpu` runs the same sweep (`gpu_sweep`) beside its CPU ratios.
 """
 from __future__ import annotations
 
