@@ -9,6 +9,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from vitray.errors import VitrayError
+
 # On a 2-core machine, 2 Train workers + Ray Data readers + an inference actor
 # need room: logical CPUs are slots, not cores.
 MIN_LOGICAL_CPUS = 8
@@ -74,28 +76,50 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _is_loopback(address: str) -> bool:
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _join_failure(address: str, exc: BaseException) -> str:
+    """One line for a cluster that cannot be joined; a missing token is the usual cause.
+
+    Ray logs the refused token only in its C++ lines; its exception says "Failed to connect".
+    """
+    text = " ".join(str(exc).split())
+    line = f"cannot join the Ray cluster at {address}: {text[:200]}"
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token" or "auth" in text.lower():
+        line += ("; if the cluster wants its authentication token (new Ray clusters do), set RAY_AUTH_MODE=token "
+                 "and RAY_AUTH_TOKEN_PATH=FILE or RAY_AUTH_TOKEN=TOKEN (`ray get-auth-token` on the head prints it)")
+    return line
+
+
 def init_ray(options: RayOptions | None = None) -> None:
     """Connect to Ray once per process; a no-op when already connected."""
     options = options or RayOptions()
     address = options.address or os.environ.get("RAY_ADDRESS")
-    if not address:
+    loopback = not address or _is_loopback(address)
+    if loopback:
         # Ray otherwise takes the machine's outward address as the node address and
-        # listens on every interface; with this set an embedded Ray stays on loopback.
-        # Read when ray is first imported, hence before the import.
+        # listens on every interface (an embedded Ray), or rewrites a loopback address to
+        # the outward one and cannot reach the cluster it was given (a cluster on this
+        # machine). Read when ray is first imported, hence before the import.
         os.environ.setdefault(LOOPBACK_ENV, "0")
     import ray
 
     if ray.is_initialized():
         return
-    if not address:
+    if loopback:
         # Ray reads the variable when it is first imported: if the caller imported ray
         # before this, set what the variable would have set.
         from ray._private import ray_constants
 
         ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Train V2 is the current Ray Train API; V1 is deprecated.
+    # Train V2 is the current Ray Train API; V1 is deprecated. Its print patch shows each
+    # worker line twice; Train passes both on to its controller and workers on any cluster.
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     log_level = logging.WARNING if options.quiet else logging.INFO
     env_vars = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **malloc_env()}
     tune_malloc()  # the driver's own work, such as the benchmark's plain loops
@@ -109,7 +133,10 @@ def init_ray(options: RayOptions | None = None) -> None:
     # Quiet, the workers' own output (Ray's and PyTorch's chatter) stays in Ray's log files;
     # their errors still reach the driver as exceptions, and their progress through vitray.progress.
     if address:
-        ray.init(address=address, logging_level=log_level, log_to_driver=not options.quiet)
+        try:
+            ray.init(address=address, logging_level=log_level, log_to_driver=not options.quiet)
+        except (ConnectionError, RuntimeError, ray.exceptions.RayError) as exc:
+            raise VitrayError(_join_failure(address, exc)) from exc
     else:
         # The dashboard serves Ray's state API, which Ray Train's controller uses
         # to clean up after itself; it listens on loopback only.
