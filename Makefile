@@ -12,7 +12,7 @@ VITRAY := $(VENV)/bin/vitray
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 DEMO ?= demo-out
 
-.PHONY: setup test demo clean
+.PHONY: setup test test-fast demo clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ $(VENV)/.installed: pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q
+
+# Unit tests and small integration (a real S3 server, no Ray cluster): a few minutes.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not ray"
 
 demo: setup
 	rm -rf $(DEMO)

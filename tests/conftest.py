@@ -20,6 +20,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that need the session's Ray are marked `ray`: `make test-fast` leaves them (and `slow`) out."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def s3() -> Iterator[SeaweedS3]:
     """One SeaweedFS S3 server for the session, its AWS_* variables in os.environ.
