@@ -1,9 +1,11 @@
-"""Training on Ray Train: outputs, S3, a killed worker, a killed driver, CSV input and the CLI's checks."""
+"""Training on Ray Train: outputs, S3, a killed worker, a killed driver, Ctrl-C, CSV input, checkpoints that
+must not run code, and the CLI's checks."""
 from __future__ import annotations
 
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +28,11 @@ VITRAY = [sys.executable, "-m", "vitray.cli"]
 @pytest.fixture(scope="module")
 def inspection(tmp_path_factory) -> str:
     return synth_folder(tmp_path_factory, "inspection", n=160, size=32, seed=3, passed_fraction=0.1)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> str:
+    return synth_folder(tmp_path_factory, "small", n=40, size=16, seed=4, passed_fraction=0.2)
 
 
 def _history(path) -> list[dict]:
@@ -224,13 +231,120 @@ def test_bad_options_are_one_line_errors(args, needle):
 
 
 def test_config_file_supplies_options_and_flags_override(tmp_path):
-    from vitray.cli import _train_config, build_parser
+    from vitray.cli import _train_config, parse
 
     (tmp_path / "c.yaml").write_text("data: /d\nout: /o\nepochs: 7\nbatch-size: 8\nlr: 1e-4\n")
-    args = build_parser().parse_args(["train", "--config", str(tmp_path / "c.yaml"), "--epochs", "9"])
+    args = parse(["train", "--config", str(tmp_path / "c.yaml"), "--epochs", "9"])
     config = _train_config(args)
     assert (config.data, config.epochs, config.batch_size) == ("/d", 9, 8)
     assert config.lr == pytest.approx(1e-4)  # YAML reads 1e-4 as a string; it must still be a number
     (tmp_path / "bad.yaml").write_text("data: /d\nout: /o\nepoch: 7\n")
     with pytest.raises(VitrayError, match="unknown option"):
-        _train_config(build_parser().parse_args(["train", "--config", str(tmp_path / "bad.yaml")]))
+        _train_config(parse(["train", "--config", str(tmp_path / "bad.yaml")]))
+
+
+def test_an_output_that_is_a_file_is_refused_before_ray_starts(small, tmp_path):
+    out = tmp_path / "taken"
+    out.write_text("not a folder")
+    start = time.monotonic()
+    proc = subprocess.run(VITRAY + ["train", "--data", small, "--out", str(out)], capture_output=True, text=True,
+                          timeout=120, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"vitray: error: --out {out} is a file; give a folder or s3:// prefix"]
+    assert time.monotonic() - start < 30  # no Ray start-up (its banner would be on stderr too)
+
+
+# --------------------------------------------------------------------------- checkpoints run no code
+
+
+def _plant_pickle(folder, marker) -> None:
+    """A state.pt whose unpickling runs a shell command (touching `marker`), with a valid record beside it."""
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": Payload(), "optimizer": {}, "scheduler": {}, "epoch": 1, "history": []},
+               folder / "state.pt")
+    size = (folder / "state.pt").stat().st_size
+    (folder / "checkpoint.json").write_text(json.dumps({"epoch": 1, "state_bytes": size}))
+
+
+def test_a_planted_pickle_is_refused_without_running_it(tmp_path):
+    from vitray.train import check_resume, complete_checkpoints, load_state
+
+    marker = tmp_path / "ran"
+    _plant_pickle(tmp_path / "out" / "train" / "epoch-0001", marker)
+    run = str(tmp_path / "out" / "train")
+    assert complete_checkpoints(run) == [(1, os.path.join(run, "epoch-0001"))]
+    for load in (lambda: check_resume(run), lambda: load_state(os.path.join(run, "epoch-0001", "state.pt"), "x")):
+        with pytest.raises(VitrayError) as info:
+            load()
+        assert "\n" not in str(info.value) and "not a vitray training state" in str(info.value)
+    assert not marker.exists()
+
+
+def test_a_planted_pickle_in_a_run_stops_the_rerun_in_one_line(ray_session, small, tmp_path):
+    """Whoever can write to a shared --out must not get code run by the next `vitray train` there."""
+    out = tmp_path / "shared"
+    train(TrainConfig(data=small, out=str(out), epochs=1, batch_size=16))
+    assert (out / "train" / "epoch-0001" / "state.pt").exists()
+    marker = tmp_path / "ran"
+    _plant_pickle(out / "train" / "epoch-0001", marker)
+    proc = subprocess.run(VITRAY + ["train", "--data", small, "--out", str(out), "--epochs", "1", "--batch-size", "16"],
+                          capture_output=True, text=True, timeout=300)
+    assert not marker.exists(), "loading the checkpoint ran the planted code"
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"vitray: error: {out / 'train' / 'epoch-0001' / 'state.pt'}: "
+                                                   f"not a vitray training state"), proc.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+def _complete_epochs(run) -> list[int]:
+    return sorted(int(p.parent.name.split("-")[1]) for p in run.glob("epoch-*/checkpoint.json"))
+
+
+def test_ctrl_c_exits_130_in_one_line_and_the_rerun_resumes_from_the_newest_checkpoint(ray_session, inspection,
+                                                                                       tmp_path):
+    out = tmp_path / "ctrl-c"
+    cmd = VITRAY + ["train", "--data", inspection, "--out", str(out), "--epochs", "10", "--batch-size", "32"]
+    log, err = tmp_path / "stdout.log", tmp_path / "stderr.log"  # files, not pipes: Ray's output could fill a pipe
+    with open(log, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while 2 not in _complete_epochs(out / "train") and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert 2 in _complete_epochs(out / "train"), "training never checkpointed epoch 2"
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        start = time.monotonic()
+        proc.wait(timeout=60)
+        stopped_in = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stderr = err.read_text()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stopped_in < 30
+    ours = [line for line in stderr.splitlines() if line.startswith("vitray:")]
+    assert len(ours) == 1 and stderr.strip().splitlines()[-1] == ours[0], stderr[-3000:]
+    match = re.fullmatch(r"vitray: interrupted after epoch (\d+); the same command resumes", ours[0])
+    assert match, ours[0]
+    epoch = int(match.group(1))
+    assert epoch >= 2 and epoch == max(_complete_epochs(out / "train"))  # the newest complete checkpoint
+    assert epoch < 10 and not (out / "metrics.json").exists()
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_after_epochs"] == [epoch]
+    assert [int(r["epoch"]) for r in _history(out / "history.csv")] == list(range(1, 11))
+    # Checkpoints Ray Train never registered (written just before the Ctrl-C) do not pile up.
+    kept = _complete_epochs(out / "train")
+    assert 10 in kept and len(kept) <= 3

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -155,10 +156,10 @@ def test_a_bad_space_stops_the_cli_before_any_work(tmp_path, capsys):
 
 def test_the_job_config_and_flags_make_one_search(tmp_path):
     """jobs/configs/tune-digits.yaml is read as the CLI reads it; flags override it."""
-    from vitray.cli import _tune_config, build_parser
+    from vitray.cli import _tune_config, parse
 
     path = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "tune-digits.yaml")
-    args = build_parser().parse_args(["tune", "--config", path, "--samples", "3", "--batch-size", "choice:16,32"])
+    args = parse(["tune", "--config", path, "--samples", "3", "--batch-size", "choice:16,32"])
     config = _tune_config(args)
     assert config.space == {"lr": "loguniform:1e-4:3e-3", "epochs": "choice:5,10,15", "batch_size": "choice:16,32"}
     assert (config.samples, config.max_concurrent, config.base.workers, config.scheduler) == (3, 4, 1, "asha")
@@ -167,12 +168,12 @@ def test_the_job_config_and_flags_make_one_search(tmp_path):
 
 
 def test_a_yaml_config_keeps_spaces_as_written_and_types_the_rest(tmp_path):
-    from vitray.cli import _tune_config, build_parser
+    from vitray.cli import _tune_config, parse
 
     path = tmp_path / "search.yaml"
     path.write_text("data: d\nout: o\nlr: [1e-3, 3e-3]\nepochs: 5\nval_fraction: 2e-1\nsamples: '6'\n"
                     "workers_per_trial: 2\n")
-    config = _tune_config(build_parser().parse_args(["tune", "--config", str(path)]))
+    config = _tune_config(parse(["tune", "--config", str(path)]))
     assert config.space == {"lr": ["1e-3", "3e-3"], "epochs": 5}
     assert (config.base.val_fraction, config.samples, config.base.workers) == (0.2, 6, 2)
     assert config.spaces()["lr"] == Space("lr", "choice", (1e-3, 3e-3))
@@ -222,7 +223,7 @@ def test_asha_search_on_s3_writes_trials_plot_and_the_best_model(ray_session, ti
     assert metrics["macro_f1"] == pytest.approx(result.best.best)
     checkpoint = storage.join(s3_prefix, "trials", result.best.trial_id, "train",
                               f"epoch-{result.best.best_epoch:04d}", "state.pt")
-    state = torch.load(io.BytesIO(storage.read_bytes(checkpoint)), map_location="cpu", weights_only=False)
+    state = torch.load(io.BytesIO(storage.read_bytes(checkpoint)), map_location="cpu", weights_only=True)
     assert torch.equal(state["model"]["classifier.weight"], model.classifier.weight)
 
     # The same command again restores the finished search: no trial runs twice.
@@ -264,8 +265,13 @@ def test_an_interrupted_search_resumes_its_trials_from_their_checkpoints(ray_ses
         if proc.poll() is None:
             proc.kill()
     output = log.read_text()
-    assert proc.returncode == 130 and "interrupted" in output, output[-3000:]
+    assert proc.returncode == 130, output[-3000:]
+    ours = [line for line in output.splitlines() if line.startswith("vitray:")]
+    assert len(ours) == 1 and re.fullmatch(r"vitray: search interrupted with 1/1 trials unfinished; "
+                                           r"the same command resumes", ours[0]), output[-3000:]
     assert not (out / "trials.csv").exists()
+    run = snapshot.parent
+    newest = max(int(p.parent.name.split("-")[1]) for p in run.glob("epoch-*/checkpoint.json"))
 
     capsys.readouterr()
     assert main(argv) == 0
@@ -274,7 +280,16 @@ def test_an_interrupted_search_resumes_its_trials_from_their_checkpoints(ray_ses
     rows = _rows((out / "trials.csv").read_text())
     assert [(r["trial_id"], r["status"], r["epochs_run"]) for r in rows] == [(snapshot.parts[-3], "completed", "8")]
     # Tune takes a few seconds to stop the trial, an epoch here about one: the run is cut well before epoch 8.
-    state = torch.load(snapshot.parent / "epoch-0008" / "state.pt", map_location="cpu", weights_only=False)
-    assert state["resumes"] and state["resumes"][0] >= 1, "the trial started over instead of resuming"
+    state = torch.load(snapshot.parent / "epoch-0008" / "state.pt", map_location="cpu", weights_only=True)
+    assert state["resumes"] == [newest], "the trial did not resume from its newest checkpoint"
     assert [h["epoch"] for h in state["history"]] == list(range(1, 9))
     assert (out / "tune.png").exists() and (out / "best" / "model" / "model.safetensors").exists()
+
+
+def test_an_output_that_is_a_file_is_refused_before_ray_starts(tiny, tmp_path):
+    out = tmp_path / "taken"
+    out.write_text("not a folder")
+    proc = subprocess.run(VITRAY + ["tune", "--data", tiny, "--out", str(out), "--samples", "2"], capture_output=True,
+                          text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"vitray: error: --out {out} is a file; give a folder or s3:// prefix"]

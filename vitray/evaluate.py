@@ -197,6 +197,7 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, fmt: str | None = None
 
     if batch_size < 1 or workers < 1:
         raise VitrayError("--batch-size and --workers must be at least 1")
+    storage.check_output(out_uri, "--out")
     labels, prep = model_info(model_uri)
     source = inspect_source(data_uri, fmt, labels=labels)
     if not source.labelled:
@@ -236,7 +237,7 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, fmt: str | None = None
 
 def _localisation(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     """Per image: pointing game (1/0) and energy in box of its map, NaN without a map or box."""
-    from vitray.explain import energy_in_box, pointing_game
+    from vitray.localisation import energy_in_box, pointing_game
 
     n = len(batch["pred"])
     pointing = np.full(n, np.nan, dtype=np.float32)

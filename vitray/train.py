@@ -12,6 +12,7 @@ import io
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -30,6 +31,16 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_macro
 CACHE_BYTES = 2 * 1024**3
 CLASS_WEIGHTS = ("auto", "loss", "none")
 RUN_NAME = "train"
+# A checkpoint folder (RUN_NAME/epoch-NNNN) holds the training state, loaded without
+# unpickling code (torch.load(weights_only=True)), and a record of it written beside it: a
+# folder whose record is missing, or names another size, was cut short while being written.
+STATE_FILE = "state.pt"
+RECORD_FILE = "checkpoint.json"
+CHECKPOINT_DIR = re.compile(r"^epoch-(\d+)$")
+# A Train run leaves a CPU for Ray Data's tasks (balancing, augmentation) beside its workers:
+# workers holding every CPU starve them and the run waits for ever.
+DATA_CPUS = 1.0
+ABORT_S = 30.0  # how long Ctrl-C waits for Ray Train to stop the workers
 
 
 @dataclass
@@ -58,6 +69,7 @@ class TrainConfig:
     max_failures: int = 3
     seed: int = 0
     ray_address: str | None = None
+    shared_fs: bool = False  # a local --out that every node of a multi-node cluster mounts
 
     def check(self) -> None:
         """Refuse bad values before any work starts."""
@@ -113,20 +125,43 @@ class Prepared:
 def train(config: TrainConfig) -> TrainResult:
     """Run a training job end to end; outputs land under `config.out`.
 
-    Re-running with the same `out` after a crash resumes from the last checkpoint.
+    Re-running with the same `out` after a crash or Ctrl-C resumes from the newest complete
+    checkpoint; Ctrl-C raises a VitrayError with exit code 130 that says after which epoch.
     """
-    prepared = prepare(config)
-    result = fit(make_trainer(config, prepared))
-    return finish(config, result, prepared)
+    config.check()
+    storage.check_output(config.out, "--out")
+    run = storage.join(config.out, RUN_NAME)
+    try:
+        check_resume(run)
+        prepared = prepare(config)
+        result = fit(make_trainer(config, prepared))
+        done = finish(config, result, prepared)
+    except KeyboardInterrupt:
+        raise interrupted(run) from None
+    prune_checkpoints(result, run)
+    return done
 
 
-def prepare(config: TrainConfig) -> Prepared:
-    """Check the options and the data, then build the (cached or streaming) Ray Datasets."""
+def interrupted(run_uri: str) -> VitrayError:
+    """The one line of a Ctrl-C (exit 130): the epoch that the same command resumes after."""
+    saved = complete_checkpoints(run_uri)
+    if not saved:
+        return VitrayError("interrupted before the first checkpoint; the same command starts again", exit_code=130)
+    return VitrayError(f"interrupted after epoch {saved[0][0]}; the same command resumes", exit_code=130)
+
+
+def prepare(config: TrainConfig, workers_flag: str = "--workers", trial_cpus: float = 0.0) -> Prepared:
+    """Check the options, the output, the data and the cluster, then build the (cached or streaming) Ray Datasets.
+
+    `trial_cpus`: what a Tune trial's own actor holds beside its Train run (tune passes it).
+    """
+    from vitray import cluster
     from vitray.data.readers import inspect_source
     from vitray.models import apply_finetune, build_model, input_size_for, param_report
     from vitray.runtime import RayOptions, init_ray
 
     config.check()
+    storage.check_output(config.out, "--out")
     storage.require(config.data, "training data")
     source = inspect_source(config.data, config.format)
     if not source.labelled:
@@ -151,6 +186,9 @@ def prepare(config: TrainConfig) -> Prepared:
     log.info("model: %s parameters, %s trainable", params["total"], params["trainable"])
 
     init_ray(RayOptions(address=config.ray_address))
+    cluster.check_shared_output(config.out, config.shared_fs, "--out")
+    cluster.check_fits(config.workers, 1.0, config.gpus_per_worker, workers_flag, extra_cpus=DATA_CPUS + trial_cpus,
+                       extra_for="the trial and Ray Data" if trial_cpus else "Ray Data")
     train_ds = _prepared(source, train_ids, prep.size, prep.channels, shuffle_seed=config.seed)
     val_ds = _prepared(val_source, val_ids, prep.size, prep.channels)
     if config.class_weights == "auto":
@@ -179,6 +217,7 @@ def loop_config(config: TrainConfig, prepared: Prepared) -> dict[str, Any]:
         "class_weights": class_weights(np.array(prepared.class_counts)) if config.class_weights == "loss" else None,
         "n_train": prepared.n_train,
         "history_uri": storage.join(config.out, "history.csv"),
+        "run_uri": storage.join(config.out, RUN_NAME),
     }
 
 
@@ -297,11 +336,44 @@ def make_trainer(config: TrainConfig, prepared: Prepared, callbacks: Sequence[An
 
 
 def fit(trainer: Any) -> Any:
-    """trainer.fit(), with a worker failure reported as one line (exit 1)."""
+    """trainer.fit(), with a worker failure reported as one line (exit 1) and Ctrl-C as KeyboardInterrupt.
+
+    In the main thread, Train V2 puts its own Ctrl-C handler in place: it kills the run's
+    controller and exits the process (code 1, no word said). Here Ctrl-C raises
+    KeyboardInterrupt instead, after the controller has stopped the workers, so that the
+    caller can say which epoch the same command resumes after.
+    """
+    import signal
+    import threading
+
+    import ray
+
+    controllers: list[Any] = []
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+
+    def hold(controller: Any) -> None:
+        controllers.append(controller)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    # Train V2 (DataParallelTrainer._initialize_and_run_controller) hands the controller to this
+    # private method, in the main thread only, to install its handler. Should a later Ray rename
+    # it, its own handler runs again, and its SystemExit is taken for the Ctrl-C below.
+    trainer._register_sigint_handler = hold
     try:
         return trainer.fit()
+    except (KeyboardInterrupt, SystemExit):
+        for controller in controllers:
+            try:  # aborting ends the controller actor: an actor error is its normal answer
+                ray.get(controller.abort.remote(), timeout=ABORT_S)
+            except Exception:  # noqa: BLE001
+                pass
+        raise KeyboardInterrupt from None
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the cause in one line
         raise VitrayError(f"training failed: {failure_line(exc)}", exit_code=1) from exc
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def failure_line(exc: BaseException) -> str:
@@ -315,8 +387,6 @@ def failure_line(exc: BaseException) -> str:
 
 def finish(config: TrainConfig, result: Any, prepared: Prepared) -> TrainResult:
     """Export the best checkpoint (by validation macro-F1) and write metrics, history and plots."""
-    import torch
-
     from vitray.evaluate import plot_confusion, plot_curves
     from vitray.models import apply_finetune, build_model, export_model
 
@@ -326,7 +396,7 @@ def finish(config: TrainConfig, result: Any, prepared: Prepared) -> TrainResult:
         raise VitrayError("training finished without a checkpoint", exit_code=1)
     best_ckpt, best = max(candidates, key=lambda cm: (cm[1]["val_macro_f1"], cm[1]["epoch"]))
     with best_ckpt.as_directory() as d:
-        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+        state = load_state(os.path.join(d, STATE_FILE), best_ckpt.path)
     model, _ = build_model(config.model, labels, prep.size, channels=prep.channels)
     model = apply_finetune(model, config.finetune)
     model.load_state_dict(state["model"])
@@ -335,7 +405,7 @@ def finish(config: TrainConfig, result: Any, prepared: Prepared) -> TrainResult:
     latest = state
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
-            latest = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+            latest = load_state(os.path.join(d, STATE_FILE), result.checkpoint.path)
     history = latest["history"]
     metrics = dict(best["val"])
     metrics["params"] = params
@@ -349,6 +419,115 @@ def finish(config: TrainConfig, result: Any, prepared: Prepared) -> TrainResult:
                    title=f"validation, epoch {best['epoch']}")
     plot_curves(history, storage.join(config.out, "curves.png"))
     return TrainResult(config.out, metrics, history, best["epoch"])
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_state(folder: str, state: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """STATE_FILE and its RECORD_FILE (epoch, size, the epoch's metrics) into a local folder
+    that Ray Train then uploads.
+
+    Only tensors, dicts, lists, numbers, strings and None: what `load_state` accepts.
+    """
+    import json
+
+    import torch
+
+    path = os.path.join(folder, STATE_FILE)
+    torch.save(state, path)
+    with open(os.path.join(folder, RECORD_FILE), "w") as f:
+        json.dump({"epoch": int(state["epoch"]), "state_bytes": os.path.getsize(path), "metrics": metrics}, f)
+
+
+def read_record(folder_uri: str) -> dict[str, Any]:
+    """The RECORD_FILE of a checkpoint folder (plain JSON)."""
+    import json
+
+    return json.loads(storage.read_bytes(storage.join(folder_uri, RECORD_FILE)))
+
+
+def load_state(source: Any, shown: str, mmap: bool = False) -> dict[str, Any]:
+    """A training state from a path or file object, without running code that a file may carry.
+
+    A checkpoint under a shared --out is written by whoever can write there: only tensors and
+    plain containers are read (weights_only), and anything else is refused in one line.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        why = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line),
+                   lines[0] if lines else type(exc).__name__)
+        raise VitrayError(f"{shown}: not a vitray training state, refused without loading it ({why}); "
+                          f"delete that checkpoint folder or use another --out") from None
+    if not isinstance(state, dict) or not {"model", "epoch", "history"} <= set(state):
+        raise VitrayError(f"{shown}: not a vitray training state; delete that checkpoint folder or use another --out")
+    return state
+
+
+def complete_checkpoints(run_uri: str) -> list[tuple[int, str]]:
+    """(epoch, folder URI) of the run's checkpoints that were written to their end, newest first.
+
+    This and not Ray Train's own record is where a run resumes: Ray Train learns of a
+    checkpoint when its controller next polls the workers, and a run stopped in between
+    (Ctrl-C, a killed driver) leaves newer checkpoints on storage than its record names.
+    """
+    if not storage.exists(run_uri):
+        return []
+    root = storage.resolve(run_uri)
+    sizes: dict[str, dict[str, int]] = {}
+    for info in storage.list_files(run_uri):
+        parts = storage.relative(root, info.path).split("/")
+        if len(parts) == 2 and CHECKPOINT_DIR.match(parts[0]):
+            sizes.setdefault(parts[0], {})[parts[1]] = info.size
+    found = []
+    for name, files in sizes.items():
+        if STATE_FILE not in files or RECORD_FILE not in files:
+            continue
+        folder = storage.join(run_uri, name)
+        try:
+            record = read_record(folder)
+            epoch, expected = int(record["epoch"]), int(record["state_bytes"])
+        except (VitrayError, ValueError, KeyError, TypeError):
+            continue
+        if epoch == int(CHECKPOINT_DIR.match(name).group(1)) and files[STATE_FILE] == expected:
+            found.append((epoch, folder))
+    return sorted(found, reverse=True)
+
+
+def check_resume(run_uri: str) -> int:
+    """The epoch a run resumes after (0: none), its state checked to load safely before any work."""
+    saved = complete_checkpoints(run_uri)
+    if not saved:
+        return 0
+    epoch, folder = saved[0]
+    uri = storage.join(folder, STATE_FILE)
+    loc = storage.resolve(uri)
+    if loc.is_s3:
+        load_state(io.BytesIO(storage.read_bytes(uri)), uri)
+    else:
+        load_state(loc.path, uri, mmap=True)  # reads the structure, not the tensors
+    return epoch
+
+
+def prune_checkpoints(result: Any, run_uri: str) -> None:
+    """Delete checkpoint folders that Ray Train does not keep (written but never registered)."""
+    keep = {c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in (result.best_checkpoints or [])}
+    if result.checkpoint is not None:
+        keep.add(result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
+    root = storage.resolve(run_uri)
+    names = {storage.relative(root, i.path).split("/")[0] for i in storage.list_files(run_uri)}
+    for name in sorted(names):
+        if CHECKPOINT_DIR.match(name) and name not in keep:
+            try:
+                root.fs.delete_dir(root.child(name).path)
+            except OSError as exc:
+                log.warning("could not delete the stale checkpoint %s: %s", name, exc)
 
 
 def write_history(uri: str, history: list[dict[str, Any]]) -> None:
@@ -410,10 +589,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, max(1, int(run["warmup_fraction"] * total_steps))))
     start_epoch, history, resumes = 0, [], []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+    saved = complete_checkpoints(cfg["run_uri"])  # newer than ray.train.get_checkpoint() after a Ctrl-C
+    if saved:
+        folder = storage.resolve(saved[0][1])
+        with ray.train.Checkpoint(path=folder.path, filesystem=folder.fs).as_directory() as d:
+            state = load_state(os.path.join(d, STATE_FILE), saved[0][1])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -421,7 +601,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         # Recorded so that a user (and the tests) can see a run picked up where it stopped.
         resumes = state.get("resumes", []) + [start_epoch]
         if rank == 0:
-            print(f"resuming after epoch {start_epoch} from {checkpoint.path}", flush=True)
+            print(f"resuming after epoch {start_epoch} from {saved[0][1]}", flush=True)
     model = ray.train.torch.prepare_model(model)
     weights = torch.tensor(cfg["class_weights"], dtype=torch.float32, device=device) if cfg["class_weights"] else None
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=run["label_smoothing"])
@@ -471,10 +651,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                   f"({row['images_per_s']:.0f} img/s) recall: {recalls}", flush=True)
             with tempfile.TemporaryDirectory() as d:
                 inner = model.module if hasattr(model, "module") else model
-                torch.save({"model": inner.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                            "resumes": resumes},
-                           os.path.join(d, "state.pt"))
+                save_state(d, {"model": inner.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+                               "resumes": resumes}, metrics)
                 write_history(cfg["history_uri"], history)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                                  checkpoint_dir_name=f"epoch-{epoch:04d}")

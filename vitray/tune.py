@@ -26,7 +26,7 @@ METRICS = {"val_macro_f1": "max", "val_accuracy": "max", "val_loss": "min"}
 SCHEDULERS = ("asha", "fifo")
 EXPERIMENT = "tune"  # the Tune experiment folder under OUT
 SEARCH_RECORD = "search.json"
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # where Ray Train records a run's checkpoints
+INTERRUPTED = "{what}; the same command resumes"  # the line of a Ctrl-C (exit 130)
 # ASHA keeps the best 1/REDUCTION of the trials at each rung; 2 rather than Tune's 4 because
 # vitray searches are small (tens of trials) and noisy early epochs should not decide alone.
 REDUCTION = 2
@@ -161,7 +161,7 @@ class SearchConfig:
 
     def record(self) -> dict[str, Any]:
         """What makes a search this search: a re-run with another record must not resume it."""
-        base = {k: v for k, v in asdict(self.base).items() if k not in ("out", "ray_address")}
+        base = {k: v for k, v in asdict(self.base).items() if k not in ("out", "ray_address", "shared_fs")}
         return {"base": base, "space": {k: str(s) for k, s in self.spaces().items()},
                 "samples": self.samples, "scheduler": self.scheduler, "metric": self.metric}
 
@@ -198,8 +198,18 @@ def search(config: SearchConfig) -> SearchResult:
     """Run (or resume) a search end to end; outputs land under `config.base.out`.
 
     A re-run with the same `out` restores the Tune experiment: finished trials stay finished,
-    interrupted or failed ones resume from their last Ray Train checkpoint.
+    interrupted or failed ones resume from their newest complete Ray Train checkpoint. Ctrl-C
+    raises a VitrayError with exit code 130.
     """
+    config.check()
+    storage.check_output(config.base.out, "--out")
+    try:
+        return _search(config)
+    except KeyboardInterrupt:
+        raise VitrayError(INTERRUPTED.format(what="search interrupted"), exit_code=130) from None
+
+
+def _search(config: SearchConfig) -> SearchResult:
     import ray
     import ray.tune
     from ray.tune import Tuner
@@ -209,12 +219,11 @@ def search(config: SearchConfig) -> SearchResult:
 
     # Tune's TensorBoard logger warns once about the labels list in the metrics; the numbers still reach it.
     logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.ERROR)
-    config.check()
     spaces = config.spaces()
     out = storage.resolve(config.base.out)
     experiment = out.child(EXPERIMENT)
     resumed = _check_resume(config, experiment)
-    prepared = prepare(config.base)
+    prepared = prepare(config.base, workers_flag="--workers-per-trial", trial_cpus=TRIAL_CPU)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, base=config.base, prepared=prepared), {"cpu": TRIAL_CPU})
     if resumed:
@@ -243,8 +252,8 @@ def search(config: SearchConfig) -> SearchResult:
     grid = tuner.fit()
     unfinished = unfinished_trials(experiment)
     if unfinished:
-        raise VitrayError(f"search interrupted with {unfinished}/{len(grid)} trials unfinished; run the same "
-                          f"command again to resume it", exit_code=130)
+        raise VitrayError(INTERRUPTED.format(what=f"search interrupted with {unfinished}/{len(grid)} trials "
+                                                  f"unfinished"), exit_code=130)
     trials = summarize(grid, config)
     write_trials_csv(storage.join(out.uri, "trials.csv"), trials, list(spaces), config.metric)
     plot_search(trials, config.metric, storage.join(out.uri, "tune.png"))
@@ -325,28 +334,26 @@ def run_trial(params: dict[str, Any], base: TrainConfig, prepared: Prepared) -> 
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from vitray.train import fit, make_trainer
+    from vitray.train import RUN_NAME, check_resume, fit, make_trainer, prune_checkpoints
 
     config = trial_config(base, params, ray.tune.get_context().get_trial_id())
+    run = storage.join(config.out, RUN_NAME)
     last = _last_report(config)
     if last is not None and last.get("epoch", 0) >= config.epochs:
         # A resumed trial whose run had ended before Tune heard of its last epoch (the search
         # was interrupted in between): training again would report nothing, so report that epoch.
         ray.tune.report(last)
         return
-    fit(make_trainer(config, prepared, callbacks=[TuneReportCallback()]))
+    check_resume(run)
+    prune_checkpoints(fit(make_trainer(config, prepared, callbacks=[TuneReportCallback()])), run)
 
 
 def _last_report(config: TrainConfig) -> dict[str, Any] | None:
-    """The metrics of the latest checkpoint of a trial's training run, if it has one."""
-    import ray.train
+    """The metrics of the newest complete checkpoint of a trial's training run, if it has one."""
+    from vitray.train import RUN_NAME, complete_checkpoints, read_record
 
-    from vitray.train import RUN_NAME
-
-    run = storage.resolve(storage.join(config.out, RUN_NAME))
-    if not storage.exists(storage.join(run.uri, SNAPSHOT)):
-        return None
-    return ray.train.Result.from_path(run.path, storage_filesystem=run.fs).metrics
+    saved = complete_checkpoints(storage.join(config.out, RUN_NAME))
+    return read_record(saved[0][1]).get("metrics") if saved else None
 
 
 def trial_lines(metric: str, names: Sequence[str]) -> Any:
