@@ -222,7 +222,8 @@ def torch_train_rate(sizes: Sizes, pixels: Any, labels: Any, threads: int, epoch
 
     from vitray.data.preprocess import normalize
     from vitray.models import build_model
-    from vitray.train import class_weights, lr_lambda
+    from vitray.data.sampling import class_weights
+    from vitray.train_loop import make_scheduler
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -232,7 +233,7 @@ def torch_train_rate(sizes: Sizes, pixels: Any, labels: Any, threads: int, epoch
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=1e-3)
     steps = epochs * -(-len(pixels) // sizes.train_batch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, max(1, steps // 10)))
+    scheduler = make_scheduler(optimizer, steps, 0.1)
     weights = torch.tensor(class_weights(np.bincount(labels, minlength=len(LABELS))), dtype=torch.float32)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=0.1)
     images, targets = torch.from_numpy(pixels), torch.from_numpy(labels).long()

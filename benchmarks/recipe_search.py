@@ -12,7 +12,8 @@ from transformers import ViTConfig, ViTForImageClassification
 from vitray.data import synth
 from vitray.data.preprocess import AugmentConfig, augment_batch, normalize, resize_image
 from vitray.models import PRESETS
-from vitray.train import class_weights, lr_lambda
+from vitray.data.sampling import class_weights
+from vitray.train_loop import make_scheduler
 from vitray.evaluate import classification_metrics
 from vitray.explain import attention_maps
 from vitray.localisation import energy_in_box, pointing_game
@@ -46,7 +47,7 @@ def run(name, Xtr, ytr, btr, Xte, yte, bte, labels, preset="vit-tiny", patch=8, 
     validation split does."""
     torch.manual_seed(seed)
     if holdout:
-        from vitray.train import stratified_split
+        from vitray.data.sampling import stratified_split
         keep, _ = stratified_split([str(i) for i in range(len(ytr))], ytr, holdout, seed)
         keep = np.array([int(i) for i in keep]); Xtr, ytr, btr = Xtr[keep], ytr[keep], btr[keep]
     size = size or Xtr.shape[1]; ch = Xtr.shape[3]
@@ -60,7 +61,7 @@ def run(name, Xtr, ytr, btr, Xte, yte, bte, labels, preset="vit-tiny", patch=8, 
     steps = math.ceil(len(Xtr)/bs)*epochs
     decay=[p for p in model.parameters() if p.ndim>=2]; nod=[p for p in model.parameters() if p.ndim<2]
     opt = torch.optim.AdamW([{"params":decay,"weight_decay":wd},{"params":nod,"weight_decay":0}], lr=lr)
-    sch = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, max(1,int(warm*steps))))
+    sch = make_scheduler(opt, steps, warm)
     counts = np.bincount(ytr, minlength=len(labels))
     w = class_weights(counts) if cw else None
     if w is not None and cw is not True:  # a power of inverse frequency, e.g. 0.5: milder weights

@@ -19,8 +19,9 @@ import pytest
 from conftest import synth_folder
 from vitray import storage
 from vitray.errors import VitrayError
-from vitray.train import (TrainConfig, balance_batch, balanced_rates, class_weights, lr_lambda, stratified_split,
-                          train)
+from vitray.data.sampling import balance_batch, balanced_rates, class_weights, stratified_split
+from vitray.train import TrainConfig, train
+from vitray.train_loop import make_scheduler
 
 VITRAY = [sys.executable, "-m", "vitray.cli"]
 
@@ -76,9 +77,18 @@ def test_balanced_sampling_gives_every_class_an_equal_share():
 
 
 def test_schedule_warms_up_then_decays_to_zero():
-    f = lr_lambda(total_steps=100, warmup_steps=10)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    assert f(55) == pytest.approx(0.5, abs=1e-6) and f(100) == pytest.approx(0.0, abs=1e-9)
+    import torch
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_scheduler(optimizer, total_steps=100, warmup_fraction=0.1)
+    rates = []
+    for _ in range(101):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[5] == pytest.approx(0.5) and rates[10] == pytest.approx(1.0)
+    assert rates[55] == pytest.approx(0.5, abs=1e-6) and rates[100] == pytest.approx(0.0, abs=1e-9)
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
 
 
 def test_training_rows_come_in_a_mixed_order(ray_session, inspection):
@@ -273,7 +283,7 @@ def _plant_pickle(folder, marker) -> None:
 
 
 def test_a_planted_pickle_is_refused_without_running_it(tmp_path):
-    from vitray.train import check_resume, complete_checkpoints, load_state
+    from vitray.checkpoints import check_resume, complete_checkpoints, load_state
 
     marker = tmp_path / "ran"
     _plant_pickle(tmp_path / "out" / "train" / "epoch-0001", marker)

@@ -237,6 +237,7 @@ def _add_train(sub: Any) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from vitray import storage
     from vitray.evaluate import format_report
     from vitray.train import train
 
@@ -244,7 +245,16 @@ def _run_train(args: argparse.Namespace) -> int:
     config.check()
     result = train(config)
     print(format_report(result.metrics))
-    print(f"best epoch {result.best_epoch}; model and reports in {result.out}")
+    model = storage.join(result.out, "model")
+    passed = result.metrics["per_class"].get("passed")
+    print(_summary(f"best epoch {result.best_epoch} of {config.epochs}: validation accuracy "
+                   f"{result.metrics['accuracy']:.3f}, macro-F1 {result.metrics['macro_f1']:.3f}"
+                   + (f", passed recall {passed['recall']:.2f}" if passed else ""),
+                   {"model": model, "metrics": storage.join(result.out, "metrics.json"),
+                    "curves": storage.join(result.out, "curves.png"),
+                    "confusion matrix": storage.join(result.out, "confusion_matrix.png")},
+                   f"vitray evaluate --model {model} --data TEST --out EVAL; "
+                   f"vitray score --model {model} --input IMAGES --output SCORES"))
     return 0
 
 
@@ -361,6 +371,7 @@ def _tune_config(args: argparse.Namespace) -> Any:
 
 
 def _run_tune(args: argparse.Namespace) -> int:
+    from vitray import storage
     from vitray.tune import format_trials, search
 
     config = _tune_config(args)
@@ -368,8 +379,11 @@ def _run_tune(args: argparse.Namespace) -> int:
     result = search(config)
     print(format_trials(result.trials, list(config.spaces()), result.metric))
     best = result.best
-    print(f"best trial {best.trial_id}: {result.metric} {best.best:.4f} at epoch {best.best_epoch}; "
-          f"model in {result.model.out}/model; trials.csv and tune.png in {result.out}")
+    model = storage.join(result.model.out, "model")
+    print(_summary(f"best trial {best.trial_id}: {result.metric} {best.best:.4f} at epoch {best.best_epoch}",
+                   {"best model": model, "trials": storage.join(result.out, "trials.csv"),
+                    "plot": storage.join(result.out, "tune.png")},
+                   f"vitray evaluate --model {model} --data TEST --out EVAL"))
     return 0
 
 

@@ -15,42 +15,42 @@ from vitray import storage
 from vitray.errors import VitrayError
 
 
-def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels: list[str]) -> dict:
-    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix.
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels: list[str],
+                           sample_weight: Sequence[float] | None = None) -> dict:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix (scikit-learn's).
 
     Ids index `labels`. Every label gets a per-class row, also one absent from the data (support 0);
     a ratio with a zero denominator counts as 0.0. Macro-F1 averages over the classes that occur
     in `y_true` (support > 0): a class the data does not contain says nothing about the model, and
     counting it as F1 0 would punish an evaluation set for leaving a class out. Predictions of such
-    a class still cost the true classes their recall.
+    a class still cost the true classes their recall. `sample_weight` counts each pair that often.
     """
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     true = np.asarray(y_true, dtype=np.int64).ravel()
     pred = np.asarray(y_pred, dtype=np.int64).ravel()
+    weight = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64).ravel()
     n = len(labels)
     if true.shape != pred.shape:
         raise VitrayError(f"metrics: {true.size} true labels but {pred.size} predictions")
-    if true.size == 0:
+    total = true.size if weight is None else float(weight.sum())
+    if total == 0:
         raise VitrayError("metrics: no samples to evaluate")
     for name, ids in (("true label", true), ("prediction", pred)):
         bad = ids[(ids < 0) | (ids >= n)]
         if bad.size:
             raise VitrayError(f"metrics: {name} id {int(bad[0])} is outside the {n} classes {labels}")
-
-    confusion = np.zeros((n, n), dtype=np.int64)
-    np.add.at(confusion, (true, pred), 1)
-    hits = np.diag(confusion)
-    support = confusion.sum(axis=1)
-    predicted = confusion.sum(axis=0)
-    precision = _ratio(hits, predicted)
-    recall = _ratio(hits, support)
-    f1 = _ratio(2 * precision * recall, precision + recall)
+    ids = np.arange(n)
+    confusion = np.rint(confusion_matrix(true, pred, labels=ids, sample_weight=weight)).astype(np.int64)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        true, pred, labels=ids, sample_weight=weight, zero_division=0.0)
     present = support > 0
     return {
-        "accuracy": float(hits.sum() / true.size),
+        "accuracy": float(np.trace(confusion) / total),
         "macro_f1": float(f1[present].mean()),
         "per_class": {
             name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                   "support": int(support[i])}
+                   "support": int(round(support[i]))}
             for i, name in enumerate(labels)
         },
         "confusion_matrix": confusion.tolist(),
@@ -58,9 +58,11 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels:
     }
 
 
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
-    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+def metrics_from_confusion(counts: np.ndarray, labels: list[str]) -> dict:
+    """`classification_metrics` of a (true, predicted) count matrix, such as workers add up."""
+    counts = np.asarray(counts)
+    true, pred = np.indices(counts.shape)
+    return classification_metrics(true.ravel(), pred.ravel(), labels, sample_weight=counts.ravel())
 
 
 def format_report(metrics: dict) -> str:

@@ -84,11 +84,12 @@ class Progress:
         self.stream.write(", ".join(parts) + "\n")
         self.stream.flush()
 
-    def close(self) -> None:
+    def close(self, quiet: bool = False) -> None:
+        """End the bar; without a TTY a last line, unless `quiet` (a line of its own follows)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif self.done:
+        elif self.done and not quiet:
             self._line()
 
     def __enter__(self) -> "Progress":

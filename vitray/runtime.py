@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 from vitray.errors import VitrayError
@@ -74,6 +75,53 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# Lines that Ray's C++ core writes straight to the driver's stderr, with no switch to turn
+# them off, and that say nothing about the user's run. Ray Data's actor pools pass a handle
+# to their constructors, and Ray warns about every such actor as if it had large arguments
+# (ray-project/ray#57733, open). Only these exact lines are dropped, and only when quiet.
+BENIGN_STDERR = re.compile(rb"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the "
+                           rb"object store and max_restarts > 0")
+_filtering: list[bool] = []
+
+
+def filter_benign_stderr() -> None:
+    """Drop `BENIGN_STDERR` lines from this process's stderr (fd 2), passing everything else on at once."""
+    import atexit
+    import sys
+    import threading
+
+    if _filtering:
+        return
+    _filtering.append(True)
+    sys.stderr.flush()
+    original = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        pending = b""
+        while chunk := os.read(read_end, 65536):
+            *lines, pending = (pending + chunk).split(b"\n")
+            out = b"".join(line + b"\n" for line in lines if not BENIGN_STDERR.search(line))
+            if pending and not pending.startswith(b"["):  # not a log line's start: a bar redrawn in place
+                out, pending = out + pending, b""
+            if out:
+                os.write(original, out)
+        if pending:
+            os.write(original, pending)
+
+    thread = threading.Thread(target=pump, name="vitray-stderr", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        sys.stderr.flush()
+        os.dup2(original, 2)  # closes the pipe's last writer: the pump drains what is left and ends
+        thread.join(timeout=2)
+
+    atexit.register(restore)
 
 
 def _is_loopback(address: str) -> bool:
@@ -149,6 +197,8 @@ def init_ray(options: RayOptions | None = None) -> None:
                  logging_level=log_level, log_to_driver=not options.quiet,
                  # Train V2 patches print() on workers so that each line shows twice; plain print.
                  runtime_env={"env_vars": env_vars})
+    if options.quiet:
+        filter_benign_stderr()
     import ray.data
 
     ctx = ray.data.DataContext.get_current()

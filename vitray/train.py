@@ -7,36 +7,26 @@ transformers model with its metrics, history and plots beside it.
 """
 from __future__ import annotations
 
-import csv
-import io
 import logging
-import math
 import os
-import re
-import tempfile
-import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Sequence
 
 import numpy as np
 
 from vitray import storage
+from vitray.checkpoints import (STATE_FILE, check_resume, complete_checkpoints, load_state, prune_checkpoints,
+                                write_history)
+from vitray.data.sampling import balance_batch, balanced_rates, class_weights, stratified_split
 from vitray.errors import VitrayError
 
 log = logging.getLogger(__name__)
 
-HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "images_per_s")
 # Data sets up to this size (resized uint8) are decoded once and kept in Ray's
 # object store; larger ones stream from storage every epoch.
 CACHE_BYTES = 2 * 1024**3
 CLASS_WEIGHTS = ("auto", "loss", "none")
 RUN_NAME = "train"
-# A checkpoint folder (RUN_NAME/epoch-NNNN) holds the training state, loaded without
-# unpickling code (torch.load(weights_only=True)), and a record of it written beside it: a
-# folder whose record is missing, or names another size, was cut short while being written.
-STATE_FILE = "state.pt"
-RECORD_FILE = "checkpoint.json"
-CHECKPOINT_DIR = re.compile(r"^epoch-(\d+)$")
 # A Train run leaves a CPU for Ray Data's tasks (balancing, augmentation) beside its workers:
 # workers holding every CPU starve them and the run waits for ever.
 DATA_CPUS = 1.0
@@ -134,12 +124,67 @@ def train(config: TrainConfig) -> TrainResult:
     try:
         check_resume(run)
         prepared = prepare(config)
-        result = fit(make_trainer(config, prepared))
+        with TrainingProgress(config.epochs) as progress:
+            result = fit(make_trainer(config, prepared, progress=progress.queue))
         done = finish(config, result, prepared)
     except KeyboardInterrupt:
         raise interrupted(run) from None
     prune_checkpoints(result, run)
     return done
+
+
+class TrainingProgress:
+    """The driver's side of rank 0's progress: a bar per epoch, a line per finished epoch."""
+
+    def __init__(self, epochs: int) -> None:
+        from vitray.progress import Channel
+
+        self.epochs = epochs
+        self._bar: Any = None
+        self._epoch = 0
+        self._channel = Channel(self._show)
+        self.queue = self._channel.queue
+
+    def _show(self, message: dict[str, Any]) -> None:
+        from vitray.progress import Progress
+
+        kind = message.get("kind")
+        if kind == "log":
+            log.info("%s", message["line"])
+        elif kind == "batch":
+            if message["epoch"] != self._epoch:
+                self._close_bar()
+                self._epoch = message["epoch"]
+                self._bar = Progress(f"epoch {self._epoch}/{message['epochs']}", message["steps"], unit="batch")
+            rate = message["images"] / max(1e-9, message["seconds"])
+            left = (message["steps"] - message["step"]) + message["steps"] * (message["epochs"] - self._epoch)
+            per_step = message["seconds"] / max(1, message["step"])
+            self._bar.set(message["step"], img_s=f"{rate:,.0f}", run_eta=_clock(left * per_step))
+        elif kind == "epoch":
+            self._close_bar()
+            row = message["row"]
+            recalls = " ".join(f"{k}={v:.2f}" for k, v in message["recall"].items())
+            log.info("epoch %d/%d: loss %.4f, val_loss %.4f, acc %.4f, macro-F1 %.4f (%s img/s); recall %s",
+                     row["epoch"], message["epochs"], row["train_loss"], row["val_loss"], row["val_accuracy"],
+                     row["val_macro_f1"], f"{row['images_per_s']:,.0f}", recalls)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close(quiet=True)
+            self._bar = None
+
+    def __enter__(self) -> "TrainingProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._channel.close()
+        self._close_bar()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def interrupted(run_uri: str) -> VitrayError:
@@ -189,6 +234,8 @@ def prepare(config: TrainConfig, workers_flag: str = "--workers", trial_cpus: fl
     cluster.check_shared_output(config.out, config.shared_fs, "--out")
     cluster.check_fits(config.workers, 1.0, config.gpus_per_worker, workers_flag, extra_cpus=DATA_CPUS + trial_cpus,
                        extra_for="the trial and Ray Data" if trial_cpus else "Ray Data")
+    log.info("reading %s training and %s validation images from %s", f"{len(train_ids):,}", f"{len(val_ids):,}",
+             config.data if not config.val else f"{config.data} and {config.val}")
     train_ds = _prepared(source, train_ids, prep.size, prep.channels, shuffle_seed=config.seed)
     val_ds = _prepared(val_source, val_ids, prep.size, prep.channels)
     if config.class_weights == "auto":
@@ -221,56 +268,6 @@ def loop_config(config: TrainConfig, prepared: Prepared) -> dict[str, Any]:
     }
 
 
-def stratified_split(ids: list[str], labels: np.ndarray, fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Split ids so that every class keeps its share in validation (at least one image each)."""
-    rng = np.random.default_rng(seed)
-    val: list[int] = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        rng.shuffle(members)
-        k = int(round(fraction * len(members)))
-        k = min(max(k, 1), len(members) - 1) if len(members) > 1 else 0
-        val.extend(members[:k].tolist())
-    chosen = np.zeros(len(ids), dtype=bool)
-    chosen[val] = True
-    return [i for i, v in zip(ids, chosen) if not v], [i for i, v in zip(ids, chosen) if v]
-
-
-def balanced_rates(counts: np.ndarray) -> list[float]:
-    """How many times per epoch, on average, each image of a class is drawn so that every
-    class present gets an equal share of an epoch of the same length (`--class-weights auto`).
-
-    A class at 1/50 of the data is drawn ~10x per epoch (5 classes), each time with its own
-    augmentation, and the common ones ~0.8x. Measured against inverse-frequency loss weights
-    on the inspection images (README, "Measured"): the few rare images, each seen once an
-    epoch at ten times the weight, gave noisy steps and a passed recall of 0.5 to 0.95 from
-    run to run.
-    """
-    # The inverse-frequency numbers of the loss weights, used as rates: N / (classes · count).
-    return class_weights(counts)
-
-
-def balance_batch(batch: dict[str, np.ndarray], rates: Sequence[float], seed: int | None = None) -> dict[str, np.ndarray]:
-    """Ray Data UDF: each row repeated a random number of times whose mean is its class's rate
-    (the floor of the rate, plus one with the probability of its fraction); drawn anew each epoch."""
-    rng = np.random.default_rng(seed)
-    rate = np.asarray(rates, dtype=np.float64)[np.asarray(batch["label"], dtype=np.int64)]
-    repeats = np.floor(rate).astype(np.int64) + (rng.random(len(rate)) < rate - np.floor(rate))
-    index = np.repeat(np.arange(len(rate)), repeats)
-    return {k: v[index] for k, v in batch.items()}
-
-
-def class_weights(counts: np.ndarray) -> list[float]:
-    """Inverse-frequency loss weights (`--class-weights loss`), normalised so that the average image weighs 1.
-
-    A class at 1/50 of the data then weighs ~10x a common one, which is what
-    lets the rare `passed` class be learned instead of ignored.
-    """
-    counts = np.asarray(counts, dtype=np.float64)
-    present = counts > 0
-    weights = np.zeros_like(counts)
-    weights[present] = counts[present].sum() / (present.sum() * counts[present])
-    return weights.round(6).tolist()
 
 
 def peek_shape(source: Any) -> tuple[int, int]:
@@ -306,10 +303,15 @@ def _prepared(source: Any, ids: list[str], size: int, channels: int, shuffle_see
     return ds if shuffle_seed is None else ds.randomize_block_order()
 
 
-def make_trainer(config: TrainConfig, prepared: Prepared, callbacks: Sequence[Any] = ()) -> Any:
-    """The TorchTrainer of a run, storing under `config.out` (the same out resumes)."""
+def make_trainer(config: TrainConfig, prepared: Prepared, callbacks: Sequence[Any] = (), progress: Any = None) -> Any:
+    """The TorchTrainer of a run, storing under `config.out` (the same out resumes).
+
+    `progress`: the queue of a `vitray.progress.Channel` that rank 0 reports its progress to.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from vitray.train_loop import train_loop_per_worker
 
     out = storage.resolve(config.out)
     use_gpu = config.gpus_per_worker > 0
@@ -318,7 +320,7 @@ def make_trainer(config: TrainConfig, prepared: Prepared, callbacks: Sequence[An
         resources["GPU"] = config.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(config, prepared),
+        train_loop_config={**loop_config(config, prepared), "progress": progress},
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -370,19 +372,12 @@ def fit(trainer: Any) -> Any:
                 pass
         raise KeyboardInterrupt from None
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the cause in one line
-        raise VitrayError(f"training failed: {failure_line(exc)}", exit_code=1) from exc
+        from vitray.faults import innermost_line
+
+        raise VitrayError(f"training failed: {innermost_line(exc)}", exit_code=1) from exc
     finally:
         if main and previous is not None:
             signal.signal(signal.SIGINT, previous)
-
-
-def failure_line(exc: BaseException) -> str:
-    """The innermost `SomeError: message` line of a (Ray-wrapped) worker failure."""
-    import re
-
-    lines = [line.strip() for line in str(exc).splitlines()]
-    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line)]
-    return errors[-1] if errors else (lines[0] if lines else type(exc).__name__)
 
 
 def finish(config: TrainConfig, result: Any, prepared: Prepared) -> TrainResult:
@@ -424,283 +419,6 @@ def finish(config: TrainConfig, result: Any, prepared: Prepared) -> TrainResult:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_state(folder: str, state: dict[str, Any], metrics: dict[str, Any]) -> None:
-    """STATE_FILE and its RECORD_FILE (epoch, size, the epoch's metrics) into a local folder
-    that Ray Train then uploads.
-
-    Only tensors, dicts, lists, numbers, strings and None: what `load_state` accepts.
-    """
-    import json
-
-    import torch
-
-    path = os.path.join(folder, STATE_FILE)
-    torch.save(state, path)
-    with open(os.path.join(folder, RECORD_FILE), "w") as f:
-        json.dump({"epoch": int(state["epoch"]), "state_bytes": os.path.getsize(path), "metrics": metrics}, f)
-
-
-def read_record(folder_uri: str) -> dict[str, Any]:
-    """The RECORD_FILE of a checkpoint folder (plain JSON)."""
-    import json
-
-    return json.loads(storage.read_bytes(storage.join(folder_uri, RECORD_FILE)))
-
-
-def load_state(source: Any, shown: str, mmap: bool = False) -> dict[str, Any]:
-    """A training state from a path or file object, without running code that a file may carry.
-
-    A checkpoint under a shared --out is written by whoever can write there: only tensors and
-    plain containers are read (weights_only), and anything else is refused in one line.
-    """
-    import pickle
-
-    import torch
-
-    try:
-        state = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        why = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line),
-                   lines[0] if lines else type(exc).__name__)
-        raise VitrayError(f"{shown}: not a vitray training state, refused without loading it ({why}); "
-                          f"delete that checkpoint folder or use another --out") from None
-    if not isinstance(state, dict) or not {"model", "epoch", "history"} <= set(state):
-        raise VitrayError(f"{shown}: not a vitray training state; delete that checkpoint folder or use another --out")
-    return state
-
-
-def complete_checkpoints(run_uri: str) -> list[tuple[int, str]]:
-    """(epoch, folder URI) of the run's checkpoints that were written to their end, newest first.
-
-    This and not Ray Train's own record is where a run resumes: Ray Train learns of a
-    checkpoint when its controller next polls the workers, and a run stopped in between
-    (Ctrl-C, a killed driver) leaves newer checkpoints on storage than its record names.
-    """
-    if not storage.exists(run_uri):
-        return []
-    root = storage.resolve(run_uri)
-    sizes: dict[str, dict[str, int]] = {}
-    for info in storage.list_files(run_uri):
-        parts = storage.relative(root, info.path).split("/")
-        if len(parts) == 2 and CHECKPOINT_DIR.match(parts[0]):
-            sizes.setdefault(parts[0], {})[parts[1]] = info.size
-    found = []
-    for name, files in sizes.items():
-        if STATE_FILE not in files or RECORD_FILE not in files:
-            continue
-        folder = storage.join(run_uri, name)
-        try:
-            record = read_record(folder)
-            epoch, expected = int(record["epoch"]), int(record["state_bytes"])
-        except (VitrayError, ValueError, KeyError, TypeError):
-            continue
-        if epoch == int(CHECKPOINT_DIR.match(name).group(1)) and files[STATE_FILE] == expected:
-            found.append((epoch, folder))
-    return sorted(found, reverse=True)
-
-
-def check_resume(run_uri: str) -> int:
-    """The epoch a run resumes after (0: none), its state checked to load safely before any work."""
-    saved = complete_checkpoints(run_uri)
-    if not saved:
-        return 0
-    epoch, folder = saved[0]
-    uri = storage.join(folder, STATE_FILE)
-    loc = storage.resolve(uri)
-    if loc.is_s3:
-        load_state(io.BytesIO(storage.read_bytes(uri)), uri)
-    else:
-        load_state(loc.path, uri, mmap=True)  # reads the structure, not the tensors
-    return epoch
-
-
-def prune_checkpoints(result: Any, run_uri: str) -> None:
-    """Delete checkpoint folders that Ray Train does not keep (written but never registered)."""
-    keep = {c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in (result.best_checkpoints or [])}
-    if result.checkpoint is not None:
-        keep.add(result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
-    root = storage.resolve(run_uri)
-    names = {storage.relative(root, i.path).split("/")[0] for i in storage.list_files(run_uri)}
-    for name in sorted(names):
-        if CHECKPOINT_DIR.match(name) and name not in keep:
-            try:
-                root.fs.delete_dir(root.child(name).path)
-            except OSError as exc:
-                log.warning("could not delete the stale checkpoint %s: %s", name, exc)
-
-
-def write_history(uri: str, history: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    for row in history:
-        writer.writerow(row)
-    storage.write_bytes(uri, buf.getvalue().encode())
-
-
-# --------------------------------------------------------------------------- workers
-
-
-def lr_lambda(total_steps: int, warmup_steps: int):
-    """Linear warm-up, then cosine decay to zero."""
-
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
-
-
-def train_loop_per_worker(cfg: dict[str, Any]) -> None:
-    """The per-worker loop: shard in, DDP steps, validation, report + checkpoint every epoch."""
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from vitray.data.preprocess import normalize
-    from vitray.models import apply_finetune, build_model
-
-    run = cfg["run"]
-    # Ray Train logs every report (the whole metrics dict) at INFO under a logger named
-    # after its file; the epoch line below says what matters.
-    from ray.train.v2._internal.execution import context as train_context
-
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(run["seed"])
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        # Logical CPUs are inflated on a small machine; share the real cores.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
-    model, _ = build_model(run["model"], cfg["labels"], cfg["image_size"], channels=cfg["channels"])
-    model = apply_finetune(model, run["finetune"])
-    steps_per_epoch = max(1, math.ceil(cfg["n_train"] / (run["batch_size"] * world)))
-    total_steps = steps_per_epoch * run["epochs"]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": run["weight_decay"]},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total_steps, max(1, int(run["warmup_fraction"] * total_steps))))
-    start_epoch, history, resumes = 0, [], []
-    saved = complete_checkpoints(cfg["run_uri"])  # newer than ray.train.get_checkpoint() after a Ctrl-C
-    if saved:
-        folder = storage.resolve(saved[0][1])
-        with ray.train.Checkpoint(path=folder.path, filesystem=folder.fs).as_directory() as d:
-            state = load_state(os.path.join(d, STATE_FILE), saved[0][1])
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"], state["history"]
-        # Recorded so that a user (and the tests) can see a run picked up where it stopped.
-        resumes = state.get("resumes", []) + [start_epoch]
-        if rank == 0:
-            print(f"resuming after epoch {start_epoch} from {saved[0][1]}", flush=True)
-    model = ray.train.torch.prepare_model(model)
-    weights = torch.tensor(cfg["class_weights"], dtype=torch.float32, device=device) if cfg["class_weights"] else None
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=run["label_smoothing"])
-    amp = device.type == "cuda"
-    train_shard = ray.train.get_dataset_shard("train")
-    val_data = ray.train.get_dataset_shard("val")
-
-    for epoch in range(start_epoch + 1, run["epochs"] + 1):
-        model.train()
-        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        for batch in train_shard.iter_torch_batches(batch_size=run["batch_size"], local_shuffle_buffer_size=2048,
-                                                    local_shuffle_seed=run["seed"] + epoch,
-                                                    dtypes={"image": torch.uint8, "label": torch.long},
-                                                    device=device):
-            x = normalize(batch["image"], cfg["mean"], cfg["std"])
-            y = batch["label"]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(pixel_values=x).logits
-            loss = loss_fn(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if run["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(trainable, run["grad_clip"])
-            optimizer.step()
-            scheduler.step()
-            seen += len(y)
-            loss_sum += loss.item() * len(y)
-        elapsed = time.perf_counter() - t0
-        totals = _all_reduce(torch.tensor([seen, loss_sum, elapsed], dtype=torch.float64, device=device))
-        val = _validate(model, val_data, cfg, device, rank, world, amp, loss_fn)
-        row = {
-            "epoch": epoch,
-            "train_loss": round(float(totals[1] / max(1.0, totals[0])), 6),
-            "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"],
-            "val_macro_f1": val["macro_f1"],
-            "lr": float(scheduler.get_last_lr()[0]),
-            # Images per second of the whole group: total images over the slowest worker's time.
-            "images_per_s": round(float(totals[0] / max(1e-9, totals[2] / world)), 1),
-        }
-        history = [h for h in history if h["epoch"] < epoch] + [row]
-        metrics = {**row, "val": val, "recall": {k: v["recall"] for k, v in val["per_class"].items()}}
-        if rank == 0:
-            recalls = " ".join(f"{k}={v['recall']:.2f}" for k, v in val["per_class"].items())
-            print(f"epoch {epoch}/{run['epochs']}: loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
-                  f"acc {row['val_accuracy']:.4f} macro-F1 {row['val_macro_f1']:.4f} "
-                  f"({row['images_per_s']:.0f} img/s) recall: {recalls}", flush=True)
-            with tempfile.TemporaryDirectory() as d:
-                inner = model.module if hasattr(model, "module") else model
-                save_state(d, {"model": inner.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                               "resumes": resumes}, metrics)
-                write_history(cfg["history_uri"], history)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                                 checkpoint_dir_name=f"epoch-{epoch:04d}")
-        else:
-            ray.train.report(metrics, checkpoint=None)
-
-
-def _all_reduce(t: Any) -> Any:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
-def _validate(model: Any, val_data: Any, cfg: dict[str, Any], device: Any, rank: int, world: int,
-              amp: bool, loss_fn: Any) -> dict[str, Any]:
-    """Every worker sees the whole validation set and scores every world-th batch."""
-    import torch
-
-    from vitray.data.preprocess import normalize
-    from vitray.evaluate import classification_metrics
-
-    k = len(cfg["labels"])
-    confusion = torch.zeros(k * k + 2, dtype=torch.float64, device=device)  # + loss sum, count
-    model.eval()
-    with torch.inference_mode():
-        for i, batch in enumerate(val_data.iter_torch_batches(batch_size=256, dtypes={"image": torch.uint8,
-                                                                                     "label": torch.long},
-                                                              device=device)):
-            if i % world != rank:
-                continue
-            x = normalize(batch["image"], cfg["mean"], cfg["std"])
-            y = batch["label"]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(pixel_values=x).logits.float()
-            pred = logits.argmax(-1)
-            confusion[: k * k] += torch.bincount(y * k + pred, minlength=k * k).to(torch.float64)
-            confusion[-2] += torch.nn.functional.cross_entropy(logits, y, reduction="sum").double()
-            confusion[-1] += len(y)
-    confusion = _all_reduce(confusion).cpu().numpy()
-    cm = confusion[: k * k].reshape(k, k).astype(np.int64)
-    y_true = np.repeat(np.arange(k), cm.sum(1))
-    y_pred = np.concatenate([np.repeat(np.arange(k), cm[t]) for t in range(k)]) if cm.sum() else np.zeros(0, int)
-    metrics = classification_metrics(y_true.tolist(), y_pred.tolist(), cfg["labels"])
-    metrics["loss"] = round(float(confusion[-2] / max(1.0, confusion[-1])), 6)
-    return metrics
 
 
 def config_fields() -> list[str]:

@@ -334,7 +334,8 @@ def run_trial(params: dict[str, Any], base: TrainConfig, prepared: Prepared) -> 
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from vitray.train import RUN_NAME, check_resume, fit, make_trainer, prune_checkpoints
+    from vitray.checkpoints import check_resume, prune_checkpoints
+    from vitray.train import RUN_NAME, fit, make_trainer
 
     config = trial_config(base, params, ray.tune.get_context().get_trial_id())
     run = storage.join(config.out, RUN_NAME)
@@ -350,7 +351,8 @@ def run_trial(params: dict[str, Any], base: TrainConfig, prepared: Prepared) -> 
 
 def _last_report(config: TrainConfig) -> dict[str, Any] | None:
     """The metrics of the newest complete checkpoint of a trial's training run, if it has one."""
-    from vitray.train import RUN_NAME, complete_checkpoints, read_record
+    from vitray.checkpoints import complete_checkpoints, read_record
+    from vitray.train import RUN_NAME
 
     saved = complete_checkpoints(storage.join(config.out, RUN_NAME))
     return read_record(saved[0][1]).get("metrics") if saved else None
@@ -399,7 +401,7 @@ def summarize(grid: Any, config: SearchConfig) -> list[TrialSummary]:
     """Every trial of a ResultGrid as a TrialSummary, best first (ties: lower validation loss)."""
     import pandas as pd
 
-    from vitray.train import failure_line
+    from vitray.faults import innermost_line
 
     sign = 1.0 if config.mode == "max" else -1.0
     trials = []
@@ -428,7 +430,7 @@ def summarize(grid: Any, config: SearchConfig) -> list[TrialSummary]:
             trial_id=trial_id, params=params, status=status,
             best=float(top[config.metric]) if top else None, best_epoch=top["epoch"] if top else None,
             epochs_run=epochs_run, history=history, out=trial.out,
-            error=failure_line(result.error) if result.error is not None else None))
+            error=innermost_line(result.error) if result.error is not None else None))
 
     def rank(t: TrialSummary) -> tuple:
         if t.best is None:

@@ -312,6 +312,8 @@ def _run(config: ScoreConfig, source: Any, remaining: list[str], prep: Any, plan
     from vitray.runtime import RayOptions, init_ray
 
     init_ray(RayOptions(address=config.ray_address, quiet=not config.verbose))
+    if progress:  # the clock starts now: Ray's start-up and the model's load count in the rate
+        progress({"scored": 0, "errors": 0, "total": len(remaining), "skipped": skipped})
     for batch in _pipeline(config, source, remaining, prep, plan).iter_batches(batch_size=None,
                                                                               batch_format="numpy"):
         for row in range(len(batch["piece"])):

@@ -1,0 +1,234 @@
+"""What each Ray Train worker runs: its shard in, DDP steps, validation, a report and a checkpoint per epoch.
+
+The shape of Ray's own examples: `train_loop_per_worker(cfg)` sets up the model, the
+optimiser and the schedule, restores the newest complete checkpoint, then trains epoch by
+epoch. Rank 0 sends its progress (batches, images per second, each epoch's figures) to the
+driver through `vitray.progress`, which draws it: workers print nothing.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vitray import storage
+from vitray.checkpoints import STATE_FILE, complete_checkpoints, load_state, save_state, write_history
+from vitray.progress import send
+
+PROGRESS_EVERY_S = 1.0  # how often rank 0 tells the driver how far an epoch is
+
+
+def make_scheduler(optimizer: Any, total_steps: int, warmup_fraction: float) -> Any:
+    """Linear warm-up over `warmup_fraction` of the steps, then cosine decay to zero (transformers')."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, max(1, int(warmup_fraction * total_steps)), total_steps)
+
+
+@dataclass
+class _Run:
+    """One worker's training objects."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    trainable: list
+    loss_fn: Any
+    device: Any
+    amp: bool
+    rank: int
+    world: int
+    steps_per_epoch: int
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """Ray Train's per-worker function: set up, restore, then train, validate and checkpoint each epoch."""
+    import ray.train
+
+    run = cfg["run"]
+    state = _set_up(cfg)
+    start_epoch, history, resumes = _restore(cfg, state)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    for epoch in range(start_epoch + 1, run["epochs"] + 1):
+        seen, loss_sum, elapsed = _train_epoch(cfg, state, train_shard, epoch)
+        totals = _all_reduce(_tensor([seen, loss_sum, elapsed], state.device))
+        val = _validate(state.model, val_shard, cfg, state.device, state.rank, state.world, state.amp)
+        row = {
+            "epoch": epoch,
+            "train_loss": round(float(totals[1] / max(1.0, totals[0])), 6),
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "val_macro_f1": val["macro_f1"],
+            "lr": float(state.scheduler.get_last_lr()[0]),
+            # Images per second of the whole group: total images over the slowest worker's time.
+            "images_per_s": round(float(totals[0] / max(1e-9, totals[2] / state.world)), 1),
+        }
+        history = [h for h in history if h["epoch"] < epoch] + [row]
+        _report(cfg, state, row, val, history, resumes)
+
+
+def _set_up(cfg: dict[str, Any]) -> _Run:
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from vitray.models import apply_finetune, build_model
+
+    run = cfg["run"]
+    # Ray Train logs every report (the whole metrics dict) at INFO under a logger named
+    # after its file; the epoch line that rank 0 sends says what matters.
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(run["seed"])
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        # Logical CPUs are inflated on a small machine; share the real cores.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+    model, _ = build_model(run["model"], cfg["labels"], cfg["image_size"], channels=cfg["channels"])
+    model = apply_finetune(model, run["finetune"])
+    steps_per_epoch = max(1, math.ceil(cfg["n_train"] / (run["batch_size"] * world)))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": run["weight_decay"]},
+                                   {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}], lr=cfg["lr"])
+    scheduler = make_scheduler(optimizer, steps_per_epoch * run["epochs"], run["warmup_fraction"])
+    weights = torch.tensor(cfg["class_weights"], dtype=torch.float32, device=device) if cfg["class_weights"] else None
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=run["label_smoothing"])
+    return _Run(model, optimizer, scheduler, trainable, loss_fn, device, device.type == "cuda", rank, world,
+                steps_per_epoch)
+
+
+def _restore(cfg: dict[str, Any], state: _Run) -> tuple[int, list[dict], list[int]]:
+    """Resume from the newest complete checkpoint (newer than ray.train.get_checkpoint() after a Ctrl-C)."""
+    import ray.train
+    import ray.train.torch
+
+    start_epoch, history, resumes = 0, [], []
+    saved = complete_checkpoints(cfg["run_uri"])
+    if saved:
+        folder = storage.resolve(saved[0][1])
+        with ray.train.Checkpoint(path=folder.path, filesystem=folder.fs).as_directory() as d:
+            loaded = load_state(os.path.join(d, STATE_FILE), saved[0][1])
+        state.model.load_state_dict(loaded["model"])
+        state.optimizer.load_state_dict(loaded["optimizer"])
+        state.scheduler.load_state_dict(loaded["scheduler"])
+        start_epoch, history = loaded["epoch"], loaded["history"]
+        # Recorded so that a user (and the tests) can see a run picked up where it stopped.
+        resumes = loaded.get("resumes", []) + [start_epoch]
+        if state.rank == 0:
+            send(cfg.get("progress"), {"kind": "log", "line": f"resuming after epoch {start_epoch} from {saved[0][1]}"})
+    state.model = ray.train.torch.prepare_model(state.model)
+    return start_epoch, history, resumes
+
+
+def _train_epoch(cfg: dict[str, Any], state: _Run, shard: Any, epoch: int) -> tuple[int, float, float]:
+    """One pass over this worker's shard; (images, loss sum, seconds)."""
+    import torch
+
+    from vitray.data.preprocess import normalize
+
+    run = cfg["run"]
+    state.model.train()
+    started = last_sent = time.perf_counter()
+    seen, loss_sum, step = 0, 0.0, 0
+    for batch in shard.iter_torch_batches(batch_size=run["batch_size"], local_shuffle_buffer_size=2048,
+                                          local_shuffle_seed=run["seed"] + epoch,
+                                          dtypes={"image": torch.uint8, "label": torch.long}, device=state.device):
+        x = normalize(batch["image"], cfg["mean"], cfg["std"])
+        y = batch["label"]
+        with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=state.amp):
+            logits = state.model(pixel_values=x).logits
+        loss = state.loss_fn(logits.float(), y)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if run["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(state.trainable, run["grad_clip"])
+        state.optimizer.step()
+        state.scheduler.step()
+        seen += len(y)
+        loss_sum += loss.item() * len(y)
+        step += 1
+        now = time.perf_counter()
+        if state.rank == 0 and now - last_sent >= PROGRESS_EVERY_S:
+            last_sent = now
+            send(cfg.get("progress"), {"kind": "batch", "epoch": epoch, "epochs": run["epochs"], "step": step,
+                                       "steps": state.steps_per_epoch, "images": seen * state.world,
+                                       "seconds": now - started})
+    return seen, loss_sum, time.perf_counter() - started
+
+
+def _report(cfg: dict[str, Any], state: _Run, row: dict[str, Any], val: dict[str, Any], history: list[dict],
+            resumes: list[int]) -> None:
+    """Report the epoch to Ray Train; rank 0 also checkpoints it and tells the driver."""
+    import ray.train
+
+    metrics = {**row, "val": val, "recall": {k: v["recall"] for k, v in val["per_class"].items()}}
+    if state.rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    epoch = row["epoch"]
+    send(cfg.get("progress"), {"kind": "epoch", "row": row, "epochs": cfg["run"]["epochs"],
+                               "recall": metrics["recall"]})
+    with tempfile.TemporaryDirectory() as d:
+        inner = state.model.module if hasattr(state.model, "module") else state.model
+        save_state(d, {"model": inner.state_dict(), "optimizer": state.optimizer.state_dict(),
+                       "scheduler": state.scheduler.state_dict(), "epoch": epoch, "history": history,
+                       "resumes": resumes}, metrics)
+        write_history(cfg["history_uri"], history)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"epoch-{epoch:04d}")
+
+
+def _tensor(values: list[float], device: Any) -> Any:
+    import torch
+
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+def _all_reduce(t: Any) -> Any:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def _validate(model: Any, val_data: Any, cfg: dict[str, Any], device: Any, rank: int, world: int,
+              amp: bool) -> dict[str, Any]:
+    """Every worker reads the validation set and scores every world-th batch; the counts are summed."""
+    import torch
+
+    from vitray.data.preprocess import normalize
+    from vitray.evaluate import metrics_from_confusion
+
+    k = len(cfg["labels"])
+    counts = torch.zeros(k * k, dtype=torch.float64, device=device)  # (true, predicted) pairs
+    loss = torch.zeros(2, dtype=torch.float64, device=device)  # sum, images
+    model.eval()
+    with torch.inference_mode():
+        batches = val_data.iter_torch_batches(batch_size=256, dtypes={"image": torch.uint8, "label": torch.long},
+                                              device=device)
+        for i, batch in enumerate(batches):
+            if i % world != rank:
+                continue
+            x = normalize(batch["image"], cfg["mean"], cfg["std"])
+            y = batch["label"]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(pixel_values=x).logits.float()
+            counts += torch.bincount(y * k + logits.argmax(-1), minlength=k * k).to(torch.float64)
+            loss[0] += torch.nn.functional.cross_entropy(logits, y, reduction="sum").double()
+            loss[1] += len(y)
+    counts, loss = _all_reduce(counts).cpu().numpy(), _all_reduce(loss).cpu().numpy()
+    metrics = metrics_from_confusion(counts.reshape(k, k).astype(np.int64), cfg["labels"])
+    metrics["loss"] = round(float(loss[0] / max(1.0, loss[1])), 6)
+    return metrics
