@@ -1,7 +1,7 @@
 """Recipe exploration on a lent GPU machine, which has no Ray: vitray's own model config,
 augmentation, class weights, schedule, metrics and attention maps, in a plain loop.
 
-It measures recipe variants quickly; `vitray train` is what users run. Repeat the README's table:
+It measures recipe variants quickly; `vitray train` is what users run. Repeat the tables of docs/benchmarks.md:
     python benchmarks/recipe_search.py insp synth '[{"name":"default","patch":8,"bs":32}]'
     python benchmarks/recipe_search.py digits - '[{"name":"p2","patch":2,"bs":32,"epochs":100}]'
 """

@@ -173,7 +173,7 @@ def input_size_for(native: int) -> int:
     Images under 16 px are upsampled to 32 (bilinear, as at score time), which with 4 px
     patches gives an 8x8 grid. On scikit-learn's 8x8 digits with the same rotation/zoom
     augmentation: native 8 px with 2 px patches 96.7%, upsampled to 16 px with 2 px patches
-    98.9%, to 32 px with 4 px patches 99.2% (README, "Measured"); the turns and zooms also
+    98.9%, to 32 px with 4 px patches 99.2% (docs/benchmarks.md); the turns and zooms also
     get sub-pixel room.
     """
     return UPSAMPLED_INPUT if int(native) < TINY_INPUT else int(native)
@@ -185,7 +185,7 @@ def auto_patch_size(image_size: int) -> int:
     So small images get a grid of about 7-8 per side (28 -> 4, 32 -> 4, 64 -> 8) and large
     ones the usual 16 px patches (224 -> 16, 14x14 grid). Tiny even images (under 16 px,
     such as scikit-learn's 8x8 digits) take 2 px patches: on those digits that reached
-    96.4% where 1 px patches reached 94.7% (README, "Measured"). Sizes whose only
+    96.4% where 1 px patches reached 94.7% (docs/benchmarks.md). Sizes whose only
     divisors force a much finer grid than 16 px patches would (a prime such as 227) are
     refused: their token count would explode.
     """

@@ -22,7 +22,7 @@ API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 # fresh zeroed pages on the next batch: a page fault per 4 kB of every large tensor. Keeping
 # blocks up to 32 MiB (glibc's largest mmap threshold) and 256 MiB of free heap in the
 # process cut the page faults of a tiny ViT's forward passes twentyfold and its time by
-# ~25% (README, "Measured"). Read by glibc when a process starts: Ray's workers get them in
+# ~25% (docs/benchmarks.md). Read by glibc when a process starts: Ray's workers get them in
 # the runtime env (jobs/runtime_env*.yaml on a cluster), a running process `tune_malloc`.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 _MALLOPT = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_MMAP_THRESHOLD_": -3}  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
