@@ -269,7 +269,9 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument("--data", required=True, help="labelled data (local, file:// or s3://)")
     p.add_argument("--out", required=True, help="output folder or s3:// prefix")
     p.add_argument("--format", choices=("imagefolder", "parquet", "csv"))
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="images per model call (default 256)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="inference actors (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per inference actor (default 0: CPU)")
     _ray_options(p)
     p.set_defaults(func=_run_evaluate)
 
@@ -279,7 +281,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from vitray.evaluate import evaluate, format_report
 
     metrics = evaluate(args.model, args.data, args.out, fmt=args.format, batch_size=args.batch_size,
-                       ray_address=args.ray_address)
+                       workers=args.workers, gpus_per_worker=args.gpus_per_worker, ray_address=args.ray_address)
     print(format_report(metrics))
     print(_summary(f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}",
                    {"evaluation": storage.join(args.out, "evaluation.json"),

@@ -165,7 +165,7 @@ def check_fits(workers: int, cpus_per_worker: float, gpus_per_worker: float, wha
     from ray.autoscaler.sdk import request_resources
 
     wait_s = wait_seconds() if wait_s is None else wait_s
-    print(f"waiting up to {_n(wait_s)} s for the autoscaler to add nodes: {message.split(';')[0]}", flush=True)
+    log.warning("waiting up to %s s for the autoscaler to add nodes: %s", _n(wait_s), message.split(";")[0])
     request_resources(bundles=[worker] * workers + ([extra] if extra else []))
     try:
         deadline = time.monotonic() + wait_s

@@ -119,7 +119,7 @@ def plot_confusion(metrics: dict, uri: str, title: str = "") -> None:
                     # Dark text on light cells, light on dark: readable whatever the count.
                     colour = "white" if values[i, j] > 0.55 * peak else "black"
                     ax.text(j, i, text(values[i, j], i), ha="center", va="center", fontsize=font, color=colour)
-    _save(fig, uri)
+    save_figure(fig, uri)
 
 
 HISTORY_PANELS = [
@@ -154,7 +154,7 @@ def plot_curves(history: list[dict], uri: str) -> None:
             ax.legend(fontsize=9)
         if not ax.lines:
             ax.text(0.5, 0.5, "not recorded", transform=ax.transAxes, ha="center", va="center", color="grey")
-    _save(fig, uri)
+    save_figure(fig, uri)
 
 
 def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -177,9 +177,10 @@ def _number(value: Any) -> float | None:
     return None if math.isnan(number) else number
 
 
-def _save(fig: Any, uri: str) -> None:
+def save_figure(fig: Any, uri: str, dpi: int = 120) -> None:
+    """A matplotlib figure as a PNG at a local path or s3:// URI."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    fig.savefig(buf, format="png", dpi=dpi)
     storage.write_bytes(uri, buf.getvalue())
 
 

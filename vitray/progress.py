@@ -36,20 +36,21 @@ class Progress:
     """`with Progress("score", total, unit="img") as bar: bar.update(n, errors=3)`."""
 
     def __init__(self, desc: str, total: int | None, unit: str = "img", stream: TextIO | None = None,
-                 tty: bool | None = None) -> None:
+                 tty: bool | None = None, elapsed: float = 0.0) -> None:
         self.desc, self.total, self.unit = desc, total, unit
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
         self.done = 0
         self.extra: dict[str, Any] = {}
-        self.started = time.monotonic()
-        self._last_line = self.started
+        self.started = time.monotonic() - elapsed  # a count that began before this object (a worker's)
+        self._last_line = time.monotonic()
         self._bar = None
         if self.tty:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True,
                              smoothing=0.1, unit_scale=False)
+            self._bar.start_t -= elapsed
 
     def update(self, n: int = 1, **extra: Any) -> None:
         self.done += n

@@ -18,6 +18,7 @@ MIN_LOGICAL_CPUS = 8
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 DATA_LOG_LEVEL_ENV = "RAY_DATA_LOG_LEVEL"
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+STARTUP_ENV = "RAY_worker_maximum_startup_concurrency"
 # glibc's malloc hands blocks over 128 kB back to the kernel when they are freed, and gets
 # fresh zeroed pages on the next batch: a page fault per 4 kB of every large tensor. Keeping
 # blocks up to 32 MiB (glibc's largest mmap threshold) and 256 MiB of free heap in the
@@ -192,6 +193,11 @@ def init_ray(options: RayOptions | None = None) -> None:
         # Ray Train's placement-group cleaner finds the state API by looking for "the" local
         # Ray, and fails when another Ray runs on the machine: name ours.
         env_vars[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+        # The raylet expects at most min(cores, CPUs) workers to start at once and warns the
+        # driver (as "(raylet) WARNING: 8 PYTHON worker processes ...") when a run starts four
+        # times that; an embedded Ray's logical CPUs are slots for Train workers, Ray Data's
+        # tasks and actors, which do start that many. Its own setting, read when it starts.
+        os.environ.setdefault(STARTUP_ENV, str(options.num_cpus or embedded_cpus()))
         ray.init(num_cpus=options.num_cpus or embedded_cpus(), include_dashboard=True,
                  dashboard_host="127.0.0.1", dashboard_port=port,
                  logging_level=log_level, log_to_driver=not options.quiet,

@@ -84,7 +84,9 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        pretrained = self.model is not None and not self.model.startswith("vit-")
+        from vitray.models import PRESETS
+
+        pretrained = self.model is not None and self.model not in PRESETS
         return 1e-4 if pretrained and self.finetune == "full" else 1e-3
 
 
@@ -155,7 +157,8 @@ class TrainingProgress:
             if message["epoch"] != self._epoch:
                 self._close_bar()
                 self._epoch = message["epoch"]
-                self._bar = Progress(f"epoch {self._epoch}/{message['epochs']}", message["steps"], unit="batch")
+                self._bar = Progress(f"epoch {self._epoch}/{message['epochs']}", message["steps"], unit="batch",
+                                     elapsed=message["seconds"])
             rate = message["images"] / max(1e-9, message["seconds"])
             left = (message["steps"] - message["step"]) + message["steps"] * (message["epochs"] - self._epoch)
             per_step = message["seconds"] / max(1, message["step"])

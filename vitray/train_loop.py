@@ -8,7 +8,6 @@ driver through `vitray.progress`, which draws it: workers print nothing.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 import time
@@ -97,7 +96,7 @@ def _set_up(cfg: dict[str, Any]) -> _Run:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     model, _ = build_model(run["model"], cfg["labels"], cfg["image_size"], channels=cfg["channels"])
     model = apply_finetune(model, run["finetune"])
-    steps_per_epoch = max(1, math.ceil(cfg["n_train"] / (run["batch_size"] * world)))
+    steps_per_epoch = max(1, cfg["n_train"] // (run["batch_size"] * world))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": run["weight_decay"]},
                                    {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}], lr=cfg["lr"])
@@ -141,7 +140,10 @@ def _train_epoch(cfg: dict[str, Any], state: _Run, shard: Any, epoch: int) -> tu
     state.model.train()
     started = last_sent = time.perf_counter()
     seen, loss_sum, step = 0, 0.0, 0
+    # drop_last: a last batch of a few images makes a noisy step, and one of a single image
+    # gives DDP gradients whose strides differ from its buckets' (a warning on every epoch).
     for batch in shard.iter_torch_batches(batch_size=run["batch_size"], local_shuffle_buffer_size=2048,
+                                          drop_last=True,
                                           local_shuffle_seed=run["seed"] + epoch,
                                           dtypes={"image": torch.uint8, "label": torch.long}, device=state.device):
         x = normalize(batch["image"], cfg["mean"], cfg["std"])

@@ -17,6 +17,8 @@ from vitray import storage
 from vitray.errors import VitrayError
 from vitray.train import Prepared, TrainConfig, TrainResult
 
+log = logging.getLogger(__name__)
+
 # Options a search may vary, with the type a trial's value takes.
 SEARCHABLE: dict[str, type] = {"lr": float, "epochs": int, "batch_size": int, "finetune": str}
 SPACE_KINDS = ("loguniform", "uniform", "choice")
@@ -227,14 +229,14 @@ def _search(config: SearchConfig) -> SearchResult:
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, base=config.base, prepared=prepared), {"cpu": TRIAL_CPU})
     if resumed:
-        print(f"resuming the search in {experiment.uri}", flush=True)
+        log.info(f"resuming the search in {experiment.uri}")
         tuner = Tuner.restore(experiment.path, trainable=trainable, resume_errored=True,
                               storage_filesystem=out.fs)
     else:
         storage.write_json(storage.join(out.uri, SEARCH_RECORD), config.record())
         concurrent = config.max_concurrent or default_concurrency(config.base, ray.cluster_resources())
-        print(f"searching {', '.join(f'{k}={s}' for k, s in spaces.items())}: {config.samples} trials, "
-              f"{concurrent} at a time, {config.scheduler} on {config.metric}", flush=True)
+        log.info(f"searching {', '.join(f'{k}={s}' for k, s in spaces.items())}: {config.samples} trials, "
+              f"{concurrent} at a time, {config.scheduler} on {config.metric}")
         tuner = Tuner(
             trainable,
             param_space={name: space.to_tune() for name, space in spaces.items()},
@@ -371,7 +373,7 @@ def trial_lines(metric: str, names: Sequence[str]) -> Any:
 
     class TrialLines(Callback):
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            print(f"trial {trial.trial_id} started: {values(trial)}", flush=True)
+            log.info(f"trial {trial.trial_id} started: {values(trial)}")
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             epoch = (trial.last_result or {}).get("epoch")
@@ -379,11 +381,16 @@ def trial_lines(metric: str, names: Sequence[str]) -> Any:
             budget = trial.config.get("epochs")
             ended = sum(t is trial or t.status in ("TERMINATED", "ERROR") for t in trials)  # trial: still RUNNING
             state = "stopped early" if budget and epoch and epoch < int(budget) else "done"
-            print(f"trial {trial.trial_id} {state} after epoch {_fmt(epoch)}: {values(trial)} "
-                  f"best {metric} {_fmt(best)} ({ended}/{len(trials)} trials ended)", flush=True)
+            scores = [t.metric_analysis.get(metric, {}).get(METRICS[metric]) for t in trials]
+            scores = [v for v in scores if v is not None]
+            so_far = (max if METRICS[metric] == "max" else min)(scores) if scores else None
+            running = sum(t.status == "RUNNING" and t is not trial for t in trials)
+            log.info(f"trial {trial.trial_id} {state} after epoch {_fmt(epoch)}: {values(trial)} "
+                     f"best {metric} {_fmt(best)}; {ended}/{len(trials)} trials ended, {running} running, "
+                     f"best so far {_fmt(so_far)}")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            print(f"trial {trial.trial_id} failed: {values(trial)} (its error.txt is in {trial.path})", flush=True)
+            log.info(f"trial {trial.trial_id} failed: {values(trial)} (its error.txt is in {trial.path})")
 
     return TrialLines()
 
@@ -469,8 +476,8 @@ def export_best(config: SearchConfig, best: TrialSummary, prepared: Prepared) ->
     if chosen[1]["epoch"] != best.best_epoch:
         # Ray Train keeps the 2 best checkpoints by macro-F1 (and the latest): with another
         # --metric the best epoch's checkpoint may be gone.
-        print(f"note: trial {best.trial_id} kept no checkpoint of epoch {best.best_epoch}; exporting epoch "
-              f"{chosen[1]['epoch']}, its best kept by {config.metric}", flush=True)
+        log.warning("trial %s kept no checkpoint of epoch %s; exporting epoch %s, its best kept by %s",
+                    best.trial_id, best.best_epoch, chosen[1]["epoch"], config.metric)
     result = dataclasses.replace(result, best_checkpoints=[chosen])
     if trial.finetune != config.base.finetune:  # the parameter report of the trial's own policy
         prepared = dataclasses.replace(prepared, params=_params(trial, prepared))
@@ -556,6 +563,6 @@ def plot_search(trials: list[TrialSummary], metric: str, uri: str) -> None:
     ax_curve.grid(alpha=0.3)
     if best is not None:
         ax_curve.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    storage.write_bytes(uri, buf.getvalue())
+    from vitray.evaluate import save_figure
+
+    save_figure(fig, uri, dpi=110)

@@ -1,0 +1,50 @@
+"""What a person at a terminal sees: vitray's own lines, progress and a summary, none of the libraries' noise."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+NOISE = re.compile(r"core_worker\.cc|raylet|Warning|Traceback|\(pid=|\bWARN\b|\bE \d+ \d+\]")
+
+
+def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vitray.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_train_and_score_show_progress_and_a_summary_and_no_noise(tmp_path):
+    # An embedded Ray, as `make demo` has; progress lines every half second.
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "VITRAY_PROGRESS_INTERVAL": "0.5"}
+    data, out = tmp_path / "data", tmp_path / "run"
+    assert run(["synth", str(data), "--n", "1200", "--size", "32", "--seed", "1"], env).returncode == 0
+
+    train = run(["train", "--data", str(data), "--out", str(out), "--epochs", "2", "--workers", "2",
+                 "--batch-size", "8"], env)
+    assert train.returncode == 0, train.stderr[-3000:]
+    text = train.stdout + train.stderr
+    assert not NOISE.search(text), NOISE.search(text).group(0) + "\n" + text[-3000:]
+    assert re.search(r"^epoch 1/2: .*batch", train.stderr, re.M), train.stderr  # within an epoch
+    assert re.search(r"^epoch 2/2: loss [\d.]+, val_loss [\d.]+, acc .*img/s", train.stderr, re.M), train.stderr
+    assert f"model             {out}/model" in train.stdout and "next: vitray evaluate --model" in train.stdout
+
+    scores = tmp_path / "scores"
+    score = run(["score", "--model", str(out / "model"), "--input", str(data), "--output", str(scores),
+                 "--attention", "all"], env)
+    assert score.returncode == 0, score.stderr[-3000:]
+    text = score.stdout + score.stderr
+    assert not NOISE.search(text), NOISE.search(text).group(0) + "\n" + text[-3000:]
+    assert re.search(r"^scoring: [\d,]+/1,200 img", score.stderr, re.M), score.stderr
+    assert "scored 1,200 images" in score.stdout and f"report       {scores}/report.html" in score.stdout
+
+    again = run(["score", "--model", str(out / "model"), "--input", str(data), "--output", str(scores)], env)
+    assert again.returncode == 0 and "scored 0 images (1,200 already done" in again.stdout
+    verbose = run(["score", "--model", str(out / "model"), "--input", str(data), "--output", str(tmp_path / "v"),
+                   "--attention", "none", "--verbose"], env)
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert re.search(r"Started a local Ray instance|ray\.data|\(MapWorker|streaming_executor", verbose.stderr), \
+        "--verbose shows Ray's own logs:\n" + verbose.stderr[-2000:]
