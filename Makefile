@@ -11,6 +11,8 @@ VITRAY := $(VENV)/bin/vitray
 # Elsewhere on a CPU machine: make setup TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 DEMO ?= demo-out
+# make demo VERBOSE=1: Ray's and the libraries' own logs too
+V := $(if $(VERBOSE),--verbose,)
 
 .PHONY: setup test test-fast demo clean
 
@@ -31,11 +33,11 @@ test-fast: setup
 
 demo: setup
 	rm -rf $(DEMO)
-	$(VITRAY) synth $(DEMO)/data --n 3000 --seed 1
-	$(VITRAY) synth $(DEMO)/test --n 300 --seed 2 --passed-fraction 0.2
-	$(VITRAY) train --data $(DEMO)/data --out $(DEMO)/run --epochs 25 --workers 2
-	$(VITRAY) evaluate --model $(DEMO)/run/model --data $(DEMO)/test --out $(DEMO)/eval
-	$(VITRAY) score --model $(DEMO)/run/model --input $(DEMO)/test --output $(DEMO)/scores --attention defects
+	$(VITRAY) synth $(DEMO)/data --n 3000 --seed 1 $(V)
+	$(VITRAY) synth $(DEMO)/test --n 300 --seed 2 --passed-fraction 0.2 $(V)
+	$(VITRAY) train --data $(DEMO)/data --out $(DEMO)/run --epochs 25 --workers 2 $(V)
+	$(VITRAY) evaluate --model $(DEMO)/run/model --data $(DEMO)/test --out $(DEMO)/eval $(V)
+	$(VITRAY) score --model $(DEMO)/run/model --input $(DEMO)/test --output $(DEMO)/scores --attention defects $(V)
 	@echo "demo outputs in $(DEMO)/: run/ (model, metrics, plots), eval/, scores/ (predictions, report.html)"
 
 clean:
