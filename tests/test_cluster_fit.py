@@ -65,7 +65,7 @@ def test_without_an_autoscaler_a_job_that_cannot_fit_fails_at_once(monkeypatch):
     cluster.check_fits(2, 1.0, 0.0, "--workers", extra_cpus=1.0)  # fits: no error
 
 
-def test_with_an_autoscaler_it_asks_for_nodes_and_waits_a_bounded_time(monkeypatch, capsys):
+def test_with_an_autoscaler_it_asks_for_nodes_and_waits_a_bounded_time(monkeypatch, caplog):
     import ray.autoscaler.sdk
 
     requests = []
@@ -79,7 +79,7 @@ def test_with_an_autoscaler_it_asks_for_nodes_and_waits_a_bounded_time(monkeypat
         cluster.check_fits(4, 1.0, 0.0, "--workers")
     assert 0.3 <= time.monotonic() - start < 5
     assert requests[0] == [{"CPU": 1.0}] * 4 and requests[-1] == []  # asked, then the sticky request cleared
-    assert "waiting up to 0.3 s for the autoscaler" in capsys.readouterr().out
+    assert "waiting up to 0.3 s for the autoscaler" in caplog.text
 
     # Nodes that arrive while it waits let the job start.
     sizes = iter([[{"CPU": 2.0}], [{"CPU": 2.0}], [{"CPU": 2.0}, {"CPU": 4.0}]])

@@ -182,15 +182,19 @@ def test_a_yaml_config_keeps_spaces_as_written_and_types_the_rest(tmp_path):
 # --------------------------------------------------------------------------- searches
 
 
-def test_asha_search_on_s3_writes_trials_plot_and_the_best_model(ray_session, tiny, s3_prefix, tmp_path, capsys):
+def test_asha_search_on_s3_writes_trials_plot_and_the_best_model(ray_session, tiny, s3_prefix, tmp_path, caplog):
+    import logging
+
     import pyarrow.fs as pafs
     import torch
     from transformers import ViTForImageClassification
 
     config = SearchConfig(TrainConfig(data=tiny, out=s3_prefix, batch_size=32),
                           space={"lr": "loguniform:3e-4:1e-2", "epochs": "choice:1,2"}, samples=4, max_concurrent=3)
+    caplog.set_level(logging.INFO, logger="vitray")
     result = search(config)
-    printed = capsys.readouterr().out
+    printed = "\n".join(r.getMessage() for r in caplog.records)
+    caplog.clear()
     running, most = 0, 0
     for line in printed.splitlines():
         if line.startswith("trial "):
@@ -228,7 +232,7 @@ def test_asha_search_on_s3_writes_trials_plot_and_the_best_model(ray_session, ti
 
     # The same command again restores the finished search: no trial runs twice.
     again = search(config)
-    printed = capsys.readouterr().out
+    printed = "\n".join(r.getMessage() for r in caplog.records)
     assert again.resumed and "resuming" in printed and " started: " not in printed
     assert [t.trial_id for t in again.trials] == [t.trial_id for t in result.trials]
     assert again.best.best == result.best.best
@@ -275,8 +279,8 @@ def test_an_interrupted_search_resumes_its_trials_from_their_checkpoints(ray_ses
 
     capsys.readouterr()
     assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "resuming" in printed and "best trial" in printed
+    captured = capsys.readouterr()
+    assert "resuming" in captured.err and "best trial" in captured.out
     rows = _rows((out / "trials.csv").read_text())
     assert [(r["trial_id"], r["status"], r["epochs_run"]) for r in rows] == [(snapshot.parts[-3], "completed", "8")]
     # Tune takes a few seconds to stop the trial, an epoch here about one: the run is cut well before epoch 8.

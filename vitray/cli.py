@@ -585,8 +585,10 @@ def setup_logging(verbose: bool) -> None:
     os.environ[VERBOSE_ENV] = "1" if verbose else "0"  # Ray's workers and job drivers read it too
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LineFormatter())
+    handler.set_name("vitray")
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # Ours replaces ours (main may run more than once in a process); other handlers stay.
+    root.handlers[:] = [h for h in root.handlers if h.get_name() != "vitray"] + [handler]
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("vitray").setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.captureWarnings(True)
