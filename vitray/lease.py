@@ -11,6 +11,7 @@ win. A run that finds its lease taken over stops before committing anything more
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from vitray import storage
 from vitray.errors import VitrayError
@@ -73,33 +74,31 @@ class _LocalStore:
             return None
         return _parse(text, os.path.getmtime(self.path) if os.path.exists(self.path) else 0.0), text
 
-    def swap(self, expected: Any, record: dict[str, Any]) -> Any:
-        """Replace the lease with `record` if it still reads as `expected`; the new token, or None."""
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[tuple[dict[str, Any], str] | None]:
+        """The lease as it reads under an exclusive flock: a compare-and-swap's compare."""
         import fcntl
 
         os.makedirs(self.folder, exist_ok=True)
         with open(os.path.join(self.folder, "_lease.lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                current = self.read()
-                if current is None or current[1] != _text_of(expected):
-                    return None
-                os.replace(self._write_temp(record), self.path)
-                return record
+                yield self.read()
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def swap(self, expected: Any, record: dict[str, Any]) -> Any:
+        """Replace the lease with `record` if it still reads as `expected`; the new token, or None."""
+        with self._locked() as current:
+            if current is None or current[1] != _text_of(expected):
+                return None
+            os.replace(self._write_temp(record), self.path)
+            return record
 
     def delete(self, expected: Any) -> None:
-        import fcntl
-
-        with open(os.path.join(self.folder, "_lease.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                current = self.read()
-                if current is not None and current[1] == _text_of(expected):
-                    os.remove(self.path)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with self._locked() as current:
+            if current is not None and current[1] == _text_of(expected):
+                os.remove(self.path)
 
 
 class _S3Store:

@@ -26,7 +26,8 @@ def _interval() -> float:
         return 10.0
 
 
-def _duration(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """Seconds as m:ss, or h:mm:ss from an hour on."""
     seconds = int(max(0, seconds))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
@@ -80,7 +81,7 @@ class Progress:
             parts[0] += f" ({100 * self.done / self.total:.0f}%)"
         parts.append(f"{rate:,.1f} {self.unit}/s")
         if self.total and rate > 0 and self.done < self.total:
-            parts.append(f"ETA {_duration((self.total - self.done) / rate)}")
+            parts.append(f"ETA {clock((self.total - self.done) / rate)}")
         parts += [f"{k} {v}" for k, v in self.extra.items()]
         self.stream.write(", ".join(parts) + "\n")
         self.stream.flush()

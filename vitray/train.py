@@ -148,7 +148,7 @@ class TrainingProgress:
         self.queue = self._channel.queue
 
     def _show(self, message: dict[str, Any]) -> None:
-        from vitray.progress import Progress
+        from vitray.progress import Progress, clock
 
         kind = message.get("kind")
         if kind == "log":
@@ -162,7 +162,7 @@ class TrainingProgress:
             rate = message["images"] / max(1e-9, message["seconds"])
             left = (message["steps"] - message["step"]) + message["steps"] * (message["epochs"] - self._epoch)
             per_step = message["seconds"] / max(1, message["step"])
-            self._bar.set(message["step"], img_s=f"{rate:,.0f}", run_eta=_clock(left * per_step))
+            self._bar.set(message["step"], img_s=f"{rate:,.0f}", run_eta=clock(left * per_step))
         elif kind == "epoch":
             self._close_bar()
             row = message["row"]
@@ -182,12 +182,6 @@ class TrainingProgress:
     def __exit__(self, *exc: Any) -> None:
         self._channel.close()
         self._close_bar()
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def interrupted(run_uri: str) -> VitrayError:
