@@ -28,7 +28,8 @@ import pytest
 import yaml
 
 from s3server import LOOPBACK, free_ports
-from vitray.cli import _train_config, parse
+from vitray.cli import parse
+from vitray.cli.training import train_config
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "jobs"
@@ -72,13 +73,13 @@ def test_every_config_belongs_to_a_job() -> None:
 
 @pytest.mark.parametrize("path", configs_of("train"), ids=lambda p: p.stem)
 def test_train_configs_load_through_the_cli(path: Path) -> None:
-    config = _train_config(parse(["train", "--config", str(path)]))
+    config = train_config(parse(["train", "--config", str(path)]))
     config.check()
     assert config.data.startswith("s3://YOUR-BUCKET/") and config.out.startswith("s3://YOUR-BUCKET/")
 
 
 def test_train_configs_repeat_the_seed_runs() -> None:
-    configs = {p.stem: _train_config(parse(["train", "--config", str(p)]))
+    configs = {p.stem: train_config(parse(["train", "--config", str(p)]))
                for p in configs_of("train")}
     digits = configs["train-digits-scratch"]
     assert digits.data.endswith("digit-recognizer/train.csv")
@@ -97,9 +98,9 @@ def test_tune_config_searches_lr_and_epochs_with_asha() -> None:
     assert {"data", "out", "lr", "epochs", "samples", "scheduler"} <= set(values)
     assert values["lr"] == "loguniform:1e-4:3e-3" and values["epochs"] == "choice:5,10,15"
     assert values["scheduler"] == "asha" and values["samples"] >= 1
-    from vitray.cli import _tune_config
+    from vitray.cli.search import tune_config
 
-    _tune_config(parse(["tune", "--config", str(path)])).check()
+    tune_config(parse(["tune", "--config", str(path)])).check()
 
 
 def test_score_config_is_the_nightly_s3_scoring() -> None:
@@ -192,7 +193,7 @@ def test_runtime_envs_keep_the_upload_small(tmp_path: Path) -> None:
     package = tmp_path / "working_dir.zip"
     create_package(str(REPO), package, include_gitignore=True, excludes=plain["excludes"])
     names = zipfile.ZipFile(package).namelist()
-    assert "vitray/cli.py" in names and "jobs/train.py" in names and "jobs/_entry.py" in names
+    assert "vitray/cli/main.py" in names and "jobs/train.py" in names and "jobs/_entry.py" in names
     assert not [n for n in names if n.startswith((".venv/", ".git/")) or "__pycache__" in n]
     assert package.stat().st_size < 5 * 1024**2, f"{package.stat().st_size} bytes"
 

@@ -241,16 +241,17 @@ def test_bad_options_are_one_line_errors(args, needle):
 
 
 def test_config_file_supplies_options_and_flags_override(tmp_path):
-    from vitray.cli import _train_config, parse
+    from vitray.cli import parse
+    from vitray.cli.training import train_config
 
     (tmp_path / "c.yaml").write_text("data: /d\nout: /o\nepochs: 7\nbatch-size: 8\nlr: 1e-4\n")
     args = parse(["train", "--config", str(tmp_path / "c.yaml"), "--epochs", "9"])
-    config = _train_config(args)
+    config = train_config(args)
     assert (config.data, config.epochs, config.batch_size) == ("/d", 9, 8)
     assert config.lr == pytest.approx(1e-4)  # YAML reads 1e-4 as a string; it must still be a number
     (tmp_path / "bad.yaml").write_text("data: /d\nout: /o\nepoch: 7\n")
     with pytest.raises(VitrayError, match="unknown option"):
-        _train_config(parse(["train", "--config", str(tmp_path / "bad.yaml")]))
+        train_config(parse(["train", "--config", str(tmp_path / "bad.yaml")]))
 
 
 def test_an_output_that_is_a_file_is_refused_before_ray_starts(small, tmp_path):

@@ -156,11 +156,12 @@ def test_a_bad_space_stops_the_cli_before_any_work(tmp_path, capsys):
 
 def test_the_job_config_and_flags_make_one_search(tmp_path):
     """jobs/configs/tune-digits.yaml is read as the CLI reads it; flags override it."""
-    from vitray.cli import _tune_config, parse
+    from vitray.cli import parse
+    from vitray.cli.search import tune_config
 
     path = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "tune-digits.yaml")
     args = parse(["tune", "--config", path, "--samples", "3", "--batch-size", "choice:16,32"])
-    config = _tune_config(args)
+    config = tune_config(args)
     assert config.space == {"lr": "loguniform:1e-4:3e-3", "epochs": "choice:5,10,15", "batch_size": "choice:16,32"}
     assert (config.samples, config.max_concurrent, config.base.workers, config.scheduler) == (3, 4, 1, "asha")
     assert config.base.out.startswith("s3://") and config.base.gpus_per_worker == 1.0
@@ -168,12 +169,13 @@ def test_the_job_config_and_flags_make_one_search(tmp_path):
 
 
 def test_a_yaml_config_keeps_spaces_as_written_and_types_the_rest(tmp_path):
-    from vitray.cli import _tune_config, parse
+    from vitray.cli import parse
+    from vitray.cli.search import tune_config
 
     path = tmp_path / "search.yaml"
     path.write_text("data: d\nout: o\nlr: [1e-3, 3e-3]\nepochs: 5\nval_fraction: 2e-1\nsamples: '6'\n"
                     "workers_per_trial: 2\n")
-    config = _tune_config(parse(["tune", "--config", str(path)]))
+    config = tune_config(parse(["tune", "--config", str(path)]))
     assert config.space == {"lr": ["1e-3", "3e-3"], "epochs": 5}
     assert (config.base.val_fraction, config.samples, config.base.workers) == (0.2, 6, 2)
     assert config.spaces()["lr"] == Space("lr", "choice", (1e-3, 3e-3))

@@ -1,0 +1,142 @@
+"""`vitray train`, `evaluate` and `params`: a model from labelled data, its metrics, its parameter count."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from vitray.cli.options import given, option_default, positive_int, ray_options, summary
+from vitray.errors import VitrayError
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    from dataclasses import fields
+
+    from vitray.train import TrainConfig
+
+    d = lambda name: option_default(TrainConfig, name)  # noqa: E731
+    p.add_argument("--data", help="training data: image folder, parquet, digit CSV (local, file:// or s3://)")
+    p.add_argument("--out", help="output folder or s3:// prefix")
+    p.add_argument("--val", help="validation data (default: a stratified split of --data)")
+    p.add_argument("--val-fraction", type=float, help=f"share of --data held out (default {d('val_fraction')})")
+    p.add_argument("--format", choices=("imagefolder", "parquet", "csv"), help="data format (default: detected)")
+    p.add_argument("--model", help="preset (vit-tiny, vit-small, ...), folder, s3:// prefix or hub id "
+                                   "(default: a from-scratch preset sized for the data)")
+    p.add_argument("--image-size", type=int, help="input side in pixels (default: the data's, or the model's)")
+    p.add_argument("--epochs", type=int, help=f"(default {d('epochs')})")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3; 1e-4 for full fine-tuning "
+                                            "of a pretrained model)")
+    p.add_argument("--batch-size", type=int, help=f"per worker (default {d('batch_size')})")
+    p.add_argument("--workers", type=int, help=f"Ray Train workers (default {d('workers')})")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker; > 0 trains on GPU with bf16 (default 0)")
+    p.add_argument("--finetune", help="full | head | last:K | lora:R (default full)")
+    p.add_argument("--class-weights", choices=("auto", "loss", "none"),
+                   help="rare classes: auto draws every class equally often per epoch (class-balanced "
+                        "sampling); loss weights the loss by inverse class frequency (default auto)")
+    p.add_argument("--augment", choices=("auto", "none"), help="label-aware flips, shifts, lighting (default auto)")
+    p.add_argument("--seed", type=int, help=f"(default {d('seed')})")
+    ray_options(p)
+    # A config may also set the recipe's fields that have no flag (weight_decay, label_smoothing, ...).
+    p.set_defaults(config_extra=[f.name for f in fields(TrainConfig)])
+
+
+def train_config(args: argparse.Namespace) -> Any:
+    from vitray.train import TrainConfig, config_fields
+
+    values = given(args, config_fields())
+    for required in ("data", "out"):
+        if not values.get(required):
+            raise VitrayError(f"--{required} is required (on the command line or in --config)")
+    return TrainConfig(**values)
+
+
+def add_train(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a ViT with Ray Train",
+                       description="Train a ViT (from scratch or fine-tuned) on labelled images with Ray Train; "
+                                   "writes OUT/model, metrics.json, history.csv and plots.")
+    add_train_options(p)
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from vitray import storage
+    from vitray.evaluate import format_report
+    from vitray.train import train
+
+    config = train_config(args)
+    config.check()
+    result = train(config)
+    print(format_report(result.metrics))
+    model = storage.join(result.out, "model")
+    passed = result.metrics["per_class"].get("passed")
+    print(summary(f"best epoch {result.best_epoch} of {config.epochs}: validation accuracy "
+                   f"{result.metrics['accuracy']:.3f}, macro-F1 {result.metrics['macro_f1']:.3f}"
+                   + (f", passed recall {passed['recall']:.2f}" if passed else ""),
+                   {"model": model, "metrics": storage.join(result.out, "metrics.json"),
+                    "curves": storage.join(result.out, "curves.png"),
+                    "confusion matrix": storage.join(result.out, "confusion_matrix.png")},
+                   f"vitray evaluate --model {model} --data TEST --out EVAL; "
+                   f"vitray score --model {model} --input IMAGES --output SCORES"))
+    return 0
+
+
+
+def add_evaluate(sub: Any) -> None:
+    p = sub.add_parser("evaluate", help="metrics of a model on labelled data",
+                       description="Accuracy, macro-F1, per-class report and confusion matrix of a trained "
+                                   "model on a labelled data set.")
+    p.add_argument("--model", required=True, help="trained model folder or s3:// prefix")
+    p.add_argument("--data", required=True, help="labelled data (local, file:// or s3://)")
+    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--format", choices=("imagefolder", "parquet", "csv"))
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per model call (default 256)")
+    p.add_argument("--workers", type=positive_int, default=1, help="inference actors (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per inference actor (default 0: CPU)")
+    ray_options(p)
+    p.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from vitray import storage
+    from vitray.evaluate import evaluate, format_report
+
+    metrics = evaluate(args.model, args.data, args.out, fmt=args.format, batch_size=args.batch_size,
+                       workers=args.workers, gpus_per_worker=args.gpus_per_worker, ray_address=args.ray_address)
+    print(format_report(metrics))
+    print(summary(f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}",
+                   {"evaluation": storage.join(args.out, "evaluation.json"),
+                    "confusion matrix": storage.join(args.out, "confusion_matrix.png")},
+                   f"vitray score --model {args.model} --input IMAGES --output SCORES"))
+    return 0
+
+
+
+def add_params(sub: Any) -> None:
+    p = sub.add_parser("params", help="total and trainable parameters of a model",
+                       description="How many parameters a fine-tuning policy really trains.")
+    p.add_argument("--model", required=True, help="preset, folder, s3:// prefix or hub id")
+    p.add_argument("--finetune", default="full", help="full | head | last:K | lora:R (default full)")
+    p.add_argument("--labels", type=int, default=None,
+                   help="number of classes of the new head (default: the model's own)")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(func=run_params)
+
+
+def run_params(args: argparse.Namespace) -> int:
+    import json
+
+    from vitray.models import parse_finetune, params_for
+
+    parse_finetune(args.finetune)
+    report = params_for(args.model, args.finetune, n_labels=args.labels, image_size=args.image_size,
+                        channels=args.channels)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"model      {args.model}\nfinetune   {args.finetune}\n"
+              f"total      {report['total']:,}\ntrainable  {report['trainable']:,} "
+              f"({100 * report['share']:.2f}%)")
+    return 0
+
+
