@@ -94,15 +94,15 @@ def test_schedule_warms_up_then_decays_to_zero():
 def test_training_rows_come_in_a_mixed_order(ray_session, inspection):
     """An image folder lists its images class by class; training must not see them that way."""
     from vitray.data.readers import inspect_source
-    from vitray.train import _prepared
+    from vitray.train import image_dataset
 
     source = inspect_source(inspection, None)
-    rows = _prepared(source, source.ids, 32, 3, shuffle_seed=0).take_all()
+    rows = image_dataset(source, source.ids, 32, 3, shuffle_seed=0).take_all()
     labels = [int(r["label"]) for r in rows]
     assert sorted(labels) == sorted(source.row_labels.tolist())  # every image once
     first = labels[: len(labels) // 4]
     assert len(set(first)) == len(source.labels)  # every class already in the first quarter
-    again = [int(r["label"]) for r in _prepared(source, source.ids, 32, 3, shuffle_seed=0).take_all()]
+    again = [int(r["label"]) for r in image_dataset(source, source.ids, 32, 3, shuffle_seed=0).take_all()]
     assert again == labels  # seeded
 
 

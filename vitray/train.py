@@ -102,7 +102,7 @@ class TrainResult:
 
 
 @dataclass
-class Prepared:
+class TrainingData:
     """What every run over the same data shares: classes, preprocessing and the Ray Datasets."""
 
     labels: list[str]
@@ -125,10 +125,10 @@ def train(config: TrainConfig) -> TrainResult:
     run = storage.join(config.out, RUN_NAME)
     try:
         check_resume(run)
-        prepared = prepare(config)
+        data = load_training_data(config)
         with TrainingProgress(config.epochs) as progress:
-            result = fit(make_trainer(config, prepared, progress=progress.queue))
-        done = finish(config, result, prepared)
+            result = fit(make_trainer(config, data, progress=progress.queue))
+        done = finish(config, result, data)
     except KeyboardInterrupt:
         raise interrupted(run) from None
     prune_checkpoints(result, run)
@@ -192,7 +192,7 @@ def interrupted(run_uri: str) -> VitrayError:
     return VitrayError(f"interrupted after epoch {saved[0][0]}; the same command resumes", exit_code=130)
 
 
-def prepare(config: TrainConfig, workers_flag: str = "--workers", trial_cpus: float = 0.0) -> Prepared:
+def load_training_data(config: TrainConfig, workers_flag: str = "--workers", trial_cpus: float = 0.0) -> TrainingData:
     """Check the options, the output, the data and the cluster, then build the (cached or streaming) Ray Datasets.
 
     `trial_cpus`: what a Tune trial's own actor holds beside its Train run (tune passes it).
@@ -233,8 +233,8 @@ def prepare(config: TrainConfig, workers_flag: str = "--workers", trial_cpus: fl
                        extra_for="the trial and Ray Data" if trial_cpus else "Ray Data")
     log.info("reading %s training and %s validation images from %s", f"{len(train_ids):,}", f"{len(val_ids):,}",
              config.data if not config.val else f"{config.data} and {config.val}")
-    train_ds = _prepared(source, train_ids, prep.size, prep.channels, shuffle_seed=config.seed)
-    val_ds = _prepared(val_source, val_ids, prep.size, prep.channels)
+    train_ds = image_dataset(source, train_ids, prep.size, prep.channels, shuffle_seed=config.seed)
+    val_ds = image_dataset(val_source, val_ids, prep.size, prep.channels)
     if config.class_weights == "auto":
         # Before augmentation: every repeat of a rare image gets its own flips and shifts.
         train_ds = train_ds.map_batches(balance_batch, fn_kwargs={"rates": balanced_rates(counts)},
@@ -244,22 +244,22 @@ def prepare(config: TrainConfig, workers_flag: str = "--workers", trial_cpus: fl
 
         train_ds = train_ds.map_batches(augment_batch, fn_kwargs={"config": AugmentConfig.for_labels(labels)},
                                         batch_format="numpy", batch_size=256)
-    return Prepared(labels, prep, params, train_ds, val_ds, counts.tolist(), len(train_ids))
+    return TrainingData(labels, prep, params, train_ds, val_ds, counts.tolist(), len(train_ids))
 
 
-def loop_config(config: TrainConfig, prepared: Prepared) -> dict[str, Any]:
+def loop_config(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
     """What `train_loop_per_worker` needs, all plain data."""
-    prep = prepared.prep
+    prep = data.prep
     return {
         "run": asdict(config),
-        "labels": prepared.labels,
+        "labels": data.labels,
         "image_size": prep.size,
         "channels": prep.channels,
         "mean": list(prep.mean),
         "std": list(prep.std),
         "lr": config.resolved_lr(),
-        "class_weights": class_weights(np.array(prepared.class_counts)) if config.class_weights == "loss" else None,
-        "n_train": prepared.n_train,
+        "class_weights": class_weights(np.array(data.class_counts)) if config.class_weights == "loss" else None,
+        "n_train": data.n_train,
         "history_uri": storage.join(config.out, "history.csv"),
         "run_uri": storage.join(config.out, RUN_NAME),
     }
@@ -275,7 +275,7 @@ def peek_shape(source: Any) -> tuple[int, int]:
     return int(image.shape[2]), int(max(image.shape[:2]))
 
 
-def _prepared(source: Any, ids: list[str], size: int, channels: int, shuffle_seed: int | None = None) -> Any:
+def image_dataset(source: Any, ids: list[str], size: int, channels: int, shuffle_seed: int | None = None) -> Any:
     """Decoded, resized uint8 images as a Ray Dataset; cached in memory when small.
 
     With `shuffle_seed` (training data) the rows are put in a seeded random order first:
@@ -300,7 +300,7 @@ def _prepared(source: Any, ids: list[str], size: int, channels: int, shuffle_see
     return ds if shuffle_seed is None else ds.randomize_block_order()
 
 
-def make_trainer(config: TrainConfig, prepared: Prepared, callbacks: Sequence[Any] = (), progress: Any = None) -> Any:
+def make_trainer(config: TrainConfig, data: TrainingData, callbacks: Sequence[Any] = (), progress: Any = None) -> Any:
     """The TorchTrainer of a run, storing under `config.out` (the same out resumes).
 
     `progress`: the queue of a `vitray.progress.Channel` that rank 0 reports its progress to.
@@ -317,7 +317,7 @@ def make_trainer(config: TrainConfig, prepared: Prepared, callbacks: Sequence[An
         resources["GPU"] = config.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**loop_config(config, prepared), "progress": progress},
+        train_loop_config={**loop_config(config, data), "progress": progress},
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -329,7 +329,7 @@ def make_trainer(config: TrainConfig, prepared: Prepared, callbacks: Sequence[An
                 num_to_keep=2, checkpoint_score_attribute="val_macro_f1", checkpoint_score_order="max"),
             callbacks=list(callbacks),
         ),
-        datasets={"train": prepared.train_ds, "val": prepared.val_ds},
+        datasets={"train": data.train_ds, "val": data.val_ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
 
@@ -377,12 +377,12 @@ def fit(trainer: Any) -> Any:
             signal.signal(signal.SIGINT, previous)
 
 
-def finish(config: TrainConfig, result: Any, prepared: Prepared) -> TrainResult:
+def finish(config: TrainConfig, result: Any, data: TrainingData) -> TrainResult:
     """Export the best checkpoint (by validation macro-F1) and write metrics, history and plots."""
     from vitray.evaluate import plot_confusion, plot_curves
     from vitray.models import apply_finetune, build_model, export_model
 
-    labels, prep, params = prepared.labels, prepared.prep, prepared.params
+    labels, prep, params = data.labels, data.prep, data.params
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if "val_macro_f1" in m]
     if not candidates:
         raise VitrayError("training finished without a checkpoint", exit_code=1)

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from vitray import storage
 from vitray.errors import VitrayError
-from vitray.train import Prepared, TrainConfig, TrainResult
+from vitray.train import TrainConfig, TrainingData, TrainResult
 from vitray.tune.space import SEARCHABLE, SearchConfig, trial_config
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def epoch_rank(metrics: dict[str, Any], metric: str, sign: float) -> tuple[float
     return sign * metrics[metric], -(loss if loss is not None else math.inf)
 
 
-def export_best(config: SearchConfig, best: TrialSummary, prepared: Prepared) -> TrainResult:
+def export_best(config: SearchConfig, best: TrialSummary, data: TrainingData) -> TrainResult:
     """`finish()` of the best trial into OUT/best: its checkpoint that is best by the search's metric."""
     import ray.train
 
@@ -114,15 +114,15 @@ def export_best(config: SearchConfig, best: TrialSummary, prepared: Prepared) ->
                     best.trial_id, best.best_epoch, chosen[1]["epoch"], config.metric)
     result = dataclasses.replace(result, best_checkpoints=[chosen])
     if trial.finetune != config.base.finetune:  # the parameter report of the trial's own policy
-        prepared = dataclasses.replace(prepared, params=_params(trial, prepared))
-    return finish(dataclasses.replace(trial, out=storage.join(config.base.out, "best")), result, prepared)
+        data = dataclasses.replace(data, params=_params(trial, data))
+    return finish(dataclasses.replace(trial, out=storage.join(config.base.out, "best")), result, data)
 
 
-def _params(config: TrainConfig, prepared: Prepared) -> dict[str, Any]:
+def _params(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
     from vitray.models import params_for
 
-    return params_for(config.model, config.finetune, n_labels=len(prepared.labels), image_size=prepared.prep.size,
-                      channels=prepared.prep.channels)
+    return params_for(config.model, config.finetune, n_labels=len(data.labels), image_size=data.prep.size,
+                      channels=data.prep.channels)
 
 
 def trial_columns(names: Sequence[str], metric: str) -> list[str]:

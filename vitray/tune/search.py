@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from vitray import storage
 from vitray.errors import VitrayError
-from vitray.train import Prepared, TrainConfig, TrainResult
+from vitray.train import TrainConfig, TrainingData, TrainResult
 from vitray.tune.results import TrialSummary, export_best, fmt, plot_search, summarize, write_trials_csv
 from vitray.tune.space import METRICS, SearchConfig, Space, trial_config
 
@@ -59,7 +59,7 @@ def _search(config: SearchConfig) -> SearchResult:
     from ray.tune import Tuner
     from ray.tune.search import BasicVariantGenerator
 
-    from vitray.train import prepare
+    from vitray.train import load_training_data
 
     # Tune's TensorBoard logger warns once about the labels list in the metrics; the numbers still reach it.
     logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.ERROR)
@@ -67,9 +67,9 @@ def _search(config: SearchConfig) -> SearchResult:
     out = storage.resolve(config.base.out)
     experiment = out.child(EXPERIMENT)
     resumed = _check_resume(config, experiment)
-    prepared = prepare(config.base, workers_flag="--workers-per-trial", trial_cpus=TRIAL_CPU)
+    data = load_training_data(config.base, workers_flag="--workers-per-trial", trial_cpus=TRIAL_CPU)
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(run_trial, base=config.base, prepared=prepared), {"cpu": TRIAL_CPU})
+        ray.tune.with_parameters(run_trial, base=config.base, data=data), {"cpu": TRIAL_CPU})
     if resumed:
         log.info(f"resuming the search in {experiment.uri}")
         tuner = Tuner.restore(experiment.path, trainable=trainable, resume_errored=True,
@@ -106,7 +106,7 @@ def _search(config: SearchConfig) -> SearchResult:
         errors = "; ".join(f"{t.trial_id}: {t.error}" for t in trials if t.error)
         raise VitrayError(f"no trial finished an epoch ({errors or 'no errors recorded'})", exit_code=1)
     best = ranked[0]
-    model = export_best(config, best, prepared)
+    model = export_best(config, best, data)
     return SearchResult(out.uri, config.metric, trials, best, model, resumed)
 
 
@@ -163,7 +163,7 @@ def trial_dirname(trial: Any) -> str:
     return trial.trial_id
 
 
-def run_trial(params: dict[str, Any], base: TrainConfig, prepared: Prepared) -> None:
+def run_trial(params: dict[str, Any], base: TrainConfig, data: TrainingData) -> None:
     """The Tune trainable: one Ray Train run whose every epoch report reaches Tune (and ASHA)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -180,7 +180,7 @@ def run_trial(params: dict[str, Any], base: TrainConfig, prepared: Prepared) -> 
         ray.tune.report(last)
         return
     check_resume(run)
-    prune_checkpoints(fit(make_trainer(config, prepared, callbacks=[TuneReportCallback()])), run)
+    prune_checkpoints(fit(make_trainer(config, data, callbacks=[TuneReportCallback()])), run)
 
 
 def _last_report(config: TrainConfig) -> dict[str, Any] | None:
