@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -26,10 +25,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 from typing import Any
+
+from procs import kill_processes_of
 
 LOOPBACK = "127.0.0.1"
 MB = 1024 * 1024
@@ -168,7 +168,7 @@ class LocalCluster:
                     stream.close()
                 except OSError:
                     pass
-        self._kill_leftovers(5.0)
+        kill_processes_of(self.temp_dir, 5.0)
         if not self._log.closed:
             self._log.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
@@ -212,35 +212,6 @@ class LocalCluster:
         if "error" in reply:
             raise ClusterError(f"{reply['error']}\n{self.log_tail()}")
         return reply
-
-    def _kill_leftovers(self, grace: float) -> None:
-        # Ray's workers and agents can outlive their raylet for a moment: anything whose
-        # command line names our temp dir (--temp-dir, --session-dir, sockets) is ours.
-        mine = re.compile(re.escape(self.temp_dir) + r"(?![\w.-])")
-
-        def ours() -> list[int]:
-            pids = []
-            for entry in Path("/proc").iterdir():
-                if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                    continue
-                try:
-                    cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                except OSError:
-                    continue
-                if mine.search(cmdline):
-                    pids.append(int(entry.name))
-            return pids
-
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in ours():
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + grace
-            while ours() and time.monotonic() < deadline:
-                time.sleep(0.2)
-
 
 # --------------------------------------------------------------------------- the cluster's process
 

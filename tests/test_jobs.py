@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -27,6 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
+from procs import kill_processes_of
 from s3server import LOOPBACK, free_ports
 from vitray.cli import parse
 from vitray.cli.training import train_config
@@ -295,40 +295,9 @@ class LoopbackHead:
                 break
             except subprocess.TimeoutExpired:
                 continue
-        self._kill_leftovers(grace)
+        kill_processes_of(self.temp_dir, grace)
         self.log.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-    def _kill_leftovers(self, grace: float) -> None:
-        # A job's driver runs in a session of its own, and Ray workers may outlive the
-        # raylet for a moment: anything that names our temp dir or works in it is ours.
-        mine = re.compile(re.escape(self.temp_dir) + r"(?![\w.-])")
-
-        def ours() -> list[int]:
-            pids = []
-            for proc in Path("/proc").iterdir():
-                if not proc.name.isdigit() or int(proc.name) == os.getpid():
-                    continue
-                try:
-                    cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                    cwd = os.readlink(proc / "cwd")
-                except OSError:
-                    continue
-                if mine.search(cmdline) or mine.match(cwd):
-                    pids.append(int(proc.name))
-            return pids
-
-        deadline = time.monotonic() + grace
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in ours():
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            while ours() and time.monotonic() < deadline:
-                time.sleep(0.5)
-            deadline = time.monotonic() + grace
-
 
 @pytest.fixture
 def ray_head() -> Iterator[LoopbackHead]:

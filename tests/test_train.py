@@ -184,6 +184,16 @@ def test_a_killed_worker_resumes_from_its_checkpoint(ray_session, inspection, tm
     assert epochs == [1, 2, 3, 4, 5]
 
 
+def _wait_for_free_cpus(timeout: float = 60.0) -> None:
+    """Until every CPU of the session's Ray is free again (or the timeout)."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0) and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def test_rerun_after_a_killed_driver_resumes(ray_session, inspection, tmp_path):
     out = tmp_path / "crash"
     cmd = VITRAY + ["train", "--data", inspection, "--out", str(out), "--epochs", "5", "--batch-size", "32"]
@@ -196,7 +206,7 @@ def test_rerun_after_a_killed_driver_resumes(ray_session, inspection, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    time.sleep(2)  # let Ray notice the driver is gone and release its workers
+    _wait_for_free_cpus()  # Ray notices the driver is gone and releases its workers
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())

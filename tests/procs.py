@@ -1,0 +1,42 @@
+"""Stopping the processes a test started, and only those: whatever names its temp dir or works in it."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+
+def processes_of(temp_dir: str) -> list[int]:
+    """Pids (not this one) whose command line names `temp_dir` (--temp-dir, sockets) or whose cwd is in it.
+
+    Ray's workers and agents can outlive their raylet for a moment, and a job's driver runs
+    in a session of its own: the temp dir, not the process tree, says what is ours.
+    """
+    mine = re.compile(re.escape(temp_dir) + r"(?![\w.-])")
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if mine.search(cmdline) or mine.match(cwd):
+            pids.append(int(proc.name))
+    return pids
+
+
+def kill_processes_of(temp_dir: str, grace: float) -> None:
+    """SIGTERM, then after `grace` seconds SIGKILL, to every process of `temp_dir`; polls until they are gone."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in processes_of(temp_dir):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while processes_of(temp_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
