@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import os
+import secrets
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 
-from s3server import SeaweedS3
+from s3server import SeaweedS3, planned_s3_port, s3_env
 
 S3_BUCKET = "vitray-test"
 
@@ -27,26 +29,44 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.ray)
 
 
-@pytest.fixture(scope="session")
-def s3() -> Iterator[SeaweedS3]:
-    """One SeaweedFS S3 server for the session, its AWS_* variables in os.environ.
+@dataclass(frozen=True)
+class S3Plan:
+    """Where the session's S3 server listens and its keys, known before it (or Ray) starts."""
 
-    A Ray fixture that depends on this one starts Ray after the variables are
-    set, so its workers (which inherit the driver's environment) reach the same
-    server with the same keys.
+    port: int
+    access_key: str
+    secret_key: str
+
+
+@pytest.fixture(scope="session")
+def s3_plan() -> Iterator[S3Plan]:
+    """The S3 server's AWS_* variables in os.environ, without starting it.
+
+    Ray, started after this, hands the variables to its workers; the server itself starts
+    only when a test asks for `s3`, so tests without S3 do not wait for it.
     """
-    server = SeaweedS3()
-    saved = {key: os.environ.get(key) for key in server.env()}
-    os.environ.update(server.env())
+    plan = S3Plan(planned_s3_port(), "vitray-test-" + secrets.token_hex(4), secrets.token_urlsafe(24))
+    env = s3_env(plan.port, plan.access_key, plan.secret_key)
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
     try:
-        server.make_bucket(S3_BUCKET)
-        yield server
+        yield plan
     finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def s3(s3_plan: S3Plan) -> Iterator[SeaweedS3]:
+    """One SeaweedFS S3 server for the session, at the planned port with the planned keys."""
+    server = SeaweedS3(s3_port=s3_plan.port, access_key=s3_plan.access_key, secret_key=s3_plan.secret_key)
+    try:
+        server.make_bucket(S3_BUCKET)
+        yield server
+    finally:
         server.stop()
 
 
@@ -57,7 +77,7 @@ def s3_prefix(s3: SeaweedS3) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3: SeaweedS3) -> Iterator[str]:
+def ray_session(s3_plan: S3Plan) -> Iterator[str]:
     """One embedded Ray for the whole session, started after the S3 variables are set.
 
     Its address goes into RAY_ADDRESS so that `vitray` subprocesses join it

@@ -62,6 +62,37 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
+def planned_s3_port() -> int:
+    """A free loopback port below the kernel's ephemeral range and above Ray's worker ports.
+
+    The S3 port is chosen (and put in AWS_ENDPOINT_URL) before Ray starts, and the server
+    binds it later, only if a test needs it: no process gets such a port by binding port 0,
+    and Ray's workers take theirs from 10002-19999.
+    """
+    low, _ = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for port in secrets.SystemRandom().sample(range(20000, max(20001, low)), 200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((LOOPBACK, port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port for S3 between 20000 and the ephemeral range")
+
+
+def s3_env(port: int, access_key: str, secret_key: str) -> dict[str, str]:
+    """The standard AWS variables that point any client at an S3 server on loopback `port`."""
+    return {
+        "AWS_ENDPOINT_URL": f"http://{LOOPBACK}:{port}",
+        "AWS_ACCESS_KEY_ID": access_key,
+        "AWS_SECRET_ACCESS_KEY": secret_key,
+        "AWS_REGION": REGION,
+        # Without it the AWS SDKs may ask the EC2 metadata service
+        # (169.254.169.254) for credentials or region: traffic off loopback.
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
 class PortTaken(RuntimeError):
     """Another process bound one of our ports between our probe and weed's bind."""
 
@@ -69,9 +100,10 @@ class PortTaken(RuntimeError):
 class SeaweedS3:
     """`weed mini` with S3 on a free loopback port; `stop()` ends it and its files."""
 
-    def __init__(self, start_timeout: float = 30.0, attempts: int = 3) -> None:
-        self.access_key = "vitray-test-" + secrets.token_hex(4)
-        self.secret_key = secrets.token_urlsafe(24)
+    def __init__(self, start_timeout: float = 30.0, attempts: int = 3, s3_port: int | None = None,
+                 access_key: str | None = None, secret_key: str | None = None) -> None:
+        self.access_key = access_key or "vitray-test-" + secrets.token_hex(4)
+        self.secret_key = secret_key or secrets.token_urlsafe(24)
         self._dir = Path(tempfile.mkdtemp(prefix="vitray-s3-"))
         self._log_path = self._dir / "weed.log"
         self._ports: dict[str, int] = {}
@@ -82,6 +114,8 @@ class SeaweedS3:
             # once, and a new set of ports (and a fresh data dir) is cheap.
             for attempt in range(1, attempts + 1):
                 self._ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
+                if s3_port is not None:  # promised to clients already; the others may change
+                    self._ports["s3.port"] = s3_port
                 try:
                     self._start(start_timeout, self._dir / f"data-{attempt}")
                     break
@@ -99,15 +133,7 @@ class SeaweedS3:
 
     def env(self) -> dict[str, str]:
         """The standard AWS variables that point any client at this server."""
-        return {
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": self.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.secret_key,
-            "AWS_REGION": REGION,
-            # Without it the AWS SDKs may ask the EC2 metadata service
-            # (169.254.169.254) for credentials or region: traffic off loopback.
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
+        return s3_env(self._ports["s3.port"], self.access_key, self.secret_key)
 
     def client(self, secret_key: str | None = None):
         """A boto3 S3 client for this server (another secret to test refusals)."""
