@@ -205,7 +205,7 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, fmt: str | None = None
     source = inspect_source(data_uri, fmt, labels=labels)
     if not source.labelled:
         raise VitrayError(f"{data_uri}: evaluation needs labelled data")
-    init_ray(RayOptions(address=ray_address))
+    init_ray(RayOptions(address=ray_address, dashboard=False))
     options = PredictOptions(attention="defects" if source.has_boxes else "none")
     ds = (read_images(source)
           .map_batches(resize_batch, fn_kwargs={"size": prep.size, "channels": prep.channels},
