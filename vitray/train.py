@@ -17,7 +17,8 @@ import numpy as np
 from vitray import storage
 from vitray.checkpoints import (STATE_FILE, check_resume, complete_checkpoints, load_state, prune_checkpoints,
                                 write_history)
-from vitray.data.sampling import balance_batch, balanced_rates, class_weights, stratified_split
+from vitray.data.preprocess import AugmentConfig
+from vitray.data.sampling import balanced_rates, class_weights, stratified_split
 from vitray.errors import VitrayError
 
 log = logging.getLogger(__name__)
@@ -235,15 +236,6 @@ def load_training_data(config: TrainConfig, workers_flag: str = "--workers", tri
              config.data if not config.val else f"{config.data} and {config.val}")
     train_ds = image_dataset(source, train_ids, prep.size, prep.channels, shuffle_seed=config.seed)
     val_ds = image_dataset(val_source, val_ids, prep.size, prep.channels)
-    if config.class_weights == "auto":
-        # Before augmentation: every repeat of a rare image gets its own flips and shifts.
-        train_ds = train_ds.map_batches(balance_batch, fn_kwargs={"rates": balanced_rates(counts)},
-                                        batch_format="numpy", batch_size=256)
-    if config.augment == "auto":
-        from vitray.data.preprocess import AugmentConfig, augment_batch
-
-        train_ds = train_ds.map_batches(augment_batch, fn_kwargs={"config": AugmentConfig.for_labels(labels)},
-                                        batch_format="numpy", batch_size=256)
     return TrainingData(labels, prep, params, train_ds, val_ds, counts.tolist(), len(train_ids))
 
 
@@ -259,6 +251,9 @@ def loop_config(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
         "std": list(prep.std),
         "lr": config.resolved_lr(),
         "class_weights": class_weights(np.array(data.class_counts)) if config.class_weights == "loss" else None,
+        # Drawn in the workers, per window of rows (vitray.data.batches), seeded by epoch and rank.
+        "balance_rates": balanced_rates(np.array(data.class_counts)) if config.class_weights == "auto" else None,
+        "augment": AugmentConfig.for_labels(data.labels) if config.augment == "auto" else None,
         "n_train": data.n_train,
         "history_uri": storage.join(config.out, "history.csv"),
         "run_uri": storage.join(config.out, RUN_NAME),
@@ -283,7 +278,7 @@ def image_dataset(source: Any, ids: list[str], size: int, channels: int, shuffle
     sorted by label), and the per-epoch local shuffle buffer would otherwise feed the
     model one class after another, with the rare class in a burst at the end of each
     epoch. A cached set is shuffled row by row once; a streaming one reads its files in
-    a shuffled order and its blocks in a new order every epoch.
+    a shuffled order and its blocks in a seeded shuffled order.
     """
     from vitray.data.preprocess import resize_batch
     from vitray.data.readers import read_images
@@ -297,7 +292,7 @@ def image_dataset(source: Any, ids: list[str], size: int, channels: int, shuffle
         if shuffle_seed is not None:
             ds = ds.random_shuffle(seed=shuffle_seed)
         return ds.materialize()
-    return ds if shuffle_seed is None else ds.randomize_block_order()
+    return ds if shuffle_seed is None else ds.randomize_block_order(seed=shuffle_seed)
 
 
 def make_trainer(config: TrainConfig, data: TrainingData, callbacks: Sequence[Any] = (), progress: Any = None) -> Any:
@@ -330,8 +325,35 @@ def make_trainer(config: TrainConfig, data: TrainingData, callbacks: Sequence[An
             callbacks=list(callbacks),
         ),
         datasets={"train": data.train_ds, "val": data.val_ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=data_config(),
     )
+
+
+def data_config() -> Any:
+    """Ray Train's DataConfig: training rows in the same order run after run, validation split whole.
+
+    Ray Train splits a dataset into equal shards, dropping the rows that do not divide;
+    the validation set is split here without dropping any, so that each worker scores its
+    share and the summed counts cover every validation image once.
+    """
+    import ray.train
+    from ray.data import ExecutionOptions
+
+    class ValidationSplit(ray.train.DataConfig):
+        # Train V2 configures one dataset at a time, as each is first asked for.
+        def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any, worker_node_ids: Any,
+                      **kwargs: Any) -> list[dict[str, Any]]:
+            shards = super().configure({k: v for k, v in datasets.items() if k != "val"}, world_size,
+                                       worker_handles, worker_node_ids, **kwargs)
+            if "val" in datasets:
+                val = datasets["val"].copy(datasets["val"])
+                val.context.execution_options = self._resolve_execution_options("val")
+                for shard, split in zip(shards, val.streaming_split(world_size, equal=False)):
+                    shard["val"] = split
+            return shards
+
+    # preserve_order: the seeded draws of each training window (vitray.data.batches) see the same rows.
+    return ValidationSplit(datasets_to_split=["train", "val"], execution_options=ExecutionOptions(preserve_order=True))
 
 
 def fit(trainer: Any) -> Any:

@@ -18,6 +18,7 @@ import numpy as np
 
 from vitray import storage
 from vitray.checkpoints import STATE_FILE, complete_checkpoints, load_state, save_state, write_history
+from vitray.data import batches as windows
 from vitray.progress import send
 
 PROGRESS_EVERY_S = 1.0  # how often rank 0 tells the driver how far an epoch is
@@ -58,7 +59,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     for epoch in range(start_epoch + 1, run["epochs"] + 1):
         seen, loss_sum, elapsed = _train_epoch(cfg, state, train_shard, epoch)
         totals = _all_reduce(_tensor([seen, loss_sum, elapsed], state.device))
-        val = _validate(state.model, val_shard, cfg, state.device, state.rank, state.world, state.amp)
+        val = _validate(state.model, val_shard, cfg, state.device, state.amp)
         row = {
             "epoch": epoch,
             "train_loss": round(float(totals[1] / max(1.0, totals[0])), 6),
@@ -96,7 +97,7 @@ def _set_up(cfg: dict[str, Any]) -> _Run:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     model, _ = build_model(run["model"], cfg["labels"], cfg["image_size"], channels=cfg["channels"])
     model = apply_finetune(model, run["finetune"])
-    steps_per_epoch = max(1, cfg["n_train"] // (run["batch_size"] * world))
+    steps_per_epoch = windows.steps_per_epoch(cfg["n_train"], world, run["batch_size"])
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": run["weight_decay"]},
                                    {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}], lr=cfg["lr"])
@@ -130,6 +131,23 @@ def _restore(cfg: dict[str, Any], state: _Run) -> tuple[int, list[dict], list[in
     return start_epoch, history, resumes
 
 
+def _batches(cfg: dict[str, Any], state: _Run, shard: Any, epoch: int) -> Any:
+    """This worker's training batches of an epoch: windows of rows balanced, augmented and cut into steps.
+
+    The last batch of a few images is dropped: it makes a noisy step, and one of a single
+    image gives DDP gradients whose strides differ from its buckets' (a warning every epoch).
+    Every rank holds as many rows, hence takes as many steps.
+    """
+    run = cfg["run"]
+    collate = windows.make_collate(cfg["balance_rates"], cfg["augment"], run["seed"], epoch, state.rank)
+    size = run["batch_size"]
+    for window in shard.iter_torch_batches(batch_size=size * windows.WINDOW_STEPS, collate_fn=collate,
+                                           local_shuffle_buffer_size=2048, local_shuffle_seed=run["seed"] + epoch,
+                                           device=state.device):
+        for start in range(0, len(window["label"]) - size + 1, size):
+            yield window["image"][start:start + size], window["label"][start:start + size]
+
+
 def _train_epoch(cfg: dict[str, Any], state: _Run, shard: Any, epoch: int) -> tuple[int, float, float]:
     """One pass over this worker's shard; (images, loss sum, seconds)."""
     import torch
@@ -140,14 +158,8 @@ def _train_epoch(cfg: dict[str, Any], state: _Run, shard: Any, epoch: int) -> tu
     state.model.train()
     started = last_sent = time.perf_counter()
     seen, loss_sum, step = 0, 0.0, 0
-    # drop_last: a last batch of a few images makes a noisy step, and one of a single image
-    # gives DDP gradients whose strides differ from its buckets' (a warning on every epoch).
-    for batch in shard.iter_torch_batches(batch_size=run["batch_size"], local_shuffle_buffer_size=2048,
-                                          drop_last=True,
-                                          local_shuffle_seed=run["seed"] + epoch,
-                                          dtypes={"image": torch.uint8, "label": torch.long}, device=state.device):
-        x = normalize(batch["image"], cfg["mean"], cfg["std"])
-        y = batch["label"]
+    for images, y in _batches(cfg, state, shard, epoch):
+        x = normalize(images, cfg["mean"], cfg["std"])
         with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=state.amp):
             logits = state.model(pixel_values=x).logits
         loss = state.loss_fn(logits.float(), y)
@@ -205,9 +217,8 @@ def _all_reduce(t: Any) -> Any:
     return t
 
 
-def _validate(model: Any, val_data: Any, cfg: dict[str, Any], device: Any, rank: int, world: int,
-              amp: bool) -> dict[str, Any]:
-    """Every worker reads the validation set and scores every world-th batch; the counts are summed."""
+def _validate(model: Any, val_data: Any, cfg: dict[str, Any], device: Any, amp: bool) -> dict[str, Any]:
+    """Every worker scores its share of the validation set (vitray.train.data_config); the counts are summed."""
     import torch
 
     from vitray.data.preprocess import normalize
@@ -220,9 +231,7 @@ def _validate(model: Any, val_data: Any, cfg: dict[str, Any], device: Any, rank:
     with torch.inference_mode():
         batches = val_data.iter_torch_batches(batch_size=256, dtypes={"image": torch.uint8, "label": torch.long},
                                               device=device)
-        for i, batch in enumerate(batches):
-            if i % world != rank:
-                continue
+        for batch in batches:
             x = normalize(batch["image"], cfg["mean"], cfg["std"])
             y = batch["label"]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

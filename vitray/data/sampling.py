@@ -1,8 +1,6 @@
 """Which images a run trains and validates on, and how often: stratified splits, class balance."""
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 
 
@@ -33,16 +31,6 @@ def balanced_rates(counts: np.ndarray) -> list[float]:
     """
     # The inverse-frequency numbers of the loss weights, used as rates: N / (classes · count).
     return class_weights(counts)
-
-
-def balance_batch(batch: dict[str, np.ndarray], rates: Sequence[float], seed: int | None = None) -> dict[str, np.ndarray]:
-    """Ray Data UDF: each row repeated a random number of times whose mean is its class's rate
-    (the floor of the rate, plus one with the probability of its fraction); drawn anew each epoch."""
-    rng = np.random.default_rng(seed)
-    rate = np.asarray(rates, dtype=np.float64)[np.asarray(batch["label"], dtype=np.int64)]
-    repeats = np.floor(rate).astype(np.int64) + (rng.random(len(rate)) < rate - np.floor(rate))
-    index = np.repeat(np.arange(len(rate)), repeats)
-    return {k: v[index] for k, v in batch.items()}
 
 
 def class_weights(counts: np.ndarray) -> list[float]:
