@@ -167,21 +167,8 @@ def init_ray(options: RayOptions | None = None) -> None:
         from ray._private import ray_constants
 
         ray_constants.ENABLE_RAY_CLUSTER = False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Train V2 is the current Ray Train API; V1 is deprecated. Its print patch shows each
-    # worker line twice; Train passes both on to its controller and workers on any cluster.
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    env_vars = _worker_env(options.quiet)
     log_level = logging.WARNING if options.quiet else logging.INFO
-    env_vars = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **malloc_env()}
-    tune_malloc()  # the driver's own work, such as the benchmark's plain loops
-    if options.quiet:
-        # Ray Data logs every execution plan (each epoch, in every Train worker) at INFO and
-        # says "progress bars disabled" as a warning; its errors still show. --verbose shows all.
-        env_vars[DATA_LOG_LEVEL_ENV] = os.environ.setdefault(DATA_LOG_LEVEL_ENV, "ERROR")
-        logging.getLogger("ray.data").setLevel(os.environ[DATA_LOG_LEVEL_ENV])
-        # A local Ray turns token authentication on, and says so on every start: keep it on, quietly.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Quiet, the workers' own output (Ray's and PyTorch's chatter) stays in Ray's log files;
     # their errors still reach the driver as exceptions, and their progress through vitray.progress.
     if address:
@@ -190,22 +177,7 @@ def init_ray(options: RayOptions | None = None) -> None:
         except (ConnectionError, RuntimeError, ray.exceptions.RayError) as exc:
             raise VitrayError(_join_failure(address, exc)) from exc
     else:
-        # The dashboard (when wanted) listens on loopback only.
-        port = free_port()
-        if options.dashboard:
-            # Ray Train's placement-group cleaner finds the state API by looking for "the" local
-            # Ray, and fails when another Ray runs on the machine: name ours.
-            env_vars[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-        # The raylet expects at most min(cores, CPUs) workers to start at once and warns the
-        # driver (as "(raylet) WARNING: 8 PYTHON worker processes ...") when a run starts four
-        # times that; an embedded Ray's logical CPUs are slots for Train workers, Ray Data's
-        # tasks and actors, which do start that many. Its own setting, read when it starts.
-        os.environ.setdefault(STARTUP_ENV, str(options.num_cpus or embedded_cpus()))
-        ray.init(num_cpus=options.num_cpus or embedded_cpus(), include_dashboard=options.dashboard,
-                 dashboard_host="127.0.0.1", dashboard_port=port,
-                 logging_level=log_level, log_to_driver=not options.quiet,
-                 # Train V2 patches print() on workers so that each line shows twice; plain print.
-                 runtime_env={"env_vars": env_vars})
+        _start_embedded(options, env_vars, log_level)
     if options.quiet:
         filter_benign_stderr()
     import ray.data
@@ -214,3 +186,43 @@ def init_ray(options: RayOptions | None = None) -> None:
     # vitray draws its own progress (vitray.progress); Ray Data's bars show with --verbose.
     ctx.enable_operator_progress_bars = False
     ctx.enable_progress_bars = not options.quiet
+
+
+def _worker_env(quiet: bool) -> dict[str, str]:
+    """The variables every Ray worker gets (and the driver's own logging set to match)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Train V2 is the current Ray Train API; V1 is deprecated. Its print patch shows each
+    # worker line twice; Train passes both on to its controller and workers on any cluster.
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    env_vars = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **malloc_env()}
+    tune_malloc()  # the driver's own work, such as the benchmark's plain loops
+    if quiet:
+        # Ray Data logs every execution plan (each epoch, in every Train worker) at INFO and
+        # says "progress bars disabled" as a warning; its errors still show. --verbose shows all.
+        env_vars[DATA_LOG_LEVEL_ENV] = os.environ.setdefault(DATA_LOG_LEVEL_ENV, "ERROR")
+        logging.getLogger("ray.data").setLevel(os.environ[DATA_LOG_LEVEL_ENV])
+        # A local Ray turns token authentication on, and says so on every start: keep it on, quietly.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    return env_vars
+
+
+def _start_embedded(options: RayOptions, env_vars: dict[str, str], log_level: int) -> None:
+    """A Ray of this process's own, listening on loopback only."""
+    import ray
+
+    port = free_port()
+    if options.dashboard:
+        # Ray Train's placement-group cleaner finds the state API by looking for "the" local
+        # Ray, and fails when another Ray runs on the machine: name ours.
+        env_vars[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    # The raylet expects at most min(cores, CPUs) workers to start at once and warns the
+    # driver (as "(raylet) WARNING: 8 PYTHON worker processes ...") when a run starts four
+    # times that; an embedded Ray's logical CPUs are slots for Train workers, Ray Data's
+    # tasks and actors, which do start that many. Its own setting, read when it starts.
+    os.environ.setdefault(STARTUP_ENV, str(options.num_cpus or embedded_cpus()))
+    ray.init(num_cpus=options.num_cpus or embedded_cpus(), include_dashboard=options.dashboard,
+             dashboard_host="127.0.0.1", dashboard_port=port,
+             logging_level=log_level, log_to_driver=not options.quiet,
+             # Train V2 patches print() on workers so that each line shows twice; plain print.
+             runtime_env={"env_vars": env_vars})

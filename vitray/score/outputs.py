@@ -190,8 +190,6 @@ class PiecePlan:
 
 def write_piece(batch: dict[str, np.ndarray], plan: PiecePlan) -> dict[str, np.ndarray]:
     """Ray Data UDF: commit one piece of scored rows (protocol in the module docstring) → one summary row."""
-    import pyarrow.parquet as pq
-
     started = time.perf_counter()
     root = storage.resolve(plan.output)
     ids = [str(i) for i in batch["id"]]
@@ -205,44 +203,13 @@ def write_piece(batch: dict[str, np.ndarray], plan: PiecePlan) -> dict[str, np.n
     pending = root.child("_pending", f"{piece}.json")
     if pngs:
         storage.put(pending, json.dumps({"run_id": plan.run_id, "pngs": list(pngs.values())}).encode())
-
-        rows = np.fromiter(pngs, dtype=np.int64)
-        encoded = _overlay_pngs(batch["image"][rows], maps[rows].reshape(len(rows), *plan.grid))
-
-        places = [root.child(*pngs[i].split("/")) for i in rows]
-        if root.is_s3:
-            # Threads: on S3 each overlay is a round trip, and a piece has hundreds of them.
-            with ThreadPoolExecutor(max_workers=PNG_THREADS) as pool:
-                list(pool.map(storage.put, places, encoded))
-        else:  # local writes do not wait: threads would only contend for the GIL
-            _write_in_place([p.path for p in places], encoded)
-
-    bad = np.flatnonzero(~ok)
+        _write_overlays(root, batch["image"], maps, pngs, plan.grid)
+    bad, good = np.flatnonzero(~ok), np.flatnonzero(ok)
     if len(bad):
-        errors = pa.table({"path": [_input_uri(plan.input_base, ids[i]) for i in bad],
-                           "error": [str(batch["error_kind"][i]) for i in bad],
-                           "message": [str(batch["error"][i]) for i in bad],
-                           "run_id": [plan.run_id] * len(bad)}, schema=ERRORS_SCHEMA)
-        storage.put(root.child("errors", f"part-{piece}.parquet"), _parquet_bytes(errors, pq), durable=True)
-
-    good = np.flatnonzero(ok)
+        _write_errors(root, piece, plan, ids, batch, bad)
     if len(good):
         _check_lease(root, plan.run_id)
-        rows, cols = plan.grid
-        table = pa.table({
-            "id": [ids[i] for i in good],
-            "path": [_input_uri(plan.input_base, ids[i]) for i in good],
-            "label": [labels[i] for i in good],
-            "score": np.asarray(batch["score"], dtype=np.float32)[good],
-            "probs": _float_lists(np.asarray(batch["probs"], dtype=np.float32)[good]),
-            "attention": _float_lists(maps[good], valid=has_map[good]),
-            "attention_shape": [[rows, cols] if has_map[i] else None for i in good],
-            "attention_png": [pngs.get(i) for i in good],
-            "model": [plan.model] * len(good),
-            "run_id": [plan.run_id] * len(good),
-        }, schema=PREDICTIONS_SCHEMA)
-        # The commit: from here on these ids are done.
-        storage.put(root.child("predictions", f"part-{piece}.parquet"), _parquet_bytes(table, pq), durable=True)
+        _commit_predictions(root, piece, plan, ids, labels, batch, maps, has_map, pngs, good)
     if pngs:
         storage.delete(pending)
 
@@ -256,6 +223,53 @@ def write_piece(batch: dict[str, np.ndarray], plan: PiecePlan) -> dict[str, np.n
             "errors": np.array([len(bad)]), "labels": np.array([json.dumps(counts)], dtype=object),
             "error_kinds": np.array([json.dumps(kinds)], dtype=object),
             "seconds": np.array([time.perf_counter() - started])}
+
+
+def _write_overlays(root: storage.Location, images: np.ndarray, maps: np.ndarray, pngs: dict[int, str],
+                    grid: tuple[int, int]) -> None:
+    """The overlay PNGs of the rows in `pngs` (row → key), before the piece commits."""
+    rows = np.fromiter(pngs, dtype=np.int64)
+    encoded = _overlay_pngs(images[rows], maps[rows].reshape(len(rows), *grid))
+    places = [root.child(*pngs[i].split("/")) for i in rows]
+    if root.is_s3:
+        # Threads: on S3 each overlay is a round trip, and a piece has hundreds of them.
+        with ThreadPoolExecutor(max_workers=PNG_THREADS) as pool:
+            list(pool.map(storage.put, places, encoded))
+    else:  # local writes do not wait: threads would only contend for the GIL
+        _write_in_place([p.path for p in places], encoded)
+
+
+def _write_errors(root: storage.Location, piece: str, plan: PiecePlan, ids: list[str], batch: dict[str, np.ndarray],
+                  bad: np.ndarray) -> None:
+    import pyarrow.parquet as pq
+
+    errors = pa.table({"path": [_input_uri(plan.input_base, ids[i]) for i in bad],
+                       "error": [str(batch["error_kind"][i]) for i in bad],
+                       "message": [str(batch["error"][i]) for i in bad],
+                       "run_id": [plan.run_id] * len(bad)}, schema=ERRORS_SCHEMA)
+    storage.put(root.child("errors", f"part-{piece}.parquet"), _parquet_bytes(errors, pq), durable=True)
+
+
+def _commit_predictions(root: storage.Location, piece: str, plan: PiecePlan, ids: list[str], labels: list[str],
+                        batch: dict[str, np.ndarray], maps: np.ndarray, has_map: np.ndarray, pngs: dict[int, str],
+                        good: np.ndarray) -> None:
+    """The commit: once this file is in place, these ids are done."""
+    import pyarrow.parquet as pq
+
+    rows, cols = plan.grid
+    table = pa.table({
+        "id": [ids[i] for i in good],
+        "path": [_input_uri(plan.input_base, ids[i]) for i in good],
+        "label": [labels[i] for i in good],
+        "score": np.asarray(batch["score"], dtype=np.float32)[good],
+        "probs": _float_lists(np.asarray(batch["probs"], dtype=np.float32)[good]),
+        "attention": _float_lists(maps[good], valid=has_map[good]),
+        "attention_shape": [[rows, cols] if has_map[i] else None for i in good],
+        "attention_png": [pngs.get(i) for i in good],
+        "model": [plan.model] * len(good),
+        "run_id": [plan.run_id] * len(good),
+    }, schema=PREDICTIONS_SCHEMA)
+    storage.put(root.child("predictions", f"part-{piece}.parquet"), _parquet_bytes(table, pq), durable=True)
 
 
 def _check_lease(root: storage.Location, run_id: str) -> None:
