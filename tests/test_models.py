@@ -310,3 +310,23 @@ def test_models_round_trip_through_s3(s3_prefix, tmp_path, monkeypatch, pretrain
     assert fine_tuned.classifier.out_features == 2
     with pytest.raises(VitrayError, match="model not found"):
         load_trained(f"{s3_prefix}/nothing")
+
+
+@pytest.mark.parametrize("spec,size,channels", [(None, 32, 3), ("vit-small", None, 1), ("vit-tiny", 48, 3)])
+def test_preprocessing_for_matches_what_build_model_gives(spec, size, channels):
+    from vitray.models import preprocessing_for
+
+    _, prep = build_model(spec, LABELS, size, channels=channels)
+    assert preprocessing_for(spec, size, channels) == prep
+
+
+def test_preprocessing_for_a_saved_model_reads_no_weights(tmp_path):
+    from vitray.models import preprocessing_for
+
+    model, prep = build_model("vit-tiny", LABELS, 24, channels=1)
+    export_model(model, prep, str(tmp_path / "m"))
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"not weights")  # never opened
+    assert preprocessing_for(str(tmp_path / "m")) == prep
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(VitrayError, match="no config.json"):
+        preprocessing_for(str(tmp_path / "bad"))

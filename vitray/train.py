@@ -200,7 +200,7 @@ def load_training_data(config: TrainConfig, workers_flag: str = "--workers", tri
     """
     from vitray import cluster
     from vitray.data.readers import inspect_source
-    from vitray.models import apply_finetune, build_model, input_size_for, param_report
+    from vitray.models import input_size_for, params_for, preprocessing_for
     from vitray.runtime import RayOptions, init_ray
 
     config.check()
@@ -221,11 +221,10 @@ def load_training_data(config: TrainConfig, workers_flag: str = "--workers", tri
         train_ids, val_ids = stratified_split(source.ids, source.row_labels, config.val_fraction, config.seed)
         counts = np.bincount(source.row_labels[np.isin(source.ids, train_ids)], minlength=len(labels))
     channels, native_size = peek_shape(source)
-    model, prep = build_model(config.model, labels,
-                              config.image_size or (None if config.model else input_size_for(native_size)),
-                              channels=channels)
-    params = param_report(apply_finetune(model, config.finetune)).to_dict()
-    del model
+    size = config.image_size or (None if config.model else input_size_for(native_size))
+    # From the configs alone: the driver (a cluster's head node) never holds the weights.
+    prep = preprocessing_for(config.model, size, channels)
+    params = params_for(config.model, config.finetune, n_labels=len(labels), image_size=size, channels=channels)
     log.info("model: %s parameters, %s trainable", params["total"], params["trainable"])
 
     init_ray(RayOptions(address=config.ray_address))
