@@ -150,7 +150,7 @@ def load_images(root: str, limit: int | None = None) -> tuple[list[str], Any, An
     """Files, their uint8 (N, S, S, C) pixels decoded as vitray does, and their class ids."""
     import numpy as np
 
-    from vitray.data.readers import decode_image
+    from vitray.data.decode import decode_image
 
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".png"))[:limit]
     pixels = np.stack([decode_image(open(f, "rb").read()) for f in files])

@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from vitray.data import readers
-from vitray.data.readers import (ImageError, decode_image, detect_format, inspect_source, read_encoded,
-                                 read_images)
+from vitray.data import decode
+from vitray.data.decode import ImageError, decode_image
+from vitray.data.readers import read_encoded, read_images
+from vitray.data.sources import detect_format, inspect_source
 from vitray.errors import VitrayError
 
 
@@ -180,7 +181,7 @@ def test_plain_pngs_decode_to_pils_pixels(shape):
     # 8-bit grey and RGB PNGs take libspng; the pixels must be exactly PIL's.
     pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     data = _png(pixels)
-    assert readers._decode_plain_png(data) is not None
+    assert decode._decode_plain_png(data) is not None
     decoded = decode_image(data)
     expected = pixels if pixels.ndim == 3 else pixels[:, :, None]
     assert decoded.dtype == np.uint8 and np.array_equal(decoded, expected)
@@ -190,7 +191,7 @@ def test_plain_pngs_decode_to_pils_pixels(shape):
 def test_other_pngs_are_left_to_pil(mode):
     buf = io.BytesIO()
     Image.new(mode, (5, 3)).save(buf, format="PNG")
-    assert readers._decode_plain_png(buf.getvalue()) is None
+    assert decode._decode_plain_png(buf.getvalue()) is None
 
 
 def test_damaged_png_data_is_reported_not_decoded():
@@ -219,9 +220,7 @@ def test_unusable_bytes_give_a_short_kind(data, kind):
 
 
 def test_decompression_bomb_is_refused(monkeypatch):
-    import vitray.data.readers as readers
-
-    monkeypatch.setattr(readers, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(decode, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(ImageError) as err:
         decode_image(_png(_rgb(20, 20, 1)))
     assert err.value.kind == "too-large"

@@ -23,7 +23,7 @@ from vitray import storage
 from vitray.cli import main
 from vitray.data import synth
 from vitray.data.preprocess import resize_image
-from vitray.data.readers import decode_image
+from vitray.data.decode import decode_image
 from vitray.errors import VitrayError
 from vitray.lease import Lease, LeaseLost
 from vitray.explain import explain_images

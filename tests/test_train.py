@@ -78,7 +78,7 @@ def test_schedule_warms_up_then_decays_to_zero():
 
 def test_training_rows_come_in_a_mixed_order(ray_session, inspection):
     """An image folder lists its images class by class; training must not see them that way."""
-    from vitray.data.readers import inspect_source
+    from vitray.data.sources import inspect_source
     from vitray.train import image_dataset
 
     source = inspect_source(inspection, None)
@@ -119,7 +119,7 @@ def test_two_workers_write_every_output(ray_session, inspection, tmp_path):
     assert metrics["labels"] == ["Xminus", "Xplus", "Yminus", "Yplus", "passed"]
     assert set(metrics["per_class"]["passed"]) == {"precision", "recall", "f1", "support"}
     assert metrics["params"]["trainable"] == metrics["params"]["total"] > 0
-    from vitray.data.readers import inspect_source
+    from vitray.data.sources import inspect_source
 
     source = inspect_source(inspection)  # each worker validates its share, together every image once
     _, val_ids = stratified_split(source.ids, source.row_labels, 0.1, 0)

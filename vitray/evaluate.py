@@ -194,7 +194,8 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, fmt: str | None = None
     import ray.data
 
     from vitray.data.preprocess import resize_batch
-    from vitray.data.readers import inspect_source, read_images
+    from vitray.data.readers import read_images
+    from vitray.data.sources import inspect_source
     from vitray.inference import NEGATIVE_LABEL, PredictOptions, Predictor, model_info
     from vitray.runtime import RayOptions, init_ray
 

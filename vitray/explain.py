@@ -327,7 +327,7 @@ def explain_images(model: str, images: Sequence[str], out: str, method: str = "r
     import torch
 
     from vitray.data.preprocess import normalize, resize_image
-    from vitray.data.readers import ImageError, decode_image
+    from vitray.data.decode import ImageError, decode_image
     from vitray import storage
     from vitray.errors import VitrayError
     from vitray.models import load_trained

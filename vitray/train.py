@@ -199,7 +199,7 @@ def load_training_data(config: TrainConfig, workers_flag: str = "--workers", tri
     `trial_cpus`: what a Tune trial's own actor holds beside its Train run (tune passes it).
     """
     from vitray import cluster
-    from vitray.data.readers import inspect_source
+    from vitray.data.sources import inspect_source
     from vitray.models import input_size_for, params_for, preprocessing_for
     from vitray.runtime import RayOptions, init_ray
 

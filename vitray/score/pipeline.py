@@ -175,7 +175,7 @@ def _local_gpus() -> int:
 
 
 def _check_input(config: ScoreConfig) -> Any:
-    from vitray.data.readers import detect_format, inspect_source
+    from vitray.data.sources import detect_format, inspect_source
 
     fmt = config.format or detect_format(config.input)
     # An image folder is scored like any tree of images: its class folders are only part of the ids.
