@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitray.data import synth
+from vitray.data import scenes, synth
 from vitray.errors import VitrayError
 
 
@@ -72,12 +72,12 @@ def test_boxes_lie_in_the_image_and_show_the_shift_relative_to_the_seat(style, s
 @pytest.mark.parametrize("style", synth.STYLES)
 def test_a_shift_changes_the_part_and_leaves_the_rest_of_the_scene(style):
     # The same scenes and nuisances rendered seated and moved 4 px right.
-    look = synth._LOOKS[style]
-    seated = synth._draw_scenes(np.zeros(6, int), 64, look, np.random.default_rng(1))
+    look = scenes.LOOKS[style]
+    seated = scenes.draw_scenes(np.zeros((6, 2)), 64, look, np.random.default_rng(1))
     moved = dataclasses.replace(seated, offset=seated.offset + [4.0, 0.0])
-    before = synth._render(seated, 64, look, np.random.default_rng(2)).astype(int)
-    after = synth._render(moved, 64, look, np.random.default_rng(2)).astype(int)
-    for i, (old, new) in enumerate(zip(synth._part_boxes(seated, 64), synth._part_boxes(moved, 64))):
+    before = scenes.render(seated, 64, look, np.random.default_rng(2)).astype(int)
+    after = scenes.render(moved, 64, look, np.random.default_rng(2)).astype(int)
+    for i, (old, new) in enumerate(zip(scenes.part_boxes(seated, 64), scenes.part_boxes(moved, 64))):
         x1, y1 = int(min(old[0], new[0])) - 4, int(min(old[1], new[1])) - 4
         x2, y2 = int(max(old[2], new[2])) + 5, int(max(old[3], new[3])) + 5
         diff = np.abs(after[i] - before[i]).sum(axis=2)
