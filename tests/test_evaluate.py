@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -113,3 +114,31 @@ def test_report_lists_every_class_and_the_matrix(metrics):
 def test_report_accepts_metrics_read_back_from_json(metrics):
     extra = {**json.loads(json.dumps(metrics)), "params": {"total": 10, "trainable": 5}}
     assert format_report(extra) == format_report(metrics)
+
+
+def test_evaluate_counts_an_undecodable_image_as_skipped(ray_session, tiny_model, tmp_path):
+    from vitray.data import synth
+    from vitray.evaluate import evaluate
+
+    data = tmp_path / "data"
+    synth.write(str(data), n=30, size=32, seed=5, passed_fraction=0.2, fmt="imagefolder")
+    (data / "Xplus" / "cut-short.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    metrics = evaluate(tiny_model, str(data), str(tmp_path / "eval"))
+    assert metrics["n"] == 30 and metrics["skipped"] == 1
+    assert np.sum(metrics["confusion_matrix"]) == 30
+    saved = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert saved["n"] == 30 and (tmp_path / "eval" / "confusion_matrix.png").exists()
+    assert "localization" not in saved  # an image folder has no boxes
+
+
+def test_evaluate_scores_the_maps_against_the_boxes_of_the_data(ray_session, tiny_model, tmp_path):
+    from vitray.data import synth
+    from vitray.evaluate import evaluate
+
+    data = tmp_path / "data"
+    synth.write(str(data), n=40, size=32, seed=6, passed_fraction=0.1, fmt="parquet")
+    metrics = evaluate(tiny_model, str(data), str(tmp_path / "eval"), batch_size=16)
+    assert metrics["n"] == 40 and metrics["skipped"] == 0
+    where = metrics["localization"]
+    assert where["method"] == "rollout" and 0 < where["images"] <= 40
+    assert 0.0 <= where["pointing_game"] <= 1.0 and 0.0 <= where["energy_in_box"] <= 1.0

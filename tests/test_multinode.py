@@ -36,7 +36,7 @@ TRAIN_TIMEOUT_S = 300
 SCORE_IMAGES = 1000
 SCORE_SIZE = 64  # 16x16 patches: slow enough (with grad-rollout maps) that a node can go mid-run
 SCORE_TIMEOUT_S = 240
-SCORER = "MapWorker(MapBatches(Scorer))"  # Ray Data's actor class name for score's Predictor pool
+SCORER = "MapWorker(MapBatches(Predictor))"  # Ray Data's actor class name for the Predictor pool
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -6,6 +6,7 @@ through `vitray.storage`, so OUT may be a local folder or an s3:// prefix.
 from __future__ import annotations
 
 import io
+import logging
 import math
 from typing import Any, Sequence
 
@@ -13,6 +14,8 @@ import numpy as np
 
 from vitray import storage
 from vitray.errors import VitrayError
+
+log = logging.getLogger(__name__)
 
 
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels: list[str],
@@ -191,12 +194,9 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, fmt: str | None = None
     When the data has boxes (FRAMEimages `response`), the default attention maps of
     the defect images are scored against them (pointing game, energy in box).
     """
-    import ray.data
-
-    from vitray.data.preprocess import resize_batch
-    from vitray.data.readers import read_images
+    from vitray.data.readers import read_encoded
     from vitray.data.sources import inspect_source
-    from vitray.inference import NEGATIVE_LABEL, PredictOptions, Predictor, model_info
+    from vitray.inference import NEGATIVE_LABEL, PredictOptions, model_info, predict
     from vitray.runtime import RayOptions, init_ray
 
     if batch_size < 1 or workers < 1:
@@ -208,20 +208,19 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, fmt: str | None = None
         raise VitrayError(f"{data_uri}: evaluation needs labelled data")
     init_ray(RayOptions(address=ray_address, dashboard=False))
     options = PredictOptions(attention="defects" if source.has_boxes else "none")
-    ds = (read_images(source)
-          .map_batches(resize_batch, fn_kwargs={"size": prep.size, "channels": prep.channels},
-                       batch_format="numpy", batch_size=128)
-          .map_batches(Predictor, fn_constructor_args=(model_uri, options), batch_size=batch_size,
-                       batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
-                       num_gpus=gpus_per_worker or None)
+    ds = (predict(read_encoded(source), model_uri, prep, options, batch_size, workers, gpus_per_worker,
+                  keep=("path", "label", "bbox"))
           .map_batches(_localisation, fn_kwargs={"size": prep.size}, batch_format="numpy")
-          .select_columns(["label", "pred", "pointing", "energy"]))
+          .select_columns(["path", "error_kind", "error", "label", "pred", "pointing", "energy"]))
     y_true, y_pred, pointing, energy = [], [], [], []
     for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
-        y_true.append(batch["label"])
-        y_pred.append(batch["pred"])
-        pointing.append(batch["pointing"])
-        energy.append(batch["energy"])
+        ok = batch["error_kind"] == ""
+        for i in np.flatnonzero(~ok):  # what scoring records as error rows, evaluation counts as skipped
+            log.warning("skipping %s: %s (%s)", batch["path"][i], batch["error"][i], batch["error_kind"][i])
+        y_true.append(batch["label"][ok])
+        y_pred.append(batch["pred"][ok])
+        pointing.append(batch["pointing"][ok])
+        energy.append(batch["energy"][ok])
     true, pred = np.concatenate(y_true), np.concatenate(y_pred)
     metrics = classification_metrics(true.tolist(), pred.tolist(), labels)
     metrics["n"] = int(len(true))

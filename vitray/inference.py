@@ -1,13 +1,16 @@
-"""Running a trained model over image batches in Ray Data, shared by evaluate and score.
+"""The one model stage of evaluate and score: decode and resize in Ray Data tasks, predict on actors.
 
-`Predictor` is the callable class that `map_batches` puts on an actor pool: it
-loads the model once per actor, normalises uint8 batches with the model's own
-preprocessing, predicts, and makes attention maps only where they are asked for.
+`predict` appends both to a dataset of encoded images (`vitray.data.readers.read_encoded`).
+An image that cannot be decoded keeps its row, with its error kind and no prediction, so
+that scoring can record it and evaluation count it. `Predictor` is the callable class that
+`map_batches` puts on an actor pool: it loads the model once per actor, normalises uint8
+batches with the model's own preprocessing, predicts, and makes attention maps only where
+they are asked for.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -34,8 +37,53 @@ def model_info(model_uri: str) -> tuple[list[str], Any]:
     return labels, prep
 
 
+def predict(ds: Any, model_uri: str, prep: Any, options: PredictOptions, batch_size: int, workers: int = 1,
+            gpus_per_worker: float = 0.0, keep: Sequence[str] = ()) -> Any:
+    """Decode/resize (tasks) → model (actor pool): id, error_kind, error, pred, score, probs, attention.
+
+    `keep`: input columns carried along (evaluation keeps `label` and `bbox`). The pixels go on
+    only where maps are asked for (scoring's overlays).
+    """
+    import ray.data
+
+    return (ds
+            # Half a CPU slot: reading waits on storage much of the time, and resources that
+            # differ from the actors' keep Ray Data from fusing decode into them (an actor
+            # holding a GPU would then decode one batch at a time while the GPU waits).
+            .map_batches(prepare_images, fn_kwargs={"size": prep.size, "channels": prep.channels, "keep": tuple(keep)},
+                         batch_size=64, batch_format="numpy", num_cpus=0.5)
+            .map_batches(Predictor, fn_constructor_args=(model_uri, options), batch_size=batch_size,
+                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
+                         num_gpus=gpus_per_worker or None))
+
+
+def prepare_images(batch: dict[str, np.ndarray], size: int, channels: int,
+                   keep: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Decode and resize; an image that fails keeps its row (a blank image and its error kind)."""
+    from vitray.data.preprocess import resize_image
+    from vitray.data.readers import decode_batch
+
+    decoded = decode_batch(batch)
+    n = len(decoded["id"])
+    images = np.zeros((n, size, size, channels), dtype=np.uint8)
+    kinds = np.array(["" if k is None else str(k) for k in decoded["error_kind"]], dtype=object)
+    messages = np.array(["" if m is None else str(m) for m in decoded["error"]], dtype=object)
+    for i, image in enumerate(decoded["image"]):
+        if image is None:
+            continue
+        try:
+            images[i] = resize_image(np.asarray(image), size, channels)
+        except Exception as exc:  # one odd image must not fail the whole run
+            kinds[i], messages[i] = "corrupt", f"cannot convert: {str(exc).splitlines()[0][:200]}"
+    return {"id": decoded["id"], "image": images, "error_kind": kinds, "error": messages,
+            **{name: decoded[name] for name in keep}}
+
+
 class Predictor:
-    """Ray Data UDF: uint8 (B, S, S, C) `image` batches in; pred, score, probs (and maps) out."""
+    """Ray Data UDF: uint8 (B, S, S, C) `image` batches in; pred, score, probs (and maps) out.
+
+    Rows whose `error_kind` is set (they failed to decode) skip the model: pred -1, NaN scores.
+    """
 
     def __init__(self, model_uri: str, options: PredictOptions = PredictOptions()) -> None:
         import torch
@@ -70,6 +118,27 @@ class Predictor:
         self.grid = (self.prep.size // patch, self.prep.size // patch)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["error_kind"] == "" if "error_kind" in batch else np.ones(len(batch["image"]), dtype=bool)
+        out = self._predict(batch) if ok.all() else self._skip_failed(batch, ok)
+        if self.options.attention == "none":
+            del out["image"]  # only overlays need the pixels downstream
+        return out
+
+    def _skip_failed(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, np.ndarray]:
+        """The model sees only the rows that decoded; the others get NaN and pred -1."""
+        n, cells = len(ok), self.grid[0] * self.grid[1]
+        out = dict(batch)
+        out["pred"] = np.full(n, -1, dtype=np.int64)
+        out["score"] = np.full(n, np.nan, dtype=np.float32)
+        out["probs"] = np.full((n, len(self.labels)), np.nan, dtype=np.float32)
+        out["attention"] = np.full((n, cells), np.nan, dtype=np.float32)
+        if ok.any():
+            part = self._predict({k: v[ok] for k, v in batch.items()})
+            for key in ("pred", "score", "probs", "attention"):
+                out[key][ok] = part[key]
+        return out
+
+    def _predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         from vitray.data.preprocess import normalize

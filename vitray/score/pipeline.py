@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import pyarrow.fs as pafs
 
 from vitray import storage
@@ -78,55 +77,6 @@ class ScoreConfig:
             raise VitrayError(f"--lease-timeout must be positive, got {self.lease_timeout}")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise VitrayError(f"--max-error-rate must be between 0 and 1, got {self.max_error_rate}")
-
-
-def _prepare(batch: dict[str, np.ndarray], size: int, channels: int) -> dict[str, np.ndarray]:
-    """Decode and resize; an image that fails keeps its row (a blank image and its error kind)."""
-    from vitray.data.preprocess import resize_image
-    from vitray.data.readers import decode_batch
-
-    decoded = decode_batch(batch)
-    n = len(decoded["id"])
-    images = np.zeros((n, size, size, channels), dtype=np.uint8)
-    kinds = np.array(["" if k is None else str(k) for k in decoded["error_kind"]], dtype=object)
-    messages = np.array(["" if m is None else str(m) for m in decoded["error"]], dtype=object)
-    for i, image in enumerate(decoded["image"]):
-        if image is None:
-            continue
-        try:
-            images[i] = resize_image(np.asarray(image), size, channels)
-        except Exception as exc:  # one odd image must not fail the whole run
-            kinds[i], messages[i] = "corrupt", f"cannot convert: {str(exc).splitlines()[0][:200]}"
-    return {"id": decoded["id"], "image": images, "error_kind": kinds, "error": messages}
-
-
-def _scorer_class() -> type:
-    """`Predictor` that passes over the rows that failed to decode (imported lazily: torch)."""
-    from vitray.inference import Predictor
-
-    class Scorer(Predictor):
-        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            ok = batch["error_kind"] == ""
-            out = super().__call__(batch) if ok.all() else self._skip_failed(batch, ok)
-            if self.options.attention == "none":
-                del out["image"]  # only overlays need the pixels downstream
-            return out
-
-        def _skip_failed(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, np.ndarray]:
-            """The model sees only the rows that decoded; the others get NaN and pred -1."""
-            n, cells = len(ok), self.grid[0] * self.grid[1]
-            out = dict(batch)
-            out["pred"] = np.full(n, -1, dtype=np.int64)
-            out["score"] = np.full(n, np.nan, dtype=np.float32)
-            out["probs"] = np.full((n, len(self.labels)), np.nan, dtype=np.float32)
-            out["attention"] = np.full((n, cells), np.nan, dtype=np.float32)
-            if ok.any():
-                part = super().__call__({k: v[ok] for k, v in batch.items()})
-                for key in ("pred", "score", "probs", "attention"):
-                    out[key][ok] = part[key]
-            return out
-
-    return Scorer
 
 
 @dataclass
@@ -338,23 +288,13 @@ def _failure(exc: BaseException, out: str, totals: _Totals) -> VitrayError:
 
 def _pipeline(config: ScoreConfig, source: Any, remaining: list[str], prep: Any, plan: PiecePlan) -> Any:
     """read → decode/resize (tasks) → model (actor pool) → commit pieces (tasks) → one row per piece."""
-    import ray.data
-
     from vitray.data.readers import read_encoded
-    from vitray.inference import PredictOptions
+    from vitray.inference import PredictOptions, predict
 
     options = PredictOptions(attention=config.attention, method=config.method, head_fusion=config.head_fusion,
                              discard_ratio=config.discard_ratio)
-    return (read_encoded(source, ids=remaining)
-            # Half a CPU slot: reading waits on storage much of the time, and resources that
-            # differ from the actors' keep Ray Data from fusing decode into them (an actor
-            # holding a GPU would then decode one batch at a time while the GPU waits).
-            .map_batches(_prepare, fn_kwargs={"size": prep.size, "channels": prep.channels},
-                         batch_size=64, batch_format="numpy", num_cpus=0.5)
-            .map_batches(_scorer_class(), fn_constructor_args=(config.model, options),
-                         batch_size=config.batch_size, batch_format="numpy",
-                         compute=ray.data.ActorPoolStrategy(size=config.workers),
-                         num_gpus=config.gpus_per_worker or None)
+    return (predict(read_encoded(source, ids=remaining), config.model, prep, options, config.batch_size,
+                    config.workers, config.gpus_per_worker)
             .map_batches(write_piece, fn_kwargs={"plan": plan}, batch_size=config.piece_rows,
                          batch_format="numpy"))
 
