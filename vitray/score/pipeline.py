@@ -159,7 +159,7 @@ def _check_cluster(config: ScoreConfig) -> None:
         return
     from vitray.runtime import RayOptions, init_ray
 
-    init_ray(RayOptions(address=config.ray_address, quiet=not config.verbose))
+    init_ray(RayOptions(address=config.ray_address, quiet=not config.verbose, dashboard=False))
     check_shared_output(config.output, config.shared_fs, "--output")
     check_fits(config.workers, 1.0, config.gpus_per_worker, "--workers", extra_cpus=1.0, extra_for="decoding")
 
@@ -189,39 +189,52 @@ def score(config: ScoreConfig, progress: Callable[[dict[str, int]], None] | None
         }
         if lease.took_over:
             manifest["took_over_lease_of"] = lease.took_over
-        runs = storage.resolve(storage.join(out, "runs", f"{run_id}.json"))
-        storage.write_json(runs.uri, manifest)  # a run that never finishes stays visible as "running"
+        runs = storage.join(out, "runs", f"{run_id}.json")
+        storage.write_json(runs, manifest)  # a run that never finishes stays visible as "running"
         manifest["recovered"] = recover(out, run_id)
-        totals, skipped, scoring_s = _Totals(), 0, 0.0
+        totals = _Totals()
         try:
-            record_bad_names(out, run_id, source)
-            done = committed_ids(out)
-            remaining = [i for i in source.ids if i not in done]
-            skipped = len(source) - len(remaining)
-            log.info("%s images in %s, %s already scored in %s: %s to score", f"{len(source):,}", config.input,
-                     f"{skipped:,}", out, f"{len(remaining):,}")
-            if remaining:
-                started = time.perf_counter()
-                _run(config, source, remaining, prep, PiecePlan(out, run_id, manifest["model"], tuple(labels), grid,
-                                                                _ids_base(config.input)),
-                     totals, lease, progress, skipped)
-                scoring_s = time.perf_counter() - started
+            skipped, scoring_s = _score_remaining(config, source, PiecePlan(
+                out, run_id, manifest["model"], tuple(labels), grid, _ids_base(config.input)), prep, totals,
+                lease, progress)
         except BaseException as exc:
             failure = _failure(exc, out, totals)
             manifest.update(status="interrupted" if failure.exit_code == 130 else "failed", finished=_now(),
                             failure=str(failure), counts={"scored": totals.scored, "errors": totals.errors})
             try:
-                storage.write_json(runs.uri, manifest)
+                storage.write_json(runs, manifest)
             except Exception:  # noqa: BLE001 - the storage that failed may refuse this too
                 pass
             raise failure from exc
+    return _finish(config, manifest, source, totals, skipped, scoring_s, time.perf_counter() - wall_start)
 
+
+def _score_remaining(config: ScoreConfig, source: Any, plan: PiecePlan, prep: Any, totals: _Totals, lease: Lease,
+                     progress: Callable[[dict[str, int]], None] | None) -> tuple[int, float]:
+    """Score the ids not yet committed: (how many were committed before, seconds the scoring took)."""
+    record_bad_names(plan.output, plan.run_id, source)
+    done = committed_ids(plan.output)
+    remaining = [i for i in source.ids if i not in done]
+    skipped = len(source) - len(remaining)
+    log.info("%s images in %s, %s already scored in %s: %s to score", f"{len(source):,}", config.input,
+             f"{skipped:,}", plan.output, f"{len(remaining):,}")
+    if not remaining:
+        return skipped, 0.0
+    started = time.perf_counter()
+    _run(config, source, remaining, prep, plan, totals, lease, progress, skipped)
+    return skipped, time.perf_counter() - started
+
+
+def _finish(config: ScoreConfig, manifest: dict[str, Any], source: Any, totals: _Totals, skipped: int,
+            scoring_s: float, wall_s: float) -> dict[str, Any]:
+    """The manifest of a run that scored what it could, the error-rate check, the submission and the report."""
+    out = manifest["output"]
     manifest.update({
         "status": "complete", "finished": _now(),
         "counts": {"scored": totals.scored, "skipped": skipped, "errors": totals.errors + len(source.bad_names),
                    "total": len(source) + len(source.bad_names)},
         "labels": totals.labels, "error_kinds": totals.error_kinds, "pieces": totals.pieces,
-        "wall_s": round(time.perf_counter() - wall_start, 3), "scoring_s": round(scoring_s, 3),
+        "wall_s": round(wall_s, 3), "scoring_s": round(scoring_s, 3),
         "images_per_s": round(totals.scored / scoring_s, 2) if scoring_s > 0 else None,
     })
     if source.bad_names:
@@ -240,7 +253,7 @@ def score(config: ScoreConfig, progress: Callable[[dict[str, int]], None] | None
             failure = exc
     if failure:
         manifest.update(status="failed", failure=str(failure))
-    storage.write_json(runs.uri, manifest)
+    storage.write_json(storage.join(out, "runs", f"{manifest['run_id']}.json"), manifest)
 
     from vitray.score.report import write_report
 
@@ -261,7 +274,7 @@ def _run(config: ScoreConfig, source: Any, remaining: list[str], prep: Any, plan
          lease: Lease, progress: Callable[[dict[str, int]], None] | None, skipped: int) -> None:
     from vitray.runtime import RayOptions, init_ray
 
-    init_ray(RayOptions(address=config.ray_address, quiet=not config.verbose))
+    init_ray(RayOptions(address=config.ray_address, quiet=not config.verbose, dashboard=False))
     if progress:  # the clock starts now: Ray's start-up and the model's load count in the rate
         progress({"scored": 0, "errors": 0, "total": len(remaining), "skipped": skipped})
     for batch in _pipeline(config, source, remaining, prep, plan).iter_batches(batch_size=None,
