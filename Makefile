@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # Unit tests and small integration (a real S3 server, no Ray cluster): a few minutes.
 test-fast: setup

@@ -94,16 +94,15 @@ def test_training_rows_come_in_a_mixed_order(ray_session, inspection):
 # --------------------------------------------------------------------------- runs
 
 
-def test_the_same_seed_trains_the_same_model(ray_session, inspection, tmp_path):
+def test_the_same_seed_trains_the_same_model(ray_session, small, tmp_path):
     """Balance, augmentation and row order are seeded: identical commands give identical runs."""
     def run(name: str, seed: int) -> list[dict]:
-        train(TrainConfig(data=inspection, out=str(tmp_path / name), epochs=1, workers=2, batch_size=16,
+        train(TrainConfig(data=small, out=str(tmp_path / name), epochs=1, workers=2, batch_size=4,
                           seed=seed))
         return [{k: v for k, v in r.items() if k != "images_per_s"} for r in _history(tmp_path / name / "history.csv")]
 
-    first = run("a", seed=5)
-    assert run("b", seed=5) == first
-    assert run("c", seed=6) != first
+    # That another seed draws otherwise is tests/test_batches.py's (it would cost a third run here).
+    assert run("a", seed=5) == run("b", seed=5)
 
 
 def test_two_workers_write_every_output(ray_session, inspection, tmp_path):
