@@ -9,6 +9,8 @@ they are asked for.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -37,10 +39,11 @@ def model_info(model_uri: str) -> tuple[list[str], Any]:
     return labels, prep
 
 
-def predict(ds: Any, model_uri: str, prep: Any, options: PredictOptions, batch_size: int, workers: int = 1,
+def predict(ds: Any, model: str | bytes, prep: Any, options: PredictOptions, batch_size: int, workers: int = 1,
             gpus_per_worker: float = 0.0, keep: Sequence[str] = ()) -> Any:
     """Decode/resize (tasks) → model (actor pool): id, error_kind, error, pred, score, probs, attention.
 
+    `model`: a trained model's URI (PyTorch), or the bytes of its ONNX export (onnxruntime).
     `keep`: input columns carried along (evaluation keeps `label` and `bbox`). The pixels go on
     only where maps are asked for (scoring's overlays).
     """
@@ -52,7 +55,8 @@ def predict(ds: Any, model_uri: str, prep: Any, options: PredictOptions, batch_s
             # holding a GPU would then decode one batch at a time while the GPU waits).
             .map_batches(prepare_images, fn_kwargs={"size": prep.size, "channels": prep.channels, "keep": tuple(keep)},
                          batch_size=64, batch_format="numpy", num_cpus=0.5)
-            .map_batches(Predictor, fn_constructor_args=(model_uri, options), batch_size=batch_size,
+            .map_batches(OnnxPredictor if isinstance(model, bytes) else Predictor, fn_constructor_args=(model, options),
+                         batch_size=batch_size,
                          batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
                          num_gpus=gpus_per_worker or None))
 
@@ -79,11 +83,40 @@ def prepare_images(batch: dict[str, np.ndarray], size: int, channels: int,
             **{name: decoded[name] for name in keep}}
 
 
-class Predictor:
-    """Ray Data UDF: uint8 (B, S, S, C) `image` batches in; pred, score, probs (and maps) out.
+class _Stage:
+    """What both engines share: rows that failed to decode skip the model (pred -1, NaN scores)."""
 
-    Rows whose `error_kind` is set (they failed to decode) skip the model: pred -1, NaN scores.
-    """
+    options: PredictOptions
+    labels: list[str]
+    grid: tuple[int, int]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["error_kind"] == "" if "error_kind" in batch else np.ones(len(batch["image"]), dtype=bool)
+        out = self._predict(batch) if ok.all() else self._skip_failed(batch, ok)
+        if self.options.attention == "none":
+            del out["image"]  # only overlays need the pixels downstream
+        return out
+
+    def _skip_failed(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, np.ndarray]:
+        """The model sees only the rows that decoded; the others get NaN and pred -1."""
+        n, cells = len(ok), self.grid[0] * self.grid[1]
+        out = dict(batch)
+        out["pred"] = np.full(n, -1, dtype=np.int64)
+        out["score"] = np.full(n, np.nan, dtype=np.float32)
+        out["probs"] = np.full((n, len(self.labels)), np.nan, dtype=np.float32)
+        out["attention"] = np.full((n, cells), np.nan, dtype=np.float32)
+        if ok.any():
+            part = self._predict({k: v[ok] for k, v in batch.items()})
+            for key in ("pred", "score", "probs", "attention"):
+                out[key][ok] = part[key]
+        return out
+
+    def _predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class Predictor(_Stage):
+    """Ray Data UDF (PyTorch): uint8 (B, S, S, C) `image` batches in; pred, score, probs (and maps) out."""
 
     def __init__(self, model_uri: str, options: PredictOptions = PredictOptions()) -> None:
         import torch
@@ -116,27 +149,6 @@ class Predictor:
         self.negative = self.labels.index(NEGATIVE_LABEL) if NEGATIVE_LABEL in self.labels else None
         patch = self.model.config.patch_size
         self.grid = (self.prep.size // patch, self.prep.size // patch)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = batch["error_kind"] == "" if "error_kind" in batch else np.ones(len(batch["image"]), dtype=bool)
-        out = self._predict(batch) if ok.all() else self._skip_failed(batch, ok)
-        if self.options.attention == "none":
-            del out["image"]  # only overlays need the pixels downstream
-        return out
-
-    def _skip_failed(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, np.ndarray]:
-        """The model sees only the rows that decoded; the others get NaN and pred -1."""
-        n, cells = len(ok), self.grid[0] * self.grid[1]
-        out = dict(batch)
-        out["pred"] = np.full(n, -1, dtype=np.int64)
-        out["score"] = np.full(n, np.nan, dtype=np.float32)
-        out["probs"] = np.full((n, len(self.labels)), np.nan, dtype=np.float32)
-        out["attention"] = np.full((n, cells), np.nan, dtype=np.float32)
-        if ok.any():
-            part = self._predict({k: v[ok] for k, v in batch.items()})
-            for key in ("pred", "score", "probs", "attention"):
-                out[key][ok] = part[key]
-        return out
 
     def _predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -187,3 +199,42 @@ class Predictor:
             self.model.set_attn_implementation("sdpa")
         maps[want] = m.reshape(int(want.sum()), -1).float().cpu().numpy()
         return maps
+
+
+class OnnxPredictor(_Stage):
+    """Ray Data UDF (onnxruntime) over a `vitray export` graph: the same rows in and out as `Predictor`.
+
+    `model` is the graph's bytes (they travel to every actor through Ray's object store).
+    Maps come from the graph's `attention` output: rollout with mean head fusion.
+    """
+
+    def __init__(self, model: bytes, options: PredictOptions = PredictOptions()) -> None:
+        import onnxruntime as ort
+
+        self.options = options
+        # One intra-op thread per CPU the actor holds, as torch's actors run; a GPU where there is one.
+        settings = ort.SessionOptions()
+        settings.intra_op_num_threads = max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        self.session = ort.InferenceSession(model, settings, providers=providers)
+        meta = json.loads(self.session.get_modelmeta().custom_metadata_map["vitray"])
+        self.labels, self.grid = list(meta["labels"]), tuple(meta["grid"])
+        self.has_maps = meta.get("attention") == "rollout"
+        self.negative = self.labels.index(NEGATIVE_LABEL) if NEGATIVE_LABEL in self.labels else None
+
+    def _predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = np.ascontiguousarray(batch["image"])
+        outputs = self.session.run(None, {"images": images})
+        probs = outputs[0].astype(np.float32)
+        out = dict(batch)
+        out["pred"] = probs.argmax(axis=1).astype(np.int64)
+        out["score"] = probs.max(axis=1).astype(np.float32)
+        out["probs"] = probs
+        maps = np.full((len(probs), self.grid[0] * self.grid[1]), np.nan, dtype=np.float32)
+        mode = self.options.attention
+        if mode != "none" and self.has_maps:
+            want = np.ones(len(probs), dtype=bool) if mode == "all" or self.negative is None \
+                else out["pred"] != self.negative
+            maps[want] = outputs[1][want]
+        out["attention"] = maps
+        return out

@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 from vitray import __version__
 from vitray.cli.config import configurable, merge_config
 from vitray.cli.data import add_synth
+from vitray.cli.deploy import add_export
 from vitray.cli.logs import failed, output_of, setup_logging
 from vitray.cli.options import Parser
 from vitray.cli.scoring import add_explain, add_score
@@ -17,7 +18,7 @@ from vitray.cli.training import add_evaluate, add_params, add_train
 from vitray.errors import VitrayError
 
 COMMANDS: list[Callable[[Any], None]] = [add_synth, add_train, add_evaluate, add_params, add_tune,
-                                           add_score, add_explain]
+                                           add_score, add_explain, add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ def add_score(sub: Any) -> None:
     from vitray.explain import HEAD_FUSIONS, METHODS
     from vitray.inference import ATTENTION_MODES
     from vitray.score import SCORE_FORMATS, ScoreConfig
+    from vitray.score.pipeline import ENGINES
 
     d = lambda name: option_default(ScoreConfig, name)  # noqa: E731
     p = sub.add_parser("score", help="score images in bulk with Ray Data",
@@ -42,6 +43,9 @@ def add_score(sub: Any) -> None:
     p.add_argument("--submission", help="also write a Kaggle ImageId,Label CSV here (digit CSV input)")
     p.add_argument("--max-error-rate", type=fraction, default=d("max_error_rate"),
                    help="fail (exit 1) when a larger share of the images cannot be read (default 1.0: never)")
+    p.add_argument("--engine", choices=ENGINES, default=d("engine"),
+                   help="torch, or onnx: onnxruntime over the model's ONNX export (made once per run, or "
+                        f"--model FILE.onnx from `vitray export`) (default {d('engine')})")
     p.add_argument("--lease-timeout", type=float, default=d("lease_timeout"), metavar="SECONDS",
                    help="one run per --output: a run whose lease was not renewed for this long is gone, "
                         f"and its lease is taken over (default {d('lease_timeout'):.0f})")
@@ -72,7 +76,7 @@ def run_score(args: argparse.Namespace) -> int:
                          discard_ratio=args.discard_ratio, batch_size=args.batch_size,
                          workers=args.workers, gpus_per_worker=args.gpus_per_worker, piece_rows=args.piece_rows,
                          submission=args.submission, max_error_rate=args.max_error_rate,
-                         lease_timeout=args.lease_timeout, shared_fs=bool(args.shared_fs),
+                         lease_timeout=args.lease_timeout, shared_fs=bool(args.shared_fs), engine=args.engine,
                          ray_address=args.ray_address, verbose=args.verbose)
     show, close = _score_progress()
     try:

@@ -34,6 +34,7 @@ from vitray.score.outputs import PiecePlan, committed_ids, read_predictions, rec
 log = logging.getLogger(__name__)
 
 SCORE_FORMATS = ("images", "imagefolder", "parquet", "csv")
+ENGINES = ("torch", "onnx")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class ScoreConfig:
     max_error_rate: float = 1.0  # fail the run (exit 1) above this share of undecodable images
     lease_timeout: float = STALE_S  # seconds without a heartbeat after which OUT's lease is taken over
     shared_fs: bool = False  # a local --output that every Ray node mounts (else s3:// on a multi-node cluster)
+    engine: str = "torch"  # torch | onnx (onnxruntime over the model's `vitray export`)
     ray_address: str | None = None
     verbose: bool = False
 
@@ -73,6 +75,14 @@ class ScoreConfig:
                 raise VitrayError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.gpus_per_worker < 0:
             raise VitrayError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+        if self.engine not in ENGINES:
+            raise VitrayError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.engine == "onnx" and self.attention != "none" and \
+                (self.method, self.head_fusion, self.discard_ratio) != ("rollout", "mean", 0.0):
+            raise VitrayError("--engine onnx draws the default maps only (rollout, --head-fusion mean, no discard); "
+                              "use --engine torch for others")
+        if self.model.endswith(".onnx") and self.engine != "onnx":
+            raise VitrayError(f"--model {self.model} is an ONNX export: score it with --engine onnx")
         if self.lease_timeout <= 0:
             raise VitrayError(f"--lease-timeout must be positive, got {self.lease_timeout}")
         if not 0.0 <= self.max_error_rate <= 1.0:
@@ -101,12 +111,20 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
-def _check_model(model: str) -> tuple[list[str], Any, tuple[int, int]]:
-    """Labels, preprocessing and patch grid of a trained ViT classifier; one-line error otherwise."""
+def _check_model(config: ScoreConfig) -> tuple[list[str], Any, tuple[int, int], str | bytes]:
+    """Labels, preprocessing, patch grid and what the actors load; one-line errors otherwise.
+
+    The actors load a trained model from its URI (`--engine torch`), or the bytes of its ONNX
+    export: made here, once per run, or read from an .onnx `--model`.
+    """
+    if config.engine == "onnx":
+        from vitray.export import onnx_model
+
+        return onnx_model(config.model, maps=config.attention != "none")
     from vitray.models import describe_trained
 
-    labels, prep, patch = describe_trained(model)
-    return labels, prep, (prep.size // patch, prep.size // patch)
+    labels, prep, patch = describe_trained(config.model)
+    return labels, prep, (prep.size // patch, prep.size // patch), config.model
 
 
 def _check_gpus(config: ScoreConfig) -> None:
@@ -174,7 +192,7 @@ def score(config: ScoreConfig, progress: Callable[[dict[str, int]], None] | None
     """
     wall_start = time.perf_counter()
     config.check()
-    labels, prep, grid = _check_model(config.model)
+    labels, prep, grid, model = _check_model(config)
     source = _check_input(config)
     _check_gpus(config)
     _check_cluster(config)
@@ -195,8 +213,8 @@ def score(config: ScoreConfig, progress: Callable[[dict[str, int]], None] | None
         totals = _Totals()
         try:
             skipped, scoring_s = _score_remaining(config, source, PiecePlan(
-                out, run_id, manifest["model"], tuple(labels), grid, _ids_base(config.input)), prep, totals,
-                lease, progress)
+                out, run_id, manifest["model"], tuple(labels), grid, _ids_base(config.input)), model, prep,
+                totals, lease, progress)
         except BaseException as exc:
             failure = _failure(exc, out, totals)
             manifest.update(status="interrupted" if failure.exit_code == 130 else "failed", finished=_now(),
@@ -209,8 +227,8 @@ def score(config: ScoreConfig, progress: Callable[[dict[str, int]], None] | None
     return _finish(config, manifest, source, totals, skipped, scoring_s, time.perf_counter() - wall_start)
 
 
-def _score_remaining(config: ScoreConfig, source: Any, plan: PiecePlan, prep: Any, totals: _Totals, lease: Lease,
-                     progress: Callable[[dict[str, int]], None] | None) -> tuple[int, float]:
+def _score_remaining(config: ScoreConfig, source: Any, plan: PiecePlan, model: str | bytes, prep: Any, totals: _Totals,
+                     lease: Lease, progress: Callable[[dict[str, int]], None] | None) -> tuple[int, float]:
     """Score the ids not yet committed: (how many were committed before, seconds the scoring took)."""
     record_bad_names(plan.output, plan.run_id, source)
     done = committed_ids(plan.output)
@@ -221,7 +239,7 @@ def _score_remaining(config: ScoreConfig, source: Any, plan: PiecePlan, prep: An
     if not remaining:
         return skipped, 0.0
     started = time.perf_counter()
-    _run(config, source, remaining, prep, plan, totals, lease, progress, skipped)
+    _run(config, source, remaining, model, prep, plan, totals, lease, progress, skipped)
     return skipped, time.perf_counter() - started
 
 
@@ -270,14 +288,14 @@ def _ids_base(input_uri: str) -> str:
     return posixpath.dirname(root) if storage.info(root).type == pafs.FileType.File else root
 
 
-def _run(config: ScoreConfig, source: Any, remaining: list[str], prep: Any, plan: PiecePlan, totals: _Totals,
-         lease: Lease, progress: Callable[[dict[str, int]], None] | None, skipped: int) -> None:
+def _run(config: ScoreConfig, source: Any, remaining: list[str], model: str | bytes, prep: Any, plan: PiecePlan,
+         totals: _Totals, lease: Lease, progress: Callable[[dict[str, int]], None] | None, skipped: int) -> None:
     from vitray.runtime import RayOptions, init_ray
 
     init_ray(RayOptions(address=config.ray_address, quiet=not config.verbose, dashboard=False))
     if progress:  # the clock starts now: Ray's start-up and the model's load count in the rate
         progress({"scored": 0, "errors": 0, "total": len(remaining), "skipped": skipped})
-    for batch in _pipeline(config, source, remaining, prep, plan).iter_batches(batch_size=None,
+    for batch in _pipeline(config, source, remaining, model, prep, plan).iter_batches(batch_size=None,
                                                                               batch_format="numpy"):
         for row in range(len(batch["piece"])):
             totals.add({k: v[row] for k, v in batch.items()})
@@ -299,14 +317,15 @@ def _failure(exc: BaseException, out: str, totals: _Totals) -> VitrayError:
     return VitrayError(f"{describe(exc, out)}; {kept}; rerun the same command to score the rest", exit_code=1)
 
 
-def _pipeline(config: ScoreConfig, source: Any, remaining: list[str], prep: Any, plan: PiecePlan) -> Any:
+def _pipeline(config: ScoreConfig, source: Any, remaining: list[str], model: str | bytes, prep: Any,
+              plan: PiecePlan) -> Any:
     """read → decode/resize (tasks) → model (actor pool) → commit pieces (tasks) → one row per piece."""
     from vitray.data.readers import read_encoded
     from vitray.inference import PredictOptions, predict
 
     options = PredictOptions(attention=config.attention, method=config.method, head_fusion=config.head_fusion,
                              discard_ratio=config.discard_ratio)
-    return (predict(read_encoded(source, ids=remaining), config.model, prep, options, config.batch_size,
+    return (predict(read_encoded(source, ids=remaining), model, prep, options, config.batch_size,
                     config.workers, config.gpus_per_worker)
             .map_batches(write_piece, fn_kwargs={"plan": plan}, batch_size=config.piece_rows,
                          batch_format="numpy"))
