@@ -188,7 +188,8 @@ def save_figure(fig: Any, uri: str, dpi: int = 120) -> None:
 
 
 def evaluate(model_uri: str, data_uri: str, out_uri: str, fmt: str | None = None, batch_size: int = 256,
-             workers: int = 1, gpus_per_worker: float = 0.0, ray_address: str | None = None) -> dict:
+             workers: int = 1, gpus_per_worker: float = 0.0, ray_address: str | None = None,
+             mlflow: str | None = None, mlflow_experiment: str | None = None) -> dict:
     """Metrics of a trained model on labelled data: OUT/evaluation.json and OUT/confusion_matrix.png.
 
     When the data has boxes (FRAMEimages `response`), the default attention maps of
@@ -235,7 +236,23 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, fmt: str | None = None
         }
     storage.write_json(storage.join(out_uri, "evaluation.json"), metrics)
     plot_confusion(metrics, storage.join(out_uri, "confusion_matrix.png"), title=f"{data_uri}")
+    _track(metrics, mlflow, mlflow_experiment, {"model": model_uri, "data": data_uri, "out": out_uri,
+                                                "batch_size": batch_size, "workers": workers})
     return metrics
+
+
+def _track(metrics: dict, uri: str | None, experiment: str | None, params: dict) -> None:
+    """An evaluation as one MLflow run: its arguments, metrics and outputs."""
+    from vitray import tracking
+
+    tracked = tracking.start(tracking.resolve(uri, experiment), name=f"evaluate {params['data']}", params=params)
+    loc = metrics.get("localization") or {}
+    tracking.log_metrics(tracked, {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+                                   "skipped": metrics["skipped"],
+                                   **{f"recall_{k}": v["recall"] for k, v in metrics["per_class"].items()},
+                                   **{k: v for k, v in loc.items() if k in ("pointing_game", "energy_in_box")}})
+    tracking.log_outputs(tracked, [storage.join(params["out"], n) for n in ("evaluation.json", "confusion_matrix.png")])
+    tracking.end(tracked)
 
 
 def _localisation(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 CACHE_BYTES = 2 * 1024**3
 CLASS_WEIGHTS = ("auto", "loss", "none")
 RUN_NAME = "train"
+OUTPUT_FILES = ("metrics.json", "history.csv", "args.json", "curves.png", "confusion_matrix.png")
 # A Train run leaves a CPU for Ray Data's tasks (balancing, augmentation) beside its workers:
 # workers holding every CPU starve them and the run waits for ever.
 DATA_CPUS = 1.0
@@ -61,6 +62,8 @@ class TrainConfig:
     seed: int = 0
     ray_address: str | None = None
     shared_fs: bool = False  # a local --out that every node of a multi-node cluster mounts
+    mlflow: str | None = None  # MLflow tracking URI (else $MLFLOW_TRACKING_URI; neither: untracked)
+    mlflow_experiment: str | None = None  # default "vitray"
 
     def check(self) -> None:
         """Refuse bad values before any work starts."""
@@ -121,19 +124,44 @@ def train(config: TrainConfig) -> TrainResult:
     Re-running with the same `out` after a crash or Ctrl-C resumes from the newest complete
     checkpoint; Ctrl-C raises a VitrayError with exit code 130 that says after which epoch.
     """
+    from vitray import tracking
+
     config.check()
     storage.check_output(config.out, "--out")
     run = storage.join(config.out, RUN_NAME)
+    tracked = None
     try:
         check_resume(run)
         data = load_training_data(config)
+        tracked = tracking.start(tracking.resolve(config.mlflow, config.mlflow_experiment),
+                                 name=f"train {config.out}", params={**asdict(config), "lr": config.resolved_lr()})
         with TrainingProgress(config.epochs) as progress:
-            result = fit(make_trainer(config, data, progress=progress.queue))
+            result = fit(make_trainer(config, data, progress=progress.queue, tracked=tracked))
         done = finish(config, result, data)
     except KeyboardInterrupt:
+        tracking.end(tracked, "KILLED")
         raise interrupted(run) from None
+    except BaseException:
+        tracking.end(tracked, "FAILED")
+        raise
     prune_checkpoints(result, run)
+    track_outputs(tracked, done)
     return done
+
+
+def track_outputs(tracked: Any, result: TrainResult) -> None:
+    """The final metrics, the run's files and its model as the tracked run's artifacts; then close it."""
+    from vitray import tracking
+
+    metrics = result.metrics
+    tracking.log_metrics(tracked, {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+                                   "best_epoch": result.best_epoch,
+                                   **{f"recall_{k}": v["recall"] for k, v in metrics["per_class"].items()}})
+    tracking.log_outputs(tracked, [storage.join(result.out, name) for name in OUTPUT_FILES])
+    model = storage.resolve(storage.join(result.out, "model"))
+    files = [model.child(storage.relative(model, f.path)).uri for f in storage.list_files(model.uri)]
+    tracking.log_outputs(tracked, files, folder="model")
+    tracking.end(tracked)
 
 
 class TrainingProgress:
@@ -294,10 +322,12 @@ def image_dataset(source: Any, ids: list[str], size: int, channels: int, shuffle
     return ds if shuffle_seed is None else ds.randomize_block_order(seed=shuffle_seed)
 
 
-def make_trainer(config: TrainConfig, data: TrainingData, callbacks: Sequence[Any] = (), progress: Any = None) -> Any:
+def make_trainer(config: TrainConfig, data: TrainingData, callbacks: Sequence[Any] = (), progress: Any = None,
+                 tracked: Any = None) -> Any:
     """The TorchTrainer of a run, storing under `config.out` (the same out resumes).
 
-    `progress`: the queue of a `vitray.progress.Channel` that rank 0 reports its progress to.
+    `progress`: the queue of a `vitray.progress.Channel` that rank 0 reports its progress to;
+    `tracked`: the MLflow run (`vitray.tracking.Tracking`) rank 0 logs each epoch to.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -311,7 +341,7 @@ def make_trainer(config: TrainConfig, data: TrainingData, callbacks: Sequence[An
         resources["GPU"] = config.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**loop_config(config, data), "progress": progress},
+        train_loop_config={**loop_config(config, data), "progress": progress, "tracking": tracked},
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(

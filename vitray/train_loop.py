@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from vitray import storage
+from vitray import storage, tracking
 from vitray.checkpoints import STATE_FILE, complete_checkpoints, load_state, save_state, write_history
 from vitray.data import batches as windows
 from vitray.progress import send
@@ -193,6 +193,8 @@ def _report(cfg: dict[str, Any], state: _Run, row: dict[str, Any], val: dict[str
     epoch = row["epoch"]
     send(cfg.get("progress"), {"kind": "epoch", "row": row, "epochs": cfg["run"]["epochs"],
                                "recall": metrics["recall"]})
+    tracking.log_metrics(cfg.get("tracking"), {**row, **{f"val_recall_{k}": v for k, v in metrics["recall"].items()}},
+                         step=epoch)
     with tempfile.TemporaryDirectory() as d:
         inner = state.model.module if hasattr(state.model, "module") else state.model
         save_state(d, {"model": inner.state_dict(), "optimizer": state.optimizer.state_dict(),

@@ -34,9 +34,16 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "sampling); loss weights the loss by inverse class frequency (default auto)")
     p.add_argument("--augment", choices=("auto", "none"), help="label-aware flips, shifts, lighting (default auto)")
     p.add_argument("--seed", type=int, help=f"(default {d('seed')})")
+    tracking_options(p)
     ray_options(p)
     # A config may also set the recipe's fields that have no flag (weight_decay, label_smoothing, ...).
     p.set_defaults(config_extra=[f.name for f in fields(TrainConfig)])
+
+
+def tracking_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mlflow", metavar="URI", help="track the run in MLflow at URI (default: $MLFLOW_TRACKING_URI; "
+                                                   "neither: not tracked)")
+    p.add_argument("--mlflow-experiment", metavar="NAME", help="the MLflow experiment (default vitray)")
 
 
 def train_config(args: argparse.Namespace) -> Any:
@@ -91,6 +98,7 @@ def add_evaluate(sub: Any) -> None:
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per model call (default 256)")
     p.add_argument("--workers", type=positive_int, default=1, help="inference actors (default 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per inference actor (default 0: CPU)")
+    tracking_options(p)
     ray_options(p)
     p.set_defaults(func=run_evaluate)
 
@@ -100,7 +108,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from vitray.evaluate import evaluate, format_report
 
     metrics = evaluate(args.model, args.data, args.out, fmt=args.format, batch_size=args.batch_size,
-                       workers=args.workers, gpus_per_worker=args.gpus_per_worker, ray_address=args.ray_address)
+                       workers=args.workers, gpus_per_worker=args.gpus_per_worker, ray_address=args.ray_address,
+                       mlflow=args.mlflow, mlflow_experiment=args.mlflow_experiment)
     print(format_report(metrics))
     print(summary(f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}",
                    {"evaluation": storage.join(args.out, "evaluation.json"),

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from vitray import storage
+from vitray import storage, tracking
 from vitray.errors import VitrayError
 from vitray.train import TrainConfig, TrainingData, TrainResult
 from vitray.tune.results import TrialSummary, export_best, fmt, plot_search, summarize, write_trials_csv
@@ -68,8 +68,11 @@ def _search(config: SearchConfig) -> SearchResult:
     experiment = out.child(EXPERIMENT)
     resumed = _check_resume(config, experiment)
     data = load_training_data(config.base, workers_flag="--workers-per-trial", trial_cpus=TRIAL_CPU)
+    # One MLflow run for the search; each trial opens a child run under it.
+    search_run = tracking.start(tracking.resolve(config.base.mlflow, config.base.mlflow_experiment),
+                                name=f"search {config.base.out}", params=_flat(config.record()))
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(run_trial, base=config.base, data=data), {"cpu": TRIAL_CPU})
+        ray.tune.with_parameters(run_trial, base=config.base, data=data, search_run=search_run), {"cpu": TRIAL_CPU})
     if resumed:
         log.info(f"resuming the search in {experiment.uri}")
         tuner = Tuner.restore(experiment.path, trainable=trainable, resume_errored=True,
@@ -107,7 +110,16 @@ def _search(config: SearchConfig) -> SearchResult:
         raise VitrayError(f"no trial finished an epoch ({errors or 'no errors recorded'})", exit_code=1)
     best = ranked[0]
     model = export_best(config, best, data)
+    tracking.log_metrics(search_run, {f"best_{config.metric}": best.best, "trials": len(trials)})
+    tracking.log_outputs(search_run, [storage.join(out.uri, n) for n in ("trials.csv", "tune.png")])
+    tracking.end(search_run)
     return SearchResult(out.uri, config.metric, trials, best, model, resumed)
+
+
+def _flat(record: dict[str, Any]) -> dict[str, Any]:
+    """A search's record as MLflow params: the base options, then each space as space_<name>."""
+    return {**record["base"], **{f"space_{k}": v for k, v in record["space"].items()},
+            **{k: v for k, v in record.items() if k not in ("base", "space")}}
 
 
 def _check_resume(config: SearchConfig, experiment: storage.Location) -> bool:
@@ -163,8 +175,11 @@ def trial_dirname(trial: Any) -> str:
     return trial.trial_id
 
 
-def run_trial(params: dict[str, Any], base: TrainConfig, data: TrainingData) -> None:
-    """The Tune trainable: one Ray Train run whose every epoch report reaches Tune (and ASHA)."""
+def run_trial(params: dict[str, Any], base: TrainConfig, data: TrainingData, search_run: Any = None) -> None:
+    """The Tune trainable: one Ray Train run whose every epoch report reaches Tune (and ASHA).
+
+    Tracked as a child of `search_run` (its MLflow run), when the search is tracked.
+    """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -180,7 +195,15 @@ def run_trial(params: dict[str, Any], base: TrainConfig, data: TrainingData) -> 
         ray.tune.report(last)
         return
     check_resume(run)
-    prune_checkpoints(fit(make_trainer(config, data, callbacks=[TuneReportCallback()])), run)
+    trial_id = ray.tune.get_context().get_trial_id()
+    tracked = tracking.start(search_run, name=f"trial {trial_id}", params=params, parent=search_run)
+    try:
+        prune_checkpoints(fit(make_trainer(config, data, callbacks=[TuneReportCallback()], tracked=tracked)), run)
+    except BaseException:
+        tracking.end(tracked, "FAILED")
+        raise
+    tracking.log_outputs(tracked, [storage.join(config.out, "history.csv")])
+    tracking.end(tracked)
 
 
 def _last_report(config: TrainConfig) -> dict[str, Any] | None:

@@ -144,7 +144,8 @@ class SearchConfig:
 
     def record(self) -> dict[str, Any]:
         """What makes a search this search: a re-run with another record must not resume it."""
-        base = {k: v for k, v in asdict(self.base).items() if k not in ("out", "ray_address", "shared_fs")}
+        base = {k: v for k, v in asdict(self.base).items()
+                if k not in ("out", "ray_address", "shared_fs", "mlflow", "mlflow_experiment")}
         return {"base": base, "space": {k: str(s) for k, s in self.spaces().items()},
                 "samples": self.samples, "scheduler": self.scheduler, "metric": self.metric}
 
