@@ -79,7 +79,7 @@ def test_schedule_warms_up_then_decays_to_zero():
 def test_training_rows_come_in_a_mixed_order(ray_session, inspection):
     """An image folder lists its images class by class; training must not see them that way."""
     from vitray.data.sources import inspect_source
-    from vitray.train import image_dataset
+    from vitray.train_data import image_dataset
 
     source = inspect_source(inspection, None)
     rows = image_dataset(source, source.ids, 32, 3, shuffle_seed=0).take_all()

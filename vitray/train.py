@@ -1,15 +1,15 @@
 """Data-parallel ViT training on Ray Train (Train V2), with validation, checkpoints and export.
 
-`train(TrainConfig(...))` reads the data with Ray Data (decode, resize and
-augmentation stream in Ray tasks), runs `train_loop_per_worker` on N workers,
-keeps the best checkpoint by validation macro-F1 and exports it as a plain
+`train(TrainConfig(...))` reads the data with Ray Data (`vitray.train_data`: decode and
+resize stream in Ray tasks), runs `train_loop_per_worker` (`vitray.train_loop`) on N
+workers, keeps the best checkpoint by validation macro-F1 and exports it as a plain
 transformers model with its metrics, history and plots beside it.
 """
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -18,80 +18,16 @@ from vitray import storage
 from vitray.checkpoints import (STATE_FILE, check_resume, complete_checkpoints, load_state, prune_checkpoints,
                                 write_history)
 from vitray.data.preprocess import AugmentConfig
-from vitray.data.sampling import balanced_rates, class_weights, stratified_split
+from vitray.data.sampling import balanced_rates, class_weights
 from vitray.errors import VitrayError
+from vitray.train_config import TrainConfig
+from vitray.train_data import TrainingData, data_config, load_training_data
 
 log = logging.getLogger(__name__)
 
-# Data sets up to this size (resized uint8) are decoded once and kept in Ray's
-# object store; larger ones stream from storage every epoch.
-CACHE_BYTES = 2 * 1024**3
-CLASS_WEIGHTS = ("auto", "loss", "none")
 RUN_NAME = "train"
 OUTPUT_FILES = ("metrics.json", "history.csv", "args.json", "curves.png", "confusion_matrix.png")
-# A Train run leaves a CPU for Ray Data's tasks (balancing, augmentation) beside its workers:
-# workers holding every CPU starve them and the run waits for ever.
-DATA_CPUS = 1.0
 ABORT_S = 30.0  # how long Ctrl-C waits for Ray Train to stop the workers
-
-
-@dataclass
-class TrainConfig:
-    """Every option of a training run, with its one default."""
-
-    data: str
-    out: str
-    val: str | None = None
-    val_fraction: float = 0.1
-    format: str | None = None
-    model: str | None = None  # preset, folder, s3:// prefix or hub id; None: a preset sized for the data
-    image_size: int | None = None
-    epochs: int = 30
-    lr: float | None = None  # None: 1e-3 from scratch / head / LoRA, 1e-4 for full fine-tuning
-    batch_size: int = 32  # per worker; 32 beat 64 on both digits and inspection images (see README)
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    finetune: str = "full"
-    class_weights: str = "auto"  # auto: class-balanced sampling; loss: inverse-frequency loss weights; none
-    augment: str = "auto"  # auto: label-aware flips where safe, shifts, lighting; none
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.1
-    label_smoothing: float = 0.1
-    grad_clip: float = 1.0
-    max_failures: int = 3
-    seed: int = 0
-    ray_address: str | None = None
-    shared_fs: bool = False  # a local --out that every node of a multi-node cluster mounts
-    mlflow: str | None = None  # MLflow tracking URI (else $MLFLOW_TRACKING_URI; neither: untracked)
-    mlflow_experiment: str | None = None  # default "vitray"
-
-    def check(self) -> None:
-        """Refuse bad values before any work starts."""
-        from vitray.models import parse_finetune
-
-        if self.epochs < 1 or self.batch_size < 1 or self.workers < 1:
-            raise VitrayError("--epochs, --batch-size and --workers must be at least 1")
-        if not 0.0 < self.val_fraction < 1.0 and self.val is None:
-            raise VitrayError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
-        if self.gpus_per_worker < 0:
-            raise VitrayError("--gpus-per-worker cannot be negative")
-        if self.lr is not None and not 0 < self.lr < 1:
-            raise VitrayError(f"--lr must be between 0 and 1, got {self.lr}")
-        if self.class_weights not in CLASS_WEIGHTS:
-            raise VitrayError(f"--class-weights must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weights}")
-        if self.augment not in ("auto", "none"):
-            raise VitrayError(f"--augment must be auto or none, got {self.augment}")
-        if self.image_size is not None and self.image_size < 4:
-            raise VitrayError(f"--image-size must be at least 4, got {self.image_size}")
-        parse_finetune(self.finetune)
-
-    def resolved_lr(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        from vitray.models import PRESETS
-
-        pretrained = self.model is not None and self.model not in PRESETS
-        return 1e-4 if pretrained and self.finetune == "full" else 1e-3
 
 
 @dataclass
@@ -103,19 +39,6 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------- driver
-
-
-@dataclass
-class TrainingData:
-    """What every run over the same data shares: classes, preprocessing and the Ray Datasets."""
-
-    labels: list[str]
-    prep: Any  # vitray.models.Preprocessing
-    params: dict[str, Any]
-    train_ds: Any
-    val_ds: Any
-    class_counts: list[int]
-    n_train: int
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -221,51 +144,6 @@ def interrupted(run_uri: str) -> VitrayError:
     return VitrayError(f"interrupted after epoch {saved[0][0]}; the same command resumes", exit_code=130)
 
 
-def load_training_data(config: TrainConfig, workers_flag: str = "--workers", trial_cpus: float = 0.0) -> TrainingData:
-    """Check the options, the output, the data and the cluster, then build the (cached or streaming) Ray Datasets.
-
-    `trial_cpus`: what a Tune trial's own actor holds beside its Train run (tune passes it).
-    """
-    from vitray import cluster
-    from vitray.data.sources import inspect_source
-    from vitray.models import input_size_for, params_for, preprocessing_for
-    from vitray.runtime import RayOptions, init_ray
-
-    config.check()
-    storage.check_output(config.out, "--out")
-    storage.require(config.data, "training data")
-    source = inspect_source(config.data, config.format)
-    if not source.labelled:
-        raise VitrayError(f"{config.data}: training needs labelled data (no labels found)")
-    if len(source.labels) < 2:
-        raise VitrayError(f"{config.data}: training needs at least 2 classes, found {source.labels}")
-    labels = source.labels
-    if config.val:
-        val_source = inspect_source(config.val, config.format, labels=labels)
-        train_ids, val_ids = source.ids, val_source.ids
-        counts = np.bincount(source.row_labels, minlength=len(labels))
-    else:
-        val_source = source
-        train_ids, val_ids = stratified_split(source.ids, source.row_labels, config.val_fraction, config.seed)
-        counts = np.bincount(source.row_labels[np.isin(source.ids, train_ids)], minlength=len(labels))
-    channels, native_size = peek_shape(source)
-    size = config.image_size or (None if config.model else input_size_for(native_size))
-    # From the configs alone: the driver (a cluster's head node) never holds the weights.
-    prep = preprocessing_for(config.model, size, channels)
-    params = params_for(config.model, config.finetune, n_labels=len(labels), image_size=size, channels=channels)
-    log.info("model: %s parameters, %s trainable", params["total"], params["trainable"])
-
-    init_ray(RayOptions(address=config.ray_address))
-    cluster.check_shared_output(config.out, config.shared_fs, "--out")
-    cluster.check_fits(config.workers, 1.0, config.gpus_per_worker, workers_flag, extra_cpus=DATA_CPUS + trial_cpus,
-                       extra_for="the trial and Ray Data" if trial_cpus else "Ray Data")
-    log.info("reading %s training and %s validation images from %s", f"{len(train_ids):,}", f"{len(val_ids):,}",
-             config.data if not config.val else f"{config.data} and {config.val}")
-    train_ds = image_dataset(source, train_ids, prep.size, prep.channels, shuffle_seed=config.seed)
-    val_ds = image_dataset(val_source, val_ids, prep.size, prep.channels)
-    return TrainingData(labels, prep, params, train_ds, val_ds, counts.tolist(), len(train_ids))
-
-
 def loop_config(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
     """What `train_loop_per_worker` needs, all plain data."""
     prep = data.prep
@@ -287,39 +165,6 @@ def loop_config(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
     }
 
 
-
-
-def peek_shape(source: Any) -> tuple[int, int]:
-    """Channels (1 or 3) and side of the data's first decodable image."""
-    from vitray.data.readers import first_image
-
-    image = first_image(source)
-    return int(image.shape[2]), int(max(image.shape[:2]))
-
-
-def image_dataset(source: Any, ids: list[str], size: int, channels: int, shuffle_seed: int | None = None) -> Any:
-    """Decoded, resized uint8 images as a Ray Dataset; cached in memory when small.
-
-    With `shuffle_seed` (training data) the rows are put in a seeded random order first:
-    sources list their images class by class (an image folder's sub-folders, a table
-    sorted by label), and the per-epoch local shuffle buffer would otherwise feed the
-    model one class after another, with the rare class in a burst at the end of each
-    epoch. A cached set is shuffled row by row once; a streaming one reads its files in
-    a shuffled order and its blocks in a seeded shuffled order.
-    """
-    from vitray.data.preprocess import resize_batch
-    from vitray.data.readers import read_images
-
-    if shuffle_seed is not None:
-        ids = [ids[i] for i in np.random.default_rng(shuffle_seed).permutation(len(ids))]
-    ds = read_images(source, ids).map_batches(
-        resize_batch, fn_kwargs={"size": size, "channels": channels}, batch_format="numpy", batch_size=128)
-    ds = ds.select_columns(["image", "label"])
-    if len(ids) * size * size * channels <= CACHE_BYTES:
-        if shuffle_seed is not None:
-            ds = ds.random_shuffle(seed=shuffle_seed)
-        return ds.materialize()
-    return ds if shuffle_seed is None else ds.randomize_block_order(seed=shuffle_seed)
 
 
 def make_trainer(config: TrainConfig, data: TrainingData, callbacks: Sequence[Any] = (), progress: Any = None,
@@ -356,33 +201,6 @@ def make_trainer(config: TrainConfig, data: TrainingData, callbacks: Sequence[An
         datasets={"train": data.train_ds, "val": data.val_ds},
         dataset_config=data_config(),
     )
-
-
-def data_config() -> Any:
-    """Ray Train's DataConfig: training rows in the same order run after run, validation split whole.
-
-    Ray Train splits a dataset into equal shards, dropping the rows that do not divide;
-    the validation set is split here without dropping any, so that each worker scores its
-    share and the summed counts cover every validation image once.
-    """
-    import ray.train
-    from ray.data import ExecutionOptions
-
-    class ValidationSplit(ray.train.DataConfig):
-        # Train V2 configures one dataset at a time, as each is first asked for.
-        def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any, worker_node_ids: Any,
-                      **kwargs: Any) -> list[dict[str, Any]]:
-            shards = super().configure({k: v for k, v in datasets.items() if k != "val"}, world_size,
-                                       worker_handles, worker_node_ids, **kwargs)
-            if "val" in datasets:
-                val = datasets["val"].copy(datasets["val"])
-                val.context.execution_options = self._resolve_execution_options("val")
-                for shard, split in zip(shards, val.streaming_split(world_size, equal=False)):
-                    shard["val"] = split
-            return shards
-
-    # preserve_order: the seeded draws of each training window (vitray.data.batches) see the same rows.
-    return ValidationSplit(datasets_to_split=["train", "val"], execution_options=ExecutionOptions(preserve_order=True))
 
 
 def fit(trainer: Any) -> Any:
@@ -469,5 +287,3 @@ def finish(config: TrainConfig, result: Any, data: TrainingData) -> TrainResult:
 
 
 
-def config_fields() -> list[str]:
-    return [f.name for f in fields(TrainConfig)]

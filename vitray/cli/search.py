@@ -41,7 +41,7 @@ def add_tune(sub: Any) -> None:
 
 
 def tune_config(args: argparse.Namespace) -> Any:
-    from vitray.train import TrainConfig, config_fields
+    from vitray.train_config import TrainConfig, config_fields
     from vitray.tune import SEARCHABLE, SearchConfig
 
     values = given(args, [*config_fields(), *TUNE_OPTIONS, "workers_per_trial"])

@@ -11,7 +11,7 @@ from vitray.errors import VitrayError
 def add_train_options(p: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
-    from vitray.train import TrainConfig
+    from vitray.train_config import TrainConfig
 
     d = lambda name: option_default(TrainConfig, name)  # noqa: E731
     p.add_argument("--data", help="training data: image folder, parquet, digit CSV (local, file:// or s3://)")
@@ -47,7 +47,7 @@ def tracking_options(p: argparse.ArgumentParser) -> None:
 
 
 def train_config(args: argparse.Namespace) -> Any:
-    from vitray.train import TrainConfig, config_fields
+    from vitray.train_config import TrainConfig, config_fields
 
     values = given(args, config_fields())
     for required in ("data", "out"):

@@ -11,7 +11,9 @@ from typing import Any, Sequence
 
 from vitray import storage
 from vitray.errors import VitrayError
-from vitray.train import TrainConfig, TrainingData, TrainResult
+from vitray.train import TrainResult
+from vitray.train_config import TrainConfig
+from vitray.train_data import TrainingData
 from vitray.tune.space import SEARCHABLE, SearchConfig, trial_config
 
 log = logging.getLogger(__name__)

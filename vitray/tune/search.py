@@ -11,7 +11,9 @@ from typing import Any, Sequence
 
 from vitray import storage, tracking
 from vitray.errors import VitrayError
-from vitray.train import TrainConfig, TrainingData, TrainResult
+from vitray.train import TrainResult
+from vitray.train_config import TrainConfig
+from vitray.train_data import TrainingData
 from vitray.tune.results import TrialSummary, export_best, fmt, plot_search, summarize, write_trials_csv
 from vitray.tune.space import METRICS, SearchConfig, Space, trial_config
 
@@ -59,7 +61,7 @@ def _search(config: SearchConfig) -> SearchResult:
     from ray.tune import Tuner
     from ray.tune.search import BasicVariantGenerator
 
-    from vitray.train import load_training_data
+    from vitray.train_data import load_training_data
 
     # Tune's TensorBoard logger warns once about the labels list in the metrics; the numbers still reach it.
     logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.ERROR)
