@@ -14,7 +14,7 @@ import io
 import logging
 import os
 import re
-from typing import Any
+from typing import Any, Sequence
 
 from vitray import storage
 from vitray.errors import VitrayError
@@ -133,9 +133,9 @@ def prune_checkpoints(result: Any, run_uri: str) -> None:
                 log.warning("could not delete the stale checkpoint %s: %s", name, exc)
 
 
-def write_history(uri: str, history: list[dict[str, Any]]) -> None:
+def write_history(uri: str, history: list[dict[str, Any]], columns: Sequence[str] = HISTORY_COLUMNS) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
     writer.writeheader()
     for row in history:
         writer.writerow(row)
