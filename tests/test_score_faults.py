@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -149,14 +151,21 @@ def test_ctrl_c_stops_scoring_with_130_and_the_rerun_finishes(ray_session, tiny_
     args = ["score", "--model", tiny_model, "--input", str(data), "--output", str(out), "--attention", "all",
             "--piece-rows", "4", "--batch-size", "4"]
 
-    proc = run_cli(*args)
+    # Ctrl-C once the driver's loop has counted committed images (its progress line says so), not
+    # merely once a piece is on disk: the loop is where a run is mid-way, whatever the machine's load.
+    proc = run_cli(*args, env={**os.environ, "VITRAY_PROGRESS_INTERVAL": "0.5"})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
     deadline = time.monotonic() + 180
-    while not list((out / "predictions").glob("part-*.parquet")):
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline, "no piece committed in time"
+    while not any(re.match(r"scoring: [1-9]", line) for line in list(lines)):
+        assert proc.poll() is None, "".join(lines)
+        assert time.monotonic() < deadline, "no image committed in time"
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    code, stderr = proc.wait(timeout=60), proc.stderr.read()
+    code = proc.wait(timeout=60)
+    reader.join(timeout=10)
+    stderr = "".join(lines)
 
     assert code == 130, stderr
     lines = errors_of(stderr)
