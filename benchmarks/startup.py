@@ -1,0 +1,121 @@
+"""Start-up of a small scoring run: `vitray score` against a plain single-process script, side by side.
+
+    python benchmarks/startup.py [--images 2000] [--rounds 2] [--out startup.json]
+
+Writes N PNGs (64 px) and a default-preset model, then alternates, `--rounds` times:
+- `vitray score --attention none` as a user runs it (a fresh process and an embedded Ray),
+  with a timeline: the first line it prints, the first committed piece, the last, the exit;
+- a plain script: import torch and transformers, load the model, decode with PIL, forward in
+  batches of 64, write one parquet file.
+Prints the medians and the ratio of the two wall times.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+PLAIN = r'''
+import sys, os, time
+import numpy as np, torch, pyarrow as pa, pyarrow.parquet as pq
+from PIL import Image
+from transformers import ViTForImageClassification
+model = ViTForImageClassification.from_pretrained(sys.argv[1]).eval()
+names = sorted(os.listdir(sys.argv[2]))
+rows = []
+with torch.inference_mode():
+    for start in range(0, len(names), 64):
+        part = names[start:start + 64]
+        x = np.stack([np.asarray(Image.open(os.path.join(sys.argv[2], n)).convert("RGB")) for n in part])
+        x = (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+        probs = model(pixel_values=x).logits.softmax(-1)
+        rows += [(n, int(p.argmax()), float(p.max())) for n, p in zip(part, probs)]
+pq.write_table(pa.table({"id": [r[0] for r in rows], "pred": [r[1] for r in rows], "score": [r[2] for r in rows]}),
+               sys.argv[3])
+'''
+
+
+def make_inputs(root: str, n: int) -> tuple[str, str]:
+    from PIL import Image
+
+    from vitray.models import build_model, export_model
+
+    images = os.path.join(root, "images")
+    os.makedirs(images)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(os.path.join(images, f"{i:05d}.png"))
+    model, prep = build_model(None, ["passed", "Xplus", "Xminus", "Yplus", "Yminus"], 64)
+    export_model(model, prep, os.path.join(root, "model"))
+    return images, os.path.join(root, "model")
+
+
+def vitray_run(images: str, model: str, out: str) -> dict[str, float]:
+    """Seconds from the command to: its first output line, the first and last committed piece, its exit."""
+    vitray = os.path.join(os.path.dirname(sys.executable), "vitray")
+    events: dict[str, float] = {}
+    start = time.perf_counter()
+    proc = subprocess.Popen([vitray, "score", "--model", model, "--input", images, "--output", out,
+                             "--attention", "none"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = threading.Event()
+
+    def watch() -> None:
+        predictions = os.path.join(out, "predictions")
+        while not done.is_set():
+            if os.path.isdir(predictions) and any(n.endswith(".parquet") for n in os.listdir(predictions)):
+                events.setdefault("first_piece_s", time.perf_counter() - start)
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    for line in proc.stdout:
+        events.setdefault("first_line_s", time.perf_counter() - start)
+    proc.wait()
+    events["exit_s"] = time.perf_counter() - start
+    done.set()
+    if proc.returncode != 0:
+        raise RuntimeError(f"vitray score exited with {proc.returncode}")
+    manifest = max((os.path.join(out, "runs", n) for n in os.listdir(os.path.join(out, "runs"))), key=os.path.getmtime)
+    events["scoring_s"] = json.load(open(manifest))["scoring_s"]
+    return events
+
+
+def plain_run(images: str, model: str, out: str) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", PLAIN, model, images, out], check=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as root:
+        images, model = make_inputs(root, args.images)
+        runs, plain = [], []
+        for r in range(args.rounds):
+            runs.append(vitray_run(images, model, os.path.join(root, f"scores-{r}")))
+            plain.append(plain_run(images, model, os.path.join(root, f"plain-{r}.parquet")))
+            print(f"round {r + 1}: vitray {runs[-1]}, plain script {plain[-1]:.1f} s", flush=True)
+    median = {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
+    result = {"images": args.images, "vitray": median, "plain_s": round(statistics.median(plain), 2),
+              "ratio": round(median["exit_s"] / statistics.median(plain), 2)}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
