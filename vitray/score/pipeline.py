@@ -290,18 +290,23 @@ def _ids_base(input_uri: str) -> str:
 
 def _run(config: ScoreConfig, source: Any, remaining: list[str], model: str | bytes, prep: Any, plan: PiecePlan,
          totals: _Totals, lease: Lease, progress: Callable[[dict[str, int]], None] | None, skipped: int) -> None:
+    from vitray.interrupts import Interrupts
     from vitray.runtime import RayOptions, init_ray
 
     init_ray(RayOptions(address=config.ray_address, quiet=not config.verbose, dashboard=False))
     if progress:  # the clock starts now: Ray's start-up and the model's load count in the rate
         progress({"scored": 0, "errors": 0, "total": len(remaining), "skipped": skipped})
-    for batch in _pipeline(config, source, remaining, model, prep, plan).iter_batches(batch_size=None,
-                                                                              batch_format="numpy"):
-        for row in range(len(batch["piece"])):
-            totals.add({k: v[row] for k, v in batch.items()})
-        lease.check()  # taken over: stop taking new pieces (the pieces in flight are this run's own)
-        if progress:
-            progress({"scored": totals.scored, "errors": totals.errors, "total": len(remaining), "skipped": skipped})
+    batches = _pipeline(config, source, remaining, model, prep, plan).iter_batches(batch_size=None,
+                                                                                  batch_format="numpy")
+    with Interrupts() as ctrl_c:
+        for batch in batches:
+            for row in range(len(batch["piece"])):
+                totals.add({k: v[row] for k, v in batch.items()})
+            ctrl_c.check()  # a Ctrl-C that Ray's iterator took in stops the run here
+            lease.check()  # taken over: stop taking new pieces (the pieces in flight are this run's own)
+            if progress:
+                progress({"scored": totals.scored, "errors": totals.errors, "total": len(remaining),
+                          "skipped": skipped})
 
 
 def _failure(exc: BaseException, out: str, totals: _Totals) -> VitrayError:
