@@ -96,7 +96,8 @@ def _set_up(cfg: dict[str, Any]) -> _Run:
         # Logical CPUs are inflated on a small machine; share the real cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     model, _ = build_model(run["model"], cfg["labels"], cfg["image_size"], channels=cfg["channels"])
-    model = apply_finetune(model, run["finetune"])
+    # On the device before the optimizer exists, so that a restored optimizer state lands there too.
+    model = apply_finetune(model, run["finetune"]).to(device)
     steps_per_epoch = windows.steps_per_epoch(cfg["n_train"], world, run["batch_size"])
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": run["weight_decay"]},
