@@ -34,7 +34,7 @@ from vitray.cli.training import train_config
 REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "jobs"
 CONFIGS = sorted((JOBS / "configs").glob("*.yaml"))
-COMMANDS = ("train", "tune", "score", "evaluate")
+COMMANDS = ("pretrain", "train", "tune", "score", "evaluate")
 BIN = Path(sys.executable).parent  # the venv that runs the tests, vitray installed in it
 
 
@@ -109,6 +109,15 @@ def test_score_config_is_the_nightly_s3_scoring() -> None:
     assert set(values) == {"model", "input", "output", "attention", "batch_size", "workers", "gpus_per_worker"}
     assert values["attention"] == "defects"
     assert all(values[k].startswith("s3://") for k in ("model", "input", "output"))
+
+
+@pytest.mark.parametrize("path", configs_of("pretrain"), ids=lambda p: p.stem)
+def test_pretrain_configs_load_through_the_cli(path: Path) -> None:
+    from vitray.cli.pretraining import pretrain_config
+
+    config = pretrain_config(parse(["pretrain", "--config", str(path)]))
+    config.check()
+    assert config.data.startswith("s3://YOUR-BUCKET/") and config.out.startswith("s3://YOUR-BUCKET/")
 
 
 def test_evaluate_config_uses_the_held_out_split() -> None:

@@ -12,13 +12,14 @@ from vitray.cli.data import add_synth
 from vitray.cli.deploy import add_export
 from vitray.cli.logs import failed, output_of, setup_logging
 from vitray.cli.options import Parser
+from vitray.cli.pretraining import add_pretrain
 from vitray.cli.scoring import add_explain, add_score
 from vitray.cli.search import add_tune
 from vitray.cli.training import add_evaluate, add_params, add_train
 from vitray.errors import VitrayError
 
-COMMANDS: list[Callable[[Any], None]] = [add_synth, add_train, add_evaluate, add_params, add_tune,
-                                           add_score, add_explain, add_export]
+COMMANDS: list[Callable[[Any], None]] = [add_synth, add_pretrain, add_train, add_evaluate, add_params,
+                                           add_tune, add_score, add_explain, add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,8 @@ import argparse
 import sys
 from typing import Any, Sequence
 
+from vitray.errors import VitrayError
+
 
 class Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line and exit 2."""
@@ -47,8 +49,13 @@ def option_default(cls: Any, name: str) -> Any:
     raise KeyError(name)
 
 
-def given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+def given(args: argparse.Namespace, names: Sequence[str], required: Sequence[str] = ()) -> dict[str, Any]:
+    """The options among `names` that the command line or --config gave; each of `required` must be there."""
+    values = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    for name in required:
+        if not values.get(name):
+            raise VitrayError(f"--{name.replace('_', '-')} is required (on the command line or in --config)")
+    return values
 
 
 def summary(headline: str, outputs: dict[str, str], next_command: str) -> str:

@@ -6,7 +6,6 @@ from typing import Any
 
 from vitray.cli.options import given, option_default, positive_int, summary
 from vitray.cli.training import add_train_options
-from vitray.errors import VitrayError
 
 TUNE_OPTIONS = ("samples", "scheduler", "metric", "max_concurrent")  # SearchConfig's own options
 
@@ -44,10 +43,7 @@ def tune_config(args: argparse.Namespace) -> Any:
     from vitray.train_config import TrainConfig, config_fields
     from vitray.tune import SEARCHABLE, SearchConfig
 
-    values = given(args, [*config_fields(), *TUNE_OPTIONS, "workers_per_trial"])
-    for required in ("data", "out"):
-        if not values.get(required):
-            raise VitrayError(f"--{required} is required (on the command line or in --config)")
+    values = given(args, [*config_fields(), *TUNE_OPTIONS, "workers_per_trial"], required=("data", "out"))
     if "workers_per_trial" in values:
         values["workers"] = values.pop("workers_per_trial")
     space = {name: values.pop(name) for name in SEARCHABLE if name in values}

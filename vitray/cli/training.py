@@ -5,7 +5,6 @@ import argparse
 from typing import Any
 
 from vitray.cli.options import given, option_default, positive_int, ray_options, summary
-from vitray.errors import VitrayError
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
@@ -49,10 +48,7 @@ def tracking_options(p: argparse.ArgumentParser) -> None:
 def train_config(args: argparse.Namespace) -> Any:
     from vitray.train_config import TrainConfig, config_fields
 
-    values = given(args, config_fields())
-    for required in ("data", "out"):
-        if not values.get(required):
-            raise VitrayError(f"--{required} is required (on the command line or in --config)")
+    values = given(args, config_fields(), required=("data", "out"))
     return TrainConfig(**values)
 
 
