@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 
 RUN_NAME = "pretrain"
 OUTPUT_FILES = ("history.csv", "args.json", "curves.png", "reconstructions.png")
-MODEL_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 SHOWN = 6  # validation images in reconstructions.png
 # The encoder's part of a ViT config: what the MAE and the exported ViT share, key for key.
 ENCODER_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
@@ -133,7 +132,8 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
                               f"more to go on with it, or another --out")
         data = load_pretraining_data(config)
         tracked = tracking.start(tracking.resolve(config.mlflow, config.mlflow_experiment),
-                                 name=f"pretrain {config.out}", params=asdict(config))
+                                 name=f"pretrain {storage.resolve(config.out).uri}", params=asdict(config),
+                                 resume=done > 0)
         if done < config.epochs:
             with PretrainProgress(config.epochs) as progress:
                 prune_checkpoints(fit(make_pretrainer(config, data, progress.queue, tracked)), run)
@@ -148,7 +148,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     last = result.history[-1]
     tracking.log_metrics(tracked, {"loss": last["loss"], "val_loss": last["val_loss"]})
     tracking.log_outputs(tracked, [storage.join(config.out, name) for name in OUTPUT_FILES])
-    tracking.log_outputs(tracked, [storage.join(config.out, "model", name) for name in MODEL_FILES], folder="model")
+    tracking.log_folder(tracked, storage.join(config.out, "model"), folder="model")
     tracking.end(tracked)
     return result
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from vitray import tracking
 from vitray.checkpoints import save_state, write_history
 from vitray.data import batches as windows
 from vitray.progress import send
-from vitray.train_loop import PROGRESS_EVERY_S, _all_reduce, _batches, _restore, _tensor, make_scheduler
+from vitray.train_loop import (PROGRESS_EVERY_S, _all_reduce, _batches, _restore, _tensor, make_scheduler,
+                               track_epoch)
 
 HISTORY_COLUMNS = ("epoch", "loss", "val_loss", "lr", "images_per_s")
 VAL_BATCH = 256
@@ -212,7 +212,7 @@ def _checkpoint(cfg: dict[str, Any], state: _Run, row: dict[str, Any], history: 
         ray.train.report(row, checkpoint=None)
         return
     send(cfg.get("progress"), {"kind": "epoch", "row": row, "epochs": cfg["run"]["epochs"]})
-    tracking.log_metrics(cfg.get("tracking"), row, step=row["epoch"])
+    track_epoch(cfg, row)
     inner = getattr(state.model, "module", state.model)  # DDP wraps it on more than one worker
     with tempfile.TemporaryDirectory() as folder:
         save_state(folder, {"model": inner.state_dict(), "optimizer": state.optimizer.state_dict(),

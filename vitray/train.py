@@ -54,10 +54,12 @@ def train(config: TrainConfig) -> TrainResult:
     run = storage.join(config.out, RUN_NAME)
     tracked = None
     try:
-        check_resume(run)
+        resuming = check_resume(run) > 0
         data = load_training_data(config)
+        # A resumed training goes on in the MLflow run it began (found by its name: the --out it writes).
         tracked = tracking.start(tracking.resolve(config.mlflow, config.mlflow_experiment),
-                                 name=f"train {config.out}", params={**asdict(config), "lr": config.resolved_lr()})
+                                 name=f"train {storage.resolve(config.out).uri}",
+                                 params={**asdict(config), "lr": config.resolved_lr()}, resume=resuming)
         with TrainingProgress(config.epochs) as progress:
             result = fit(make_trainer(config, data, progress=progress.queue, tracked=tracked))
         done = finish(config, result, data)
@@ -81,9 +83,7 @@ def track_outputs(tracked: Any, result: TrainResult) -> None:
                                    "best_epoch": result.best_epoch,
                                    **{f"recall_{k}": v["recall"] for k, v in metrics["per_class"].items()}})
     tracking.log_outputs(tracked, [storage.join(result.out, name) for name in OUTPUT_FILES])
-    model = storage.resolve(storage.join(result.out, "model"))
-    files = [model.child(storage.relative(model, f.path)).uri for f in storage.list_files(model.uri)]
-    tracking.log_outputs(tracked, files, folder="model")
+    tracking.log_folder(tracked, storage.join(result.out, "model"), folder="model")
     tracking.end(tracked)
 
 
@@ -103,8 +103,8 @@ class TrainingProgress:
         from vitray.progress import Progress, clock
 
         kind = message.get("kind")
-        if kind == "log":
-            log.info("%s", message["line"])
+        if kind == "log":  # a worker's line; a warning (its tracking failed) is shown as one
+            log.log(logging.WARNING if message.get("level") == "warning" else logging.INFO, "%s", message["line"])
         elif kind == "batch":
             if message["epoch"] != self._epoch:
                 self._close_bar()

@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,8 +195,7 @@ def _report(cfg: dict[str, Any], state: _Run, row: dict[str, Any], val: dict[str
     epoch = row["epoch"]
     send(cfg.get("progress"), {"kind": "epoch", "row": row, "epochs": cfg["run"]["epochs"],
                                "recall": metrics["recall"]})
-    tracking.log_metrics(cfg.get("tracking"), {**row, **{f"val_recall_{k}": v for k, v in metrics["recall"].items()}},
-                         step=epoch)
+    track_epoch(cfg, row, metrics["recall"])
     with tempfile.TemporaryDirectory() as d:
         inner = state.model.module if hasattr(state.model, "module") else state.model
         save_state(d, {"model": inner.state_dict(), "optimizer": state.optimizer.state_dict(),
@@ -204,6 +204,20 @@ def _report(cfg: dict[str, Any], state: _Run, row: dict[str, Any], val: dict[str
         write_history(cfg["history_uri"], history)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=f"epoch-{epoch:04d}")
+
+
+def track_epoch(cfg: dict[str, Any], row: dict[str, Any], recall: dict[str, float] | None = None) -> None:
+    """Rank 0's MLflow logging of an epoch's row (and per-class recall), at step = epoch, to `cfg["tracking"]`.
+
+    The driver opened that run (vitray.tracking). A worker's own log is out of the user's sight,
+    so a tracking warning goes to the driver's channel, as a `log` message of level `warning`.
+    """
+    queue = cfg.get("progress")
+    shown = nullcontext() if queue is None else tracking.warnings_to(
+        lambda line: send(queue, {"kind": "log", "line": line, "level": "warning"}))
+    with shown:
+        tracking.log_metrics(cfg.get("tracking"),
+                             {**row, **{f"val_recall_{k}": v for k, v in (recall or {}).items()}}, step=row["epoch"])
 
 
 def _tensor(values: list[float], device: Any) -> Any:

@@ -56,10 +56,7 @@ def search(config: SearchConfig) -> SearchResult:
 
 
 def _search(config: SearchConfig) -> SearchResult:
-    import ray
     import ray.tune
-    from ray.tune import Tuner
-    from ray.tune.search import BasicVariantGenerator
 
     from vitray.train_data import load_training_data
 
@@ -70,52 +67,65 @@ def _search(config: SearchConfig) -> SearchResult:
     experiment = out.child(EXPERIMENT)
     resumed = _check_resume(config, experiment)
     data = load_training_data(config.base, workers_flag="--workers-per-trial", trial_cpus=TRIAL_CPU)
-    # One MLflow run for the search; each trial opens a child run under it.
+    # One MLflow run for the search (a resumed search goes on in its own); each trial a child run under it.
     search_run = tracking.start(tracking.resolve(config.base.mlflow, config.base.mlflow_experiment),
-                                name=f"search {config.base.out}", params=_flat(config.record()))
+                                name=f"search {out.uri}", params=_flat(config.record()), resume=resumed)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, base=config.base, data=data, search_run=search_run), {"cpu": TRIAL_CPU})
-    if resumed:
-        log.info(f"resuming the search in {experiment.uri}")
-        tuner = Tuner.restore(experiment.path, trainable=trainable, resume_errored=True,
-                              storage_filesystem=out.fs)
-    else:
-        storage.write_json(storage.join(out.uri, SEARCH_RECORD), config.record())
-        concurrent = config.max_concurrent or default_concurrency(config.base, ray.cluster_resources())
-        log.info(f"searching {', '.join(f'{k}={s}' for k, s in spaces.items())}: {config.samples} trials, "
-              f"{concurrent} at a time, {config.scheduler} on {config.metric}")
-        tuner = Tuner(
-            trainable,
-            param_space={name: space.to_tune() for name, space in spaces.items()},
-            tune_config=ray.tune.TuneConfig(
-                metric=config.metric, mode=config.mode, num_samples=config.samples,
-                # Seeded draws: the same command searches the same values. The concurrency limit
-                # goes here: Tune ignores max_concurrent_trials beside a variant generator.
-                search_alg=BasicVariantGenerator(random_state=config.base.seed, max_concurrent=concurrent),
-                scheduler=make_scheduler(config, spaces), trial_dirname_creator=trial_dirname),
-            run_config=ray.tune.RunConfig(
-                name=EXPERIMENT, storage_path=out.path, storage_filesystem=out.fs,
-                verbose=0,  # Tune's status table repeats itself; trial_lines says what matters
-                callbacks=[trial_lines(config.metric, list(spaces))]),
-        )
-    grid = tuner.fit()
-    unfinished = unfinished_trials(experiment)
-    if unfinished:
-        raise VitrayError(INTERRUPTED.format(what=f"search interrupted with {unfinished}/{len(grid)} trials "
-                                                  f"unfinished"), exit_code=130)
-    trials = summarize(grid, config)
-    write_trials_csv(storage.join(out.uri, "trials.csv"), trials, list(spaces), config.metric)
-    plot_search(trials, config.metric, storage.join(out.uri, "tune.png"))
-    ranked = [t for t in trials if t.best is not None]
-    if not ranked:
-        errors = "; ".join(f"{t.trial_id}: {t.error}" for t in trials if t.error)
-        raise VitrayError(f"no trial finished an epoch ({errors or 'no errors recorded'})", exit_code=1)
-    best = ranked[0]
-    model = export_best(config, best, data)
+    try:
+        grid = _tuner(config, spaces, out, experiment, resumed, trainable).fit()
+        unfinished = unfinished_trials(experiment)
+        if unfinished:
+            raise VitrayError(INTERRUPTED.format(what=f"search interrupted with {unfinished}/{len(grid)} trials "
+                                                      f"unfinished"), exit_code=130)
+        trials = summarize(grid, config)
+        write_trials_csv(storage.join(out.uri, "trials.csv"), trials, list(spaces), config.metric)
+        plot_search(trials, config.metric, storage.join(out.uri, "tune.png"))
+        ranked = [t for t in trials if t.best is not None]
+        if not ranked:
+            errors = "; ".join(f"{t.trial_id}: {t.error}" for t in trials if t.error)
+            raise VitrayError(f"no trial finished an epoch ({errors or 'no errors recorded'})", exit_code=1)
+        best = ranked[0]
+        model = export_best(config, best, data)
+    except BaseException as exc:
+        stopped = isinstance(exc, KeyboardInterrupt) or getattr(exc, "exit_code", None) == 130
+        tracking.end(search_run, "KILLED" if stopped else "FAILED")
+        raise
     tracking.log_metrics(search_run, {f"best_{config.metric}": best.best, "trials": len(trials)})
     tracking.log_outputs(search_run, [storage.join(out.uri, n) for n in ("trials.csv", "tune.png")])
     tracking.end(search_run)
     return SearchResult(out.uri, config.metric, trials, best, model, resumed)
+
+
+def _tuner(config: SearchConfig, spaces: dict[str, Any], out: Any, experiment: Any, resumed: bool,
+           trainable: Any) -> Any:
+    """The Tune experiment: restored from `experiment` when the search resumes, else a new one."""
+    import ray
+    import ray.tune
+    from ray.tune import Tuner
+    from ray.tune.search import BasicVariantGenerator
+
+    if resumed:
+        log.info(f"resuming the search in {experiment.uri}")
+        return Tuner.restore(experiment.path, trainable=trainable, resume_errored=True, storage_filesystem=out.fs)
+    storage.write_json(storage.join(out.uri, SEARCH_RECORD), config.record())
+    concurrent = config.max_concurrent or default_concurrency(config.base, ray.cluster_resources())
+    log.info(f"searching {', '.join(f'{k}={s}' for k, s in spaces.items())}: {config.samples} trials, "
+             f"{concurrent} at a time, {config.scheduler} on {config.metric}")
+    return Tuner(
+        trainable,
+        param_space={name: space.to_tune() for name, space in spaces.items()},
+        tune_config=ray.tune.TuneConfig(
+            metric=config.metric, mode=config.mode, num_samples=config.samples,
+            # Seeded draws: the same command searches the same values. The concurrency limit
+            # goes here: Tune ignores max_concurrent_trials beside a variant generator.
+            search_alg=BasicVariantGenerator(random_state=config.base.seed, max_concurrent=concurrent),
+            scheduler=make_scheduler(config, spaces), trial_dirname_creator=trial_dirname),
+        run_config=ray.tune.RunConfig(
+            name=EXPERIMENT, storage_path=out.path, storage_filesystem=out.fs,
+            verbose=0,  # Tune's status table repeats itself; trial_lines says what matters
+            callbacks=[trial_lines(config.metric, list(spaces))]),
+    )
 
 
 def _flat(record: dict[str, Any]) -> dict[str, Any]:
@@ -198,11 +208,12 @@ def run_trial(params: dict[str, Any], base: TrainConfig, data: TrainingData, sea
         return
     check_resume(run)
     trial_id = ray.tune.get_context().get_trial_id()
-    tracked = tracking.start(search_run, name=f"trial {trial_id}", params=params, parent=search_run)
+    # A resumed trial goes on in the MLflow run it began.
+    tracked = tracking.start(search_run, name=f"trial {trial_id}", params=params, parent=search_run, resume=True)
     try:
         prune_checkpoints(fit(make_trainer(config, data, callbacks=[TuneReportCallback()], tracked=tracked)), run)
-    except BaseException:
-        tracking.end(tracked, "FAILED")
+    except BaseException as exc:
+        tracking.end(tracked, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     tracking.log_outputs(tracked, [storage.join(config.out, "history.csv")])
     tracking.end(tracked)
