@@ -3,11 +3,13 @@
     python benchmarks/startup.py [--images 2000] [--rounds 2] [--out startup.json]
 
 Writes N PNGs (64 px) and a default-preset model, then alternates, `--rounds` times:
-- `vitray score --attention none` as a user runs it (a fresh process and an embedded Ray),
-  with a timeline: the first line it prints, the first committed piece, the last, the exit;
+- `vitray score --attention none` as a user runs it (a fresh process, no cluster named: up to
+  `--in-process-max` images it scores in its own process), with a timeline: the first line it
+  prints, the first committed piece, the exit;
+- the same with `--in-process-max 0`: on an embedded Ray, as a larger run is;
 - a plain script: import torch and transformers, load the model, decode with PIL, forward in
   batches of 64, write one parquet file.
-Prints the medians and the ratio of the two wall times.
+Prints the medians and the ratios of the wall times to the plain script's.
 """
 from __future__ import annotations
 
@@ -58,13 +60,15 @@ def make_inputs(root: str, n: int) -> tuple[str, str]:
     return images, os.path.join(root, "model")
 
 
-def vitray_run(images: str, model: str, out: str) -> dict[str, float]:
+def vitray_run(images: str, model: str, out: str, *extra: str) -> dict[str, float]:
     """Seconds from the command to: its first output line, the first and last committed piece, its exit."""
     vitray = os.path.join(os.path.dirname(sys.executable), "vitray")
     events: dict[str, float] = {}
     start = time.perf_counter()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # no cluster: as a user at a terminal
     proc = subprocess.Popen([vitray, "score", "--model", model, "--input", images, "--output", out,
-                             "--attention", "none"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--attention", "none", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
     done = threading.Event()
 
     def watch() -> None:
@@ -103,14 +107,18 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
         images, model = make_inputs(root, args.images)
-        runs, plain = [], []
+        runs, on_ray, plain = [], [], []
         for r in range(args.rounds):
             runs.append(vitray_run(images, model, os.path.join(root, f"scores-{r}")))
+            on_ray.append(vitray_run(images, model, os.path.join(root, f"ray-{r}"), "--in-process-max", "0"))
             plain.append(plain_run(images, model, os.path.join(root, f"plain-{r}.parquet")))
-            print(f"round {r + 1}: vitray {runs[-1]}, plain script {plain[-1]:.1f} s", flush=True)
+            print(f"round {r + 1}: vitray {runs[-1]}, on Ray {on_ray[-1]}, plain script {plain[-1]:.1f} s",
+                  flush=True)
     median = {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
-    result = {"images": args.images, "vitray": median, "plain_s": round(statistics.median(plain), 2),
-              "ratio": round(median["exit_s"] / statistics.median(plain), 2)}
+    median_ray = {k: round(statistics.median(r[k] for r in on_ray), 2) for k in on_ray[0]}
+    plain_s = statistics.median(plain)
+    result = {"images": args.images, "vitray": median, "vitray_on_ray": median_ray, "plain_s": round(plain_s, 2),
+              "ratio": round(median["exit_s"] / plain_s, 2), "ratio_on_ray": round(median_ray["exit_s"] / plain_s, 2)}
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:

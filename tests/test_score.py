@@ -405,6 +405,35 @@ def test_bad_files_become_error_rows_and_a_high_error_rate_fails_the_cli(ray_ses
     assert "<script>alert" not in report and "&lt;script&gt;alert(1)&lt;/script&gt;.png" in report
 
 
+def test_a_small_run_scores_in_this_process_and_commits_what_ray_commits(ray_session, tiny_model, tmp_path,
+                                                                          monkeypatch):
+    data = tmp_path / "zoo"
+    good, kinds = image_zoo(data)
+    noise_pngs(data / "more", [f"{i:03d}.png" for i in range(40)])
+    base = dict(model=tiny_model, input=str(data), attention="all", piece_rows=7, batch_size=5)
+    on_ray = score(ScoreConfig(output=str(tmp_path / "ray"), in_process_max=0, **base))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # no cluster named: a small run stays in this process
+    here = score(ScoreConfig(output=str(tmp_path / "here"), **base))
+    assert (on_ray["in_process"], here["in_process"]) == (False, True)
+    assert here["counts"] == on_ray["counts"] and here["pieces"] == 9  # 57 rows (4 of them errors) by 7
+    assert here["error_kinds"] == on_ray["error_kinds"] and here["labels"] == on_ray["labels"]
+
+    tables = [predictions_table(str(tmp_path / out)).sort_by("id") for out in ("ray", "here")]
+    for name in ("id", "label", "attention_png"):
+        assert tables[0].column(name).to_pylist() == tables[1].column(name).to_pylist(), name
+    assert np.allclose(tables[0].column("score").to_numpy(), tables[1].column("score").to_numpy(), atol=1e-5)
+    assert sorted(tables[1].column("id").to_pylist()) == sorted([*good, *(f"more/{i:03d}.png" for i in range(40))])
+    for row in tables[1].to_pylist():
+        assert (tmp_path / "here" / row["attention_png"]).is_file()
+    errors = [{(r["path"], r["error"]) for r in read_errors(str(tmp_path / out)).to_table().to_pylist()}
+              for out in ("ray", "here")]
+    assert errors[0] == errors[1] == {(str(data / name), kind) for name, kind in kinds.items()}
+    again = score(ScoreConfig(output=str(tmp_path / "here"), **base))
+    assert again["counts"]["scored"] == 0 and again["counts"]["skipped"] == len(tables[1])
+    with pytest.raises(VitrayError, match="--in-process-max must be >= 0"):
+        ScoreConfig(output="o", in_process_max=-1, **base).check()
+
+
 def _not_a_vit(folder: Path) -> str:
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"}))

@@ -40,6 +40,9 @@ def add_score(sub: Any) -> None:
     p.add_argument("--piece-rows", type=positive_int, default=d("piece_rows"),
                    help=f"rows committed together; a crash redoes at most the pieces in flight "
                         f"(default {d('piece_rows')})")
+    p.add_argument("--in-process-max", type=int, default=d("in_process_max"), metavar="N",
+                   help="with no Ray cluster given, score at most N images in this process, without starting "
+                        f"Ray (faster for small runs); 0: always Ray (default {d('in_process_max')})")
     p.add_argument("--submission", help="also write a Kaggle ImageId,Label CSV here (digit CSV input)")
     p.add_argument("--max-error-rate", type=fraction, default=d("max_error_rate"),
                    help="fail (exit 1) when a larger share of the images cannot be read (default 1.0: never)")
@@ -75,6 +78,7 @@ def run_score(args: argparse.Namespace) -> int:
                          attention=args.attention, method=args.method, head_fusion=args.head_fusion,
                          discard_ratio=args.discard_ratio, batch_size=args.batch_size,
                          workers=args.workers, gpus_per_worker=args.gpus_per_worker, piece_rows=args.piece_rows,
+                         in_process_max=args.in_process_max,
                          submission=args.submission, max_error_rate=args.max_error_rate,
                          lease_timeout=args.lease_timeout, shared_fs=bool(args.shared_fs), engine=args.engine,
                          ray_address=args.ray_address, verbose=args.verbose)

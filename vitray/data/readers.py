@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -139,6 +139,21 @@ def read_encoded(source: Source, ids: Iterable[str] | None = None, parallelism: 
     """
     import ray.data
 
+    items, args, batch = _encoded_tasks(source, ids)
+    blocks = parallelism or max(1, min(len(items), 4 * max(1, len(items) // 256) + 8))
+    ds = ray.data.from_items(items, override_num_blocks=min(blocks, max(1, len(items))))
+    return ds.map_batches(_read_tasks, fn_args=args, batch_size=batch, batch_format="numpy")
+
+
+def iter_encoded(source: Source, ids: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
+    """What `read_encoded` reads, in this process: batches of the same columns, in the same order."""
+    items, args, batch = _encoded_tasks(source, ids)
+    for start in range(0, len(items), batch):
+        yield _read_tasks({"task": np.array([i["task"] for i in items[start:start + batch]], dtype=object)}, *args)
+
+
+def _encoded_tasks(source: Source, ids: Iterable[str] | None) -> tuple[list[dict[str, str]], tuple, int]:
+    """The read tasks of `ids` (all when None), `_read_tasks`' other arguments, and tasks per batch."""
     ids = list(ids) if ids is not None else None
     keep = frozenset(ids) if ids is not None else None
     tasks = source.tasks
@@ -148,12 +163,9 @@ def read_encoded(source: Source, ids: Iterable[str] | None = None, parallelism: 
         keep = None
     label_of = {i: int(l) for i, l in zip(source.ids, source.row_labels) if l >= 0}
     fs = storage.resolve(source.uri).fs
-    items = [{"task": json.dumps(t)} for t in tasks]
-    blocks = parallelism or max(1, min(len(items), 4 * max(1, len(items) // 256) + 8))
-    ds = ray.data.from_items(items, override_num_blocks=min(blocks, max(1, len(items))))
     # Files are small units of work: group them so a task reads many.
     batch = 64 if tasks and tasks[0]["kind"] == "file" else 1
-    return ds.map_batches(_read_tasks, fn_args=(fs, keep, label_of), batch_size=batch, batch_format="numpy")
+    return [{"task": json.dumps(t)} for t in tasks], (fs, keep, label_of), batch
 
 
 def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

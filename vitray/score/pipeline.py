@@ -20,8 +20,9 @@ import posixpath
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import pyarrow.fs as pafs
 
 from vitray import storage
@@ -60,6 +61,10 @@ class ScoreConfig:
     lease_timeout: float = STALE_S  # seconds without a heartbeat after which OUT's lease is taken over
     shared_fs: bool = False  # a local --output that every Ray node mounts (else s3:// on a multi-node cluster)
     engine: str = "torch"  # torch | onnx (onnxruntime over the model's `vitray export`)
+    # A run with at most this many images to score and no Ray cluster given (no --ray-address or
+    # RAY_ADDRESS) scores in this process: starting Ray and its workers costs more than such a run
+    # (the same stages, pieces and commits). 0: always Ray.
+    in_process_max: int = 2000
     ray_address: str | None = None
     verbose: bool = False
 
@@ -83,6 +88,8 @@ class ScoreConfig:
                               "use --engine torch for others")
         if self.model.endswith(".onnx") and self.engine != "onnx":
             raise VitrayError(f"--model {self.model} is an ONNX export: score it with --engine onnx")
+        if self.in_process_max < 0:
+            raise VitrayError(f"--in-process-max must be >= 0, got {self.in_process_max}")
         if self.lease_timeout <= 0:
             raise VitrayError(f"--lease-timeout must be positive, got {self.lease_timeout}")
         if not 0.0 <= self.max_error_rate <= 1.0:
@@ -96,6 +103,7 @@ class _Totals:
     pieces: int = 0
     labels: dict[str, int] = field(default_factory=dict)
     error_kinds: dict[str, int] = field(default_factory=dict)
+    in_process: bool = False  # scored in the driver's process, without Ray
 
     def add(self, summary: dict[str, Any]) -> None:
         self.scored += int(summary["scored"])
@@ -234,8 +242,10 @@ def _score_remaining(config: ScoreConfig, source: Any, plan: PiecePlan, model: s
     done = committed_ids(plan.output)
     remaining = [i for i in source.ids if i not in done]
     skipped = len(source) - len(remaining)
-    log.info("%s images in %s, %s already scored in %s: %s to score", f"{len(source):,}", config.input,
-             f"{skipped:,}", plan.output, f"{len(remaining):,}")
+    totals.in_process = bool(remaining) and _scores_in_process(config, len(remaining))
+    log.info("%s images in %s, %s already scored in %s: %s to score%s", f"{len(source):,}", config.input,
+             f"{skipped:,}", plan.output, f"{len(remaining):,}",
+             " in this process (too few to start Ray for)" if totals.in_process else "")
     if not remaining:
         return skipped, 0.0
     started = time.perf_counter()
@@ -254,6 +264,7 @@ def _finish(config: ScoreConfig, manifest: dict[str, Any], source: Any, totals: 
         "labels": totals.labels, "error_kinds": totals.error_kinds, "pieces": totals.pieces,
         "wall_s": round(wall_s, 3), "scoring_s": round(scoring_s, 3),
         "images_per_s": round(totals.scored / scoring_s, 2) if scoring_s > 0 else None,
+        "in_process": totals.in_process,
     })
     if source.bad_names:
         manifest["error_kinds"]["bad-name"] = len(source.bad_names)
@@ -291,13 +302,17 @@ def _ids_base(input_uri: str) -> str:
 def _run(config: ScoreConfig, source: Any, remaining: list[str], model: str | bytes, prep: Any, plan: PiecePlan,
          totals: _Totals, lease: Lease, progress: Callable[[dict[str, int]], None] | None, skipped: int) -> None:
     from vitray.interrupts import Interrupts
-    from vitray.runtime import RayOptions, init_ray
 
-    init_ray(RayOptions(address=config.ray_address, quiet=not config.verbose, dashboard=False))
+    if totals.in_process:
+        batches = _in_process(config, source, remaining, model, prep, plan)
+    else:
+        from vitray.runtime import RayOptions, init_ray
+
+        init_ray(RayOptions(address=config.ray_address, quiet=not config.verbose, dashboard=False))
+        batches = _pipeline(config, source, remaining, model, prep, plan).iter_batches(batch_size=None,
+                                                                                      batch_format="numpy")
     if progress:  # the clock starts now: Ray's start-up and the model's load count in the rate
         progress({"scored": 0, "errors": 0, "total": len(remaining), "skipped": skipped})
-    batches = _pipeline(config, source, remaining, model, prep, plan).iter_batches(batch_size=None,
-                                                                                  batch_format="numpy")
     with Interrupts() as ctrl_c:
         for batch in batches:
             for row in range(len(batch["piece"])):
@@ -307,6 +322,17 @@ def _run(config: ScoreConfig, source: Any, remaining: list[str], model: str | by
             if progress:
                 progress({"scored": totals.scored, "errors": totals.errors, "total": len(remaining),
                           "skipped": skipped})
+
+
+def _scores_in_process(config: ScoreConfig, remaining: int) -> bool:
+    """Few images and no cluster named: Ray's start would cost more than the scoring."""
+    if remaining > config.in_process_max or config.ray_address or os.environ.get("RAY_ADDRESS"):
+        return False
+    if config.gpus_per_worker == 0 and config.engine == "torch":
+        import torch
+
+        return not torch.cuda.is_available()  # the model would take the GPU that --gpus-per-worker 0 declines
+    return True
 
 
 def _failure(exc: BaseException, out: str, totals: _Totals) -> VitrayError:
@@ -326,14 +352,39 @@ def _pipeline(config: ScoreConfig, source: Any, remaining: list[str], model: str
               plan: PiecePlan) -> Any:
     """read → decode/resize (tasks) → model (actor pool) → commit pieces (tasks) → one row per piece."""
     from vitray.data.readers import read_encoded
-    from vitray.inference import PredictOptions, predict
+    from vitray.inference import predict
 
-    options = PredictOptions(attention=config.attention, method=config.method, head_fusion=config.head_fusion,
-                             discard_ratio=config.discard_ratio)
-    return (predict(read_encoded(source, ids=remaining), model, prep, options, config.batch_size,
+    return (predict(read_encoded(source, ids=remaining), model, prep, _options(config), config.batch_size,
                     config.workers, config.gpus_per_worker)
             .map_batches(write_piece, fn_kwargs={"plan": plan}, batch_size=config.piece_rows,
                          batch_format="numpy"))
+
+
+def _in_process(config: ScoreConfig, source: Any, remaining: list[str], model: str | bytes, prep: Any,
+                plan: PiecePlan) -> Iterator[dict[str, np.ndarray]]:
+    """The pipeline's stages in this process: read, decode, model, commit a piece at a time; a summary per piece."""
+    from vitray.data.readers import iter_encoded
+    from vitray.inference import OnnxPredictor, Predictor, prepare_images
+
+    predictor = (OnnxPredictor if isinstance(model, bytes) else Predictor)(model, _options(config))
+    scored: list[dict[str, np.ndarray]] = []
+    for encoded in iter_encoded(source, remaining):
+        prepared = prepare_images(encoded, prep.size, prep.channels)
+        for start in range(0, len(prepared["id"]), config.batch_size):
+            scored.append(predictor({k: v[start:start + config.batch_size] for k, v in prepared.items()}))
+            while sum(len(b["id"]) for b in scored) >= config.piece_rows:
+                rows = {k: np.concatenate([b[k] for b in scored]) for k in scored[0]}
+                yield write_piece({k: v[:config.piece_rows] for k, v in rows.items()}, plan)
+                scored = [{k: v[config.piece_rows:] for k, v in rows.items()}]
+    if scored and sum(len(b["id"]) for b in scored):
+        yield write_piece({k: np.concatenate([b[k] for b in scored]) for k in scored[0]}, plan)
+
+
+def _options(config: ScoreConfig) -> Any:
+    from vitray.inference import PredictOptions
+
+    return PredictOptions(attention=config.attention, method=config.method, head_fusion=config.head_fusion,
+                          discard_ratio=config.discard_ratio)
 
 
 def _now() -> str:
