@@ -131,14 +131,20 @@ def test_evaluate_counts_an_undecodable_image_as_skipped(ray_session, tiny_model
     assert "localization" not in saved  # an image folder has no boxes
 
 
-def test_evaluate_scores_the_maps_against_the_boxes_of_the_data(ray_session, tiny_model, tmp_path):
+def test_evaluate_scores_the_maps_against_the_boxes_of_the_data(ray_session, tiny_model, tmp_path, monkeypatch):
     from vitray.data import synth
     from vitray.evaluate import evaluate
 
     data = tmp_path / "data"
     synth.write(str(data), n=40, size=32, seed=6, passed_fraction=0.1, fmt="parquet")
-    metrics = evaluate(tiny_model, str(data), str(tmp_path / "eval"), batch_size=16)
+    metrics = evaluate(tiny_model, str(data), str(tmp_path / "eval"), batch_size=16, in_process_max=0)
     assert metrics["n"] == 40 and metrics["skipped"] == 0
     where = metrics["localization"]
     assert where["method"] == "rollout" and 0 < where["images"] <= 40
     assert 0.0 <= where["pointing_game"] <= 1.0 and 0.0 <= where["energy_in_box"] <= 1.0
+    # With no cluster named, so small a set is evaluated in this process, to the same figures.
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("vitray.runtime.init_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    here = evaluate(tiny_model, str(data), str(tmp_path / "here"), batch_size=16)
+    assert here["confusion_matrix"] == metrics["confusion_matrix"] and here["n"] == 40
+    assert here["localization"] == pytest.approx(where, abs=1e-4)

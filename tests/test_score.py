@@ -413,6 +413,7 @@ def test_a_small_run_scores_in_this_process_and_commits_what_ray_commits(ray_ses
     base = dict(model=tiny_model, input=str(data), attention="all", piece_rows=7, batch_size=5)
     on_ray = score(ScoreConfig(output=str(tmp_path / "ray"), in_process_max=0, **base))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # no cluster named: a small run stays in this process
+    monkeypatch.setattr("vitray.runtime.init_ray", lambda *a, **k: pytest.fail("Ray was started"))
     here = score(ScoreConfig(output=str(tmp_path / "here"), **base))
     assert (on_ray["in_process"], here["in_process"]) == (False, True)
     assert here["counts"] == on_ray["counts"] and here["pieces"] == 9  # 57 rows (4 of them errors) by 7

@@ -8,12 +8,13 @@ from __future__ import annotations
 import io
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from vitray import storage
 from vitray.errors import VitrayError
+from vitray.runtime import IN_PROCESS_MAX, runs_in_process
 
 log = logging.getLogger(__name__)
 
@@ -189,32 +190,29 @@ def save_figure(fig: Any, uri: str, dpi: int = 120) -> None:
 
 def evaluate(model_uri: str, data_uri: str, out_uri: str, fmt: str | None = None, batch_size: int = 256,
              workers: int = 1, gpus_per_worker: float = 0.0, ray_address: str | None = None,
-             mlflow: str | None = None, mlflow_experiment: str | None = None) -> dict:
+             mlflow: str | None = None, mlflow_experiment: str | None = None,
+             in_process_max: int = IN_PROCESS_MAX) -> dict:
     """Metrics of a trained model on labelled data: OUT/evaluation.json and OUT/confusion_matrix.png.
 
     When the data has boxes (FRAMEimages `response`), the default attention maps of
-    the defect images are scored against them (pointing game, energy in box).
+    the defect images are scored against them (pointing game, energy in box). A data set of at
+    most `in_process_max` images, with no Ray cluster named, is scored in this process.
     """
-    from vitray.data.readers import read_encoded
     from vitray.data.sources import inspect_source
-    from vitray.inference import NEGATIVE_LABEL, PredictOptions, model_info, predict
-    from vitray.runtime import RayOptions, init_ray
+    from vitray.inference import NEGATIVE_LABEL, PredictOptions, model_info
 
-    if batch_size < 1 or workers < 1:
-        raise VitrayError("--batch-size and --workers must be at least 1")
+    if batch_size < 1 or workers < 1 or in_process_max < 0:
+        raise VitrayError("--batch-size and --workers must be at least 1, --in-process-max at least 0")
     storage.check_output(out_uri, "--out")
     labels, prep = model_info(model_uri)
     source = inspect_source(data_uri, fmt, labels=labels)
     if not source.labelled:
         raise VitrayError(f"{data_uri}: evaluation needs labelled data")
-    init_ray(RayOptions(address=ray_address, dashboard=False))
     options = PredictOptions(attention="defects" if source.has_boxes else "none")
-    ds = (predict(read_encoded(source), model_uri, prep, options, batch_size, workers, gpus_per_worker,
-                  keep=("path", "label", "bbox"))
-          .map_batches(_localisation, fn_kwargs={"size": prep.size}, batch_format="numpy")
-          .select_columns(["path", "error_kind", "error", "label", "pred", "pointing", "energy"]))
     y_true, y_pred, pointing, energy = [], [], [], []
-    for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
+    here = runs_in_process(len(source), in_process_max, ray_address, gpus_per_worker)
+    for batch in (_predicted_here if here else _predicted_on_ray)(source, model_uri, prep, options, batch_size,
+                                                                   workers, gpus_per_worker, ray_address):
         ok = batch["error_kind"] == ""
         for i in np.flatnonzero(~ok):  # what scoring records as error rows, evaluation counts as skipped
             log.warning("skipping %s: %s (%s)", batch["path"][i], batch["error"][i], batch["error_kind"][i])
@@ -239,6 +237,31 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, fmt: str | None = None
     _track(metrics, mlflow, mlflow_experiment, {"model": model_uri, "data": data_uri, "out": out_uri,
                                                 "batch_size": batch_size, "workers": workers})
     return metrics
+
+
+def _predicted_on_ray(source: Any, model_uri: str, prep: Any, options: Any, batch_size: int, workers: int,
+                      gpus_per_worker: float, ray_address: str | None) -> Iterator[dict[str, np.ndarray]]:
+    """Predictions and map localisation of every image: Ray Data's `predict` on an actor pool."""
+    from vitray.data.readers import read_encoded
+    from vitray.inference import predict
+    from vitray.runtime import RayOptions, init_ray
+
+    init_ray(RayOptions(address=ray_address, dashboard=False))
+    ds = (predict(read_encoded(source), model_uri, prep, options, batch_size, workers, gpus_per_worker,
+                  keep=("path", "label", "bbox"))
+          .map_batches(_localisation, fn_kwargs={"size": prep.size}, batch_format="numpy")
+          .select_columns(["path", "error_kind", "error", "label", "pred", "pointing", "energy"]))
+    return ds.iter_batches(batch_size=4096, batch_format="numpy")
+
+
+def _predicted_here(source: Any, model_uri: str, prep: Any, options: Any, batch_size: int, *_: Any
+                    ) -> Iterator[dict[str, np.ndarray]]:
+    """The same rows as `_predicted_on_ray`, in this process (a data set too small to start Ray for)."""
+    from vitray.inference import predict_in_process
+
+    for batch in predict_in_process(source, None, model_uri, prep, options, batch_size,
+                                    keep=("path", "label", "bbox")):
+        yield _localisation(batch, prep.size)
 
 
 def _track(metrics: dict, uri: str | None, experiment: str | None, params: dict) -> None:

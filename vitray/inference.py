@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -59,6 +59,18 @@ def predict(ds: Any, model: str | bytes, prep: Any, options: PredictOptions, bat
                          batch_size=batch_size,
                          batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
                          num_gpus=gpus_per_worker or None))
+
+
+def predict_in_process(source: Any, ids: Sequence[str] | None, model: str | bytes, prep: Any,
+                       options: PredictOptions, batch_size: int, keep: Sequence[str] = ()) -> Iterator[dict]:
+    """`predict` without Ray: the same stages over the source's images in this process, batch by batch."""
+    from vitray.data.readers import iter_encoded
+
+    predictor = (OnnxPredictor if isinstance(model, bytes) else Predictor)(model, options)
+    for encoded in iter_encoded(source, ids):
+        prepared = prepare_images(encoded, prep.size, prep.channels, tuple(keep))
+        for start in range(0, len(prepared["id"]), batch_size):
+            yield predictor({k: v[start:start + batch_size] for k, v in prepared.items()})
 
 
 def prepare_images(batch: dict[str, np.ndarray], size: int, channels: int,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from vitray.cli.options import fraction, option_default, positive_int, ray_options, summary
+from vitray.cli.options import fraction, in_process_option, option_default, positive_int, ray_options, summary
 
 
 def add_score(sub: Any) -> None:
@@ -40,9 +40,7 @@ def add_score(sub: Any) -> None:
     p.add_argument("--piece-rows", type=positive_int, default=d("piece_rows"),
                    help=f"rows committed together; a crash redoes at most the pieces in flight "
                         f"(default {d('piece_rows')})")
-    p.add_argument("--in-process-max", type=int, default=d("in_process_max"), metavar="N",
-                   help="with no Ray cluster given, score at most N images in this process, without starting "
-                        f"Ray (faster for small runs); 0: always Ray (default {d('in_process_max')})")
+    in_process_option(p, d("in_process_max"))
     p.add_argument("--submission", help="also write a Kaggle ImageId,Label CSV here (digit CSV input)")
     p.add_argument("--max-error-rate", type=fraction, default=d("max_error_rate"),
                    help="fail (exit 1) when a larger share of the images cannot be read (default 1.0: never)")

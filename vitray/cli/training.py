@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vitray.cli.options import given, option_default, positive_int, ray_options, summary
+from vitray.cli.options import given, in_process_option, option_default, positive_int, ray_options, summary
+from vitray.runtime import IN_PROCESS_MAX
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
@@ -94,6 +95,7 @@ def add_evaluate(sub: Any) -> None:
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per model call (default 256)")
     p.add_argument("--workers", type=positive_int, default=1, help="inference actors (default 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per inference actor (default 0: CPU)")
+    in_process_option(p, IN_PROCESS_MAX)
     tracking_options(p)
     ray_options(p)
     p.set_defaults(func=run_evaluate)
@@ -105,7 +107,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     metrics = evaluate(args.model, args.data, args.out, fmt=args.format, batch_size=args.batch_size,
                        workers=args.workers, gpus_per_worker=args.gpus_per_worker, ray_address=args.ray_address,
-                       mlflow=args.mlflow, mlflow_experiment=args.mlflow_experiment)
+                       mlflow=args.mlflow, mlflow_experiment=args.mlflow_experiment,
+                       in_process_max=args.in_process_max)
     print(format_report(metrics))
     print(summary(f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}",
                    {"evaluation": storage.join(args.out, "evaluation.json"),

@@ -30,6 +30,7 @@ from vitray.errors import VitrayError
 from vitray.explain import check_map_options  # imports torch only when used
 from vitray.inference import ATTENTION_MODES
 from vitray.lease import STALE_S, Lease
+from vitray.runtime import IN_PROCESS_MAX, runs_in_process
 from vitray.score.outputs import PiecePlan, committed_ids, read_predictions, record_bad_names, recover, write_piece
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class ScoreConfig:
     # A run with at most this many images to score and no Ray cluster given (no --ray-address or
     # RAY_ADDRESS) scores in this process: starting Ray and its workers costs more than such a run
     # (the same stages, pieces and commits). 0: always Ray.
-    in_process_max: int = 2000
+    in_process_max: int = IN_PROCESS_MAX
     ray_address: str | None = None
     verbose: bool = False
 
@@ -242,7 +243,8 @@ def _score_remaining(config: ScoreConfig, source: Any, plan: PiecePlan, model: s
     done = committed_ids(plan.output)
     remaining = [i for i in source.ids if i not in done]
     skipped = len(source) - len(remaining)
-    totals.in_process = bool(remaining) and _scores_in_process(config, len(remaining))
+    totals.in_process = bool(remaining) and runs_in_process(len(remaining), config.in_process_max, config.ray_address,
+                                                            config.gpus_per_worker, config.engine == "torch")
     log.info("%s images in %s, %s already scored in %s: %s to score%s", f"{len(source):,}", config.input,
              f"{skipped:,}", plan.output, f"{len(remaining):,}",
              " in this process (too few to start Ray for)" if totals.in_process else "")
@@ -324,17 +326,6 @@ def _run(config: ScoreConfig, source: Any, remaining: list[str], model: str | by
                           "skipped": skipped})
 
 
-def _scores_in_process(config: ScoreConfig, remaining: int) -> bool:
-    """Few images and no cluster named: Ray's start would cost more than the scoring."""
-    if remaining > config.in_process_max or config.ray_address or os.environ.get("RAY_ADDRESS"):
-        return False
-    if config.gpus_per_worker == 0 and config.engine == "torch":
-        import torch
-
-        return not torch.cuda.is_available()  # the model would take the GPU that --gpus-per-worker 0 declines
-    return True
-
-
 def _failure(exc: BaseException, out: str, totals: _Totals) -> VitrayError:
     """What a failed or interrupted run tells the user: one line, what failed and what to do."""
     from vitray.faults import describe
@@ -363,20 +354,16 @@ def _pipeline(config: ScoreConfig, source: Any, remaining: list[str], model: str
 def _in_process(config: ScoreConfig, source: Any, remaining: list[str], model: str | bytes, prep: Any,
                 plan: PiecePlan) -> Iterator[dict[str, np.ndarray]]:
     """The pipeline's stages in this process: read, decode, model, commit a piece at a time; a summary per piece."""
-    from vitray.data.readers import iter_encoded
-    from vitray.inference import OnnxPredictor, Predictor, prepare_images
+    from vitray.inference import predict_in_process
 
-    predictor = (OnnxPredictor if isinstance(model, bytes) else Predictor)(model, _options(config))
     scored: list[dict[str, np.ndarray]] = []
-    for encoded in iter_encoded(source, remaining):
-        prepared = prepare_images(encoded, prep.size, prep.channels)
-        for start in range(0, len(prepared["id"]), config.batch_size):
-            scored.append(predictor({k: v[start:start + config.batch_size] for k, v in prepared.items()}))
-            while sum(len(b["id"]) for b in scored) >= config.piece_rows:
-                rows = {k: np.concatenate([b[k] for b in scored]) for k in scored[0]}
-                yield write_piece({k: v[:config.piece_rows] for k, v in rows.items()}, plan)
-                scored = [{k: v[config.piece_rows:] for k, v in rows.items()}]
-    if scored and sum(len(b["id"]) for b in scored):
+    for batch in predict_in_process(source, remaining, model, prep, _options(config), config.batch_size):
+        scored.append(batch)
+        while sum(len(b["id"]) for b in scored) >= config.piece_rows:
+            rows = {k: np.concatenate([b[k] for b in scored]) for k in scored[0]}
+            yield write_piece({k: v[:config.piece_rows] for k, v in rows.items()}, plan)
+            scored = [{k: v[config.piece_rows:] for k, v in rows.items()}]
+    if sum(len(b["id"]) for b in scored):
         yield write_piece({k: np.concatenate([b[k] for b in scored]) for k in scored[0]}, plan)
 
 
