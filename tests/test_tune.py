@@ -192,7 +192,7 @@ def test_asha_search_on_s3_writes_trials_plot_and_the_best_model(ray_session, ti
     from transformers import ViTForImageClassification
 
     config = SearchConfig(TrainConfig(data=tiny, out=s3_prefix, batch_size=32),
-                          space={"lr": "loguniform:3e-4:1e-2", "epochs": "choice:1,2"}, samples=4, max_concurrent=3)
+                          space={"lr": "loguniform:3e-4:1e-2", "epochs": "choice:1,2"}, samples=3, max_concurrent=2)
     caplog.set_level(logging.INFO, logger="vitray")
     result = search(config)
     printed = "\n".join(r.getMessage() for r in caplog.records)
@@ -202,10 +202,10 @@ def test_asha_search_on_s3_writes_trials_plot_and_the_best_model(ray_session, ti
         if line.startswith("trial "):
             running += 1 if " started: " in line else -1
             most = max(most, running)
-    assert most == 3, printed  # the 4th trial waited for a slot
+    assert most == 2, printed  # the 3rd trial waited for a slot
 
     rows = _rows(storage.read_bytes(storage.join(s3_prefix, "trials.csv")).decode())
-    assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4
+    assert len(rows) == 3 and len({r["trial_id"] for r in rows}) == 3
     assert {"lr", "epochs", "best_val_macro_f1", "epochs_run", "status"} <= set(rows[0])
     for row in rows:
         assert 3e-4 <= float(row["lr"]) <= 1e-2 and row["epochs"] in ("1", "2")
@@ -213,7 +213,7 @@ def test_asha_search_on_s3_writes_trials_plot_and_the_best_model(ray_session, ti
         assert 1 <= int(row["epochs_run"]) <= int(row["epochs"])
     assert rows[0]["rank"] == "1" and rows[0]["trial_id"] == result.best.trial_id
     assert float(rows[0]["best_val_macro_f1"]) == max(float(r["best_val_macro_f1"]) for r in rows)
-    assert sum(f"trial {r['trial_id']} " in printed for r in rows) == 4  # a line per trial
+    assert sum(f"trial {r['trial_id']} " in printed for r in rows) == 3  # a line per trial
     assert storage.read_bytes(storage.join(s3_prefix, "tune.png"))[:4] == b"\x89PNG"
     names = [i.path for i in storage.list_files(s3_prefix)]
     assert any(n.endswith("tune/tuner.pkl") for n in names)  # Tune's experiment is on S3 too
@@ -239,7 +239,7 @@ def test_asha_search_on_s3_writes_trials_plot_and_the_best_model(ray_session, ti
     assert [t.trial_id for t in again.trials] == [t.trial_id for t in result.trials]
     assert again.best.best == result.best.best
     with pytest.raises(VitrayError, match="holds another search"):
-        search(SearchConfig(config.base, space={"lr": "loguniform:3e-4:1e-2", "epochs": "2"}, samples=4))
+        search(SearchConfig(config.base, space={"lr": "loguniform:3e-4:1e-2", "epochs": "2"}, samples=3))
 
 
 @pytest.mark.slow
