@@ -45,6 +45,7 @@ class Progress:
         self.extra: dict[str, Any] = {}
         self.started = time.monotonic() - elapsed  # a count that began before this object (a worker's)
         self._last_line = time.monotonic()
+        self._shown: int | None = None  # the count the last plain line said
         self._bar = None
         if self.tty:
             from tqdm import tqdm
@@ -85,14 +86,15 @@ class Progress:
         parts += [f"{k} {v}" for k, v in self.extra.items()]
         self.stream.write(", ".join(parts) + "\n")
         self.stream.flush()
+        self._shown = self.done
 
     def close(self, quiet: bool = False) -> None:
         """End the bar; without a TTY a last line, unless `quiet` (a line of its own follows)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif self.done and not quiet:
-            self._line()
+        elif self.done and not quiet and self.done != self._shown:
+            self._line()  # the last count, unless the last line said it already
 
     def __enter__(self) -> "Progress":
         return self
