@@ -3,6 +3,7 @@ must not run code, and the CLI's checks."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -105,47 +106,33 @@ def test_the_same_seed_trains_the_same_model(ray_session, small, tmp_path):
     assert run("a", seed=5) == run("b", seed=5)
 
 
-def test_two_workers_write_every_output(ray_session, inspection, tmp_path):
-    from transformers import AutoImageProcessor, ViTForImageClassification
+@pytest.mark.s3
+def test_two_workers_write_every_output_to_s3(ray_session, inspection, s3_prefix):
+    from vitray.data.sources import inspect_source
+    from vitray.models import load_trained
 
-    out = tmp_path / "run"
-    result = train(TrainConfig(data=inspection, out=str(out), epochs=3, workers=2, batch_size=16))
-    for name in ("metrics.json", "history.csv", "confusion_matrix.png", "curves.png", "args.json",
-                 "model/config.json", "model/model.safetensors", "model/preprocessor_config.json"):
-        assert (out / name).exists(), name
-    metrics = json.loads((out / "metrics.json").read_text())
+    result = train(TrainConfig(data=inspection, out=s3_prefix, epochs=3, workers=2, batch_size=16))
+    names = {storage.relative(storage.resolve(s3_prefix), f.path) for f in storage.list_files(s3_prefix)}
+    assert {"metrics.json", "history.csv", "confusion_matrix.png", "curves.png", "args.json", "model/config.json",
+            "model/model.safetensors", "model/preprocessor_config.json"} <= names
+    assert any(n.startswith("train/epoch-") for n in names)  # Ray Train's checkpoints are on S3 too
+    metrics = json.loads(storage.read_bytes(storage.join(s3_prefix, "metrics.json")))
     assert set(metrics) >= {"accuracy", "macro_f1", "per_class", "confusion_matrix", "labels", "params"}
     assert metrics["labels"] == ["Xminus", "Xplus", "Yminus", "Yplus", "passed"]
     assert set(metrics["per_class"]["passed"]) == {"precision", "recall", "f1", "support"}
     assert metrics["params"]["trainable"] == metrics["params"]["total"] > 0
-    from vitray.data.sources import inspect_source
-
     source = inspect_source(inspection)  # each worker validates its share, together every image once
     _, val_ids = stratified_split(source.ids, source.row_labels, 0.1, 0)
     assert np.sum(metrics["confusion_matrix"]) == len(val_ids)
-    history = _history(out / "history.csv")
+    history = list(csv.DictReader(io.StringIO(storage.read_bytes(storage.join(s3_prefix, "history.csv")).decode())))
     assert [int(r["epoch"]) for r in history] == [1, 2, 3]
     assert list(history[0]) == ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr",
                                 "images_per_s"]
     assert all(float(r["images_per_s"]) > 0 for r in history)
-    model = ViTForImageClassification.from_pretrained(out / "model")
-    assert model.config.id2label[4] == "passed" and model.config.image_size == 32
-    processor = AutoImageProcessor.from_pretrained(out / "model")
-    assert processor.size["height"] == 32
-    assert result.best_epoch == metrics["best_epoch"]
-    assert json.loads((out / "args.json").read_text())["workers"] == 2
-
-
-@pytest.mark.s3
-def test_train_to_s3(ray_session, inspection, s3_prefix):
-    from vitray.models import load_trained
-
-    train(TrainConfig(data=inspection, out=s3_prefix, epochs=2, workers=2, batch_size=32))
-    names = {storage.relative(storage.resolve(s3_prefix), f.path) for f in storage.list_files(s3_prefix)}
-    assert {"metrics.json", "history.csv", "curves.png", "model/config.json"} <= names
-    assert any(n.startswith("train/epoch-") for n in names)  # Ray Train's checkpoints are on S3 too
     model, prep, labels = load_trained(storage.join(s3_prefix, "model"))
-    assert labels[-1] == "passed" and prep.size == 32
+    assert labels[-1] == "passed" and model.config.id2label[4] == "passed" and prep.size == 32
+    assert result.best_epoch == metrics["best_epoch"]
+    assert json.loads(storage.read_bytes(storage.join(s3_prefix, "args.json")))["workers"] == 2
 
 
 def _train_worker_pids() -> list[int]:
@@ -244,11 +231,16 @@ def test_kaggle_csv_trains_directly(ray_session, tmp_path):
     (["--out", "x"], "--data is required"),
     (["--data", ".", "--out", "x", "--frobnicate"], "unrecognized"),
 ])
-def test_bad_options_are_one_line_errors(args, needle):
-    proc = subprocess.run(VITRAY + ["train", *args], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("vitray: error:") and needle in lines[0], proc.stderr
+def test_bad_options_are_one_line_errors(args, needle, capsys):
+    from vitray.cli import main
+
+    try:
+        code = main(["train", *args])
+    except SystemExit as exit:  # argparse's own usage errors
+        code = exit.code
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vitray: error:") and needle in lines[0], lines
 
 
 def test_config_file_supplies_options_and_flags_override(tmp_path):
