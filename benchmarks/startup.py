@@ -8,7 +8,8 @@ Writes N PNGs (64 px) and a default-preset model, then alternates, `--rounds` ti
   prints, the first committed piece, the exit;
 - the same with `--in-process-max 0`: on an embedded Ray, as a larger run is;
 - a plain script: import torch and transformers, load the model, decode with PIL, forward in
-  batches of 64, write one parquet file.
+  batches of 64, write one parquet file;
+- `vitray explain` on 3 of the images against a plain script that draws the same rollout maps.
 Prints the medians and the ratios of the wall times to the plain script's.
 """
 from __future__ import annotations
@@ -42,6 +43,27 @@ with torch.inference_mode():
         rows += [(n, int(p.argmax()), float(p.max())) for n, p in zip(part, probs)]
 pq.write_table(pa.table({"id": [r[0] for r in rows], "pred": [r[1] for r in rows], "score": [r[2] for r in rows]}),
                sys.argv[3])
+'''
+
+# `vitray explain` by hand: the model with attention weights, mean-fused rollout, one map PNG per image.
+PLAIN_EXPLAIN = r'''
+import sys, os
+import numpy as np, torch
+from PIL import Image
+from transformers import ViTForImageClassification
+model = ViTForImageClassification.from_pretrained(sys.argv[1], attn_implementation="eager").eval()
+side = model.config.image_size // model.config.patch_size
+for path in sys.argv[3:]:
+    x = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+    with torch.inference_mode():
+        attentions = model(pixel_values=(x - 0.5) / 0.5, output_attentions=True).attentions
+    rollout = torch.eye(attentions[0].shape[-1])
+    for layer in attentions:
+        a = layer[0].mean(0) + torch.eye(layer.shape[-1])
+        rollout = (a / a.sum(-1, keepdim=True)) @ rollout
+    heat = rollout[0, 1:].reshape(side, side)
+    heat = (255 * heat / heat.max()).numpy().astype(np.uint8)
+    Image.fromarray(heat).resize(x.shape[-2:]).save(os.path.join(sys.argv[2], os.path.basename(path)))
 '''
 
 
@@ -99,6 +121,21 @@ def plain_run(images: str, model: str, out: str) -> float:
     return time.perf_counter() - start
 
 
+def explain_pair(images: str, model: str, root: str, n: int = 3) -> tuple[float, float]:
+    """Seconds of `vitray explain` on n images, and of the plain script that draws the same maps."""
+    paths = [os.path.join(images, name) for name in sorted(os.listdir(images))[:n]]
+    vitray = os.path.join(os.path.dirname(sys.executable), "vitray")
+    start = time.perf_counter()
+    subprocess.run([vitray, "explain", "--model", model, "--out", os.path.join(root, "explain"), *paths],
+                   check=True, capture_output=True)
+    ours = time.perf_counter() - start
+    os.makedirs(os.path.join(root, "plain-explain"), exist_ok=True)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", PLAIN_EXPLAIN, model, os.path.join(root, "plain-explain"), *paths],
+                   check=True)
+    return ours, time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
@@ -107,18 +144,21 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
         images, model = make_inputs(root, args.images)
-        runs, on_ray, plain = [], [], []
+        runs, on_ray, plain, explains = [], [], [], []
         for r in range(args.rounds):
             runs.append(vitray_run(images, model, os.path.join(root, f"scores-{r}")))
             on_ray.append(vitray_run(images, model, os.path.join(root, f"ray-{r}"), "--in-process-max", "0"))
             plain.append(plain_run(images, model, os.path.join(root, f"plain-{r}.parquet")))
-            print(f"round {r + 1}: vitray {runs[-1]}, on Ray {on_ray[-1]}, plain script {plain[-1]:.1f} s",
-                  flush=True)
+            explains.append(explain_pair(images, model, root))
+            print(f"round {r + 1}: vitray {runs[-1]}, on Ray {on_ray[-1]}, plain script {plain[-1]:.1f} s; "
+                  f"explain on 3 images {explains[-1][0]:.1f} s, plain {explains[-1][1]:.1f} s", flush=True)
     median = {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
     median_ray = {k: round(statistics.median(r[k] for r in on_ray), 2) for k in on_ray[0]}
     plain_s = statistics.median(plain)
     result = {"images": args.images, "vitray": median, "vitray_on_ray": median_ray, "plain_s": round(plain_s, 2),
               "ratio": round(median["exit_s"] / plain_s, 2), "ratio_on_ray": round(median_ray["exit_s"] / plain_s, 2)}
+    ours, theirs = (statistics.median(e[i] for e in explains) for i in (0, 1))
+    result["explain_3_images"] = {"vitray_s": round(ours, 2), "plain_s": round(theirs, 2), "ratio": round(ours / theirs, 2)}
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:
