@@ -51,18 +51,17 @@ class RayOptions:
 IN_PROCESS_MAX = 2000  # images: a smaller run on no cluster is done without Ray (score, evaluate)
 
 
-def runs_in_process(images: int, limit: int, address: str | None, gpus_per_worker: float,
-                    torch_model: bool = True) -> bool:
+def runs_in_process(images: int, limit: int, address: str | None, gpus_per_worker: float) -> bool:
     """Whether a run of `images` is done in this process rather than on Ray.
 
     Only with no cluster named (no `--ray-address`, no RAY_ADDRESS), at most `limit` images
-    (0: never): starting Ray and its workers costs a few seconds, many times such a run. A
-    PyTorch model takes a GPU wherever it sees one, so on a GPU machine asked for none, Ray
-    (which hides the GPUs from a worker asking for none) keeps the run on the CPU.
+    (0: never): starting Ray and its workers costs a few seconds, many times such a run. Both
+    engines take a GPU wherever they see one, so on a GPU machine asked for none, Ray (which
+    hides the GPUs from a worker asking for none) keeps the run on the CPU.
     """
     if images > limit or address or os.environ.get("RAY_ADDRESS"):
         return False
-    if gpus_per_worker == 0 and torch_model:
+    if gpus_per_worker == 0:
         import torch
 
         return not torch.cuda.is_available()

@@ -244,7 +244,7 @@ def _score_remaining(config: ScoreConfig, source: Any, plan: PiecePlan, model: s
     remaining = [i for i in source.ids if i not in done]
     skipped = len(source) - len(remaining)
     totals.in_process = bool(remaining) and runs_in_process(len(remaining), config.in_process_max, config.ray_address,
-                                                            config.gpus_per_worker, config.engine == "torch")
+                                                            config.gpus_per_worker)
     log.info("%s images in %s, %s already scored in %s: %s to score%s", f"{len(source):,}", config.input,
              f"{skipped:,}", plan.output, f"{len(remaining):,}",
              " in this process (too few to start Ray for)" if totals.in_process else "")
