@@ -195,15 +195,17 @@ def test_every_policy_trains_the_pretrained_encoder_it_should(pretrained):
         assert any(name.startswith("classifier") for name in trainable), policy
 
 
-def test_the_encoder_fine_tunes_with_vitray_train(pretrained, line, tmp_path):
+def test_the_encoder_fine_tunes_with_vitray_train(pretrained, line, tmp_path, monkeypatch):
     """With LoRA (adapters merged at export), the longer of the two ways train handles a policy; what each
-    policy trains is checked above without a run."""
+    policy trains is checked above without a run. Paths relative, as typed: the workers run elsewhere."""
     policy = "lora:2"
     from vitray.train import TrainConfig, train
 
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "finetuned"
-    result = train(TrainConfig(data=line["labelled"], out=str(out), model=str(pretrained.out / "model"), epochs=1,
-                               batch_size=8, finetune=policy, lr=1e-3))
+    result = train(TrainConfig(data=os.path.relpath(line["labelled"]), out="finetuned",
+                               model=os.path.relpath(pretrained.out / "model"), epochs=1, batch_size=8,
+                               finetune=policy, lr=1e-3))
     assert result.metrics["labels"] == ["Xminus", "Xplus", "Yminus", "Yplus", "passed"]
     tuned = build_model(str(out / "model"), result.metrics["labels"])[0].state_dict()
     start = _last_state(pretrained.out)["model"]

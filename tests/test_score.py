@@ -411,7 +411,10 @@ def test_a_small_run_scores_in_this_process_and_commits_what_ray_commits(ray_ses
     good, kinds = image_zoo(data)
     noise_pngs(data / "more", [f"{i:03d}.png" for i in range(40)])
     base = dict(model=tiny_model, input=str(data), attention="all", piece_rows=7, batch_size=5)
-    on_ray = score(ScoreConfig(output=str(tmp_path / "ray"), in_process_max=0, **base))
+    # Relative paths, as a user types them: Ray's actors, in other folders, must still find the model.
+    monkeypatch.chdir(tmp_path)
+    relative = {**base, "model": os.path.relpath(tiny_model), "input": "zoo"}
+    on_ray = score(ScoreConfig(output="ray", in_process_max=0, **relative))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # no cluster named: a small run stays in this process
     monkeypatch.setattr("vitray.runtime.init_ray", lambda *a, **k: pytest.fail("Ray was started"))
     here = score(ScoreConfig(output=str(tmp_path / "here"), **base))

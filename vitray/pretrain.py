@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -122,6 +122,11 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     from vitray.train import fit, interrupted
 
     config.check()
+    from vitray.models.building import portable
+
+    # Ray's workers run in other folders than the driver: every local path they get is absolute.
+    config = replace(config, data=storage.absolute(config.data), out=storage.absolute(config.out),
+                     model=portable(config.model))
     storage.check_output(config.out, "--out")
     run = storage.join(config.out, RUN_NAME)
     tracked, status = None, "FAILED"

@@ -82,6 +82,16 @@ def resolve(uri: str, endpoint: str | None = None) -> Location:
     return Location(pafs.LocalFileSystem(), path, path)
 
 
+def absolute(uri: str | None) -> str | None:
+    """A local path made absolute (and `~` expanded); `s3://` and `file://` URIs as they are.
+
+    Ray's workers run in other folders than the driver: every path they are handed is absolute.
+    """
+    if uri is None or is_s3(str(uri)) or "://" in str(uri):
+        return uri
+    return os.path.abspath(os.path.expanduser(str(uri)))
+
+
 def describe_error(uri: str, exc: BaseException) -> str:
     """One line for a storage failure, with the secret never in it."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

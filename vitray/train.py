@@ -50,6 +50,7 @@ def train(config: TrainConfig) -> TrainResult:
     from vitray import tracking
 
     config.check()
+    config = config.located()
     storage.check_output(config.out, "--out")
     run = storage.join(config.out, RUN_NAME)
     tracked = None

@@ -1,9 +1,10 @@
 """Every option of a training run, with its one default, checked before any work starts."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 
-
+from vitray import storage
 from vitray.errors import VitrayError
 
 CLASS_WEIGHTS = ("auto", "loss", "none")
@@ -38,6 +39,13 @@ class TrainConfig:
     shared_fs: bool = False  # a local --out that every node of a multi-node cluster mounts
     mlflow: str | None = None  # MLflow tracking URI (else $MLFLOW_TRACKING_URI; neither: untracked)
     mlflow_experiment: str | None = None  # default "vitray"
+
+    def located(self) -> "TrainConfig":
+        """The same config with local paths absolute: Ray's workers run in other folders than the driver."""
+        from vitray.models.building import portable
+
+        return dataclasses.replace(self, data=storage.absolute(self.data), out=storage.absolute(self.out),
+                                   val=storage.absolute(self.val), model=portable(self.model))
 
     def check(self) -> None:
         """Refuse bad values before any work starts."""

@@ -111,6 +111,13 @@ def source_kind(spec: str | None) -> str:
     return "hub"
 
 
+def portable(spec: str | None) -> str | None:
+    """A model spec that means the same in a Ray worker: a local folder made absolute, others as they are."""
+    if spec is None or spec in PRESETS or storage.is_s3(spec) or "://" in spec:
+        return spec
+    return storage.absolute(spec) if os.path.exists(os.path.expanduser(spec)) else spec
+
+
 # "org/name" as the hub spells repo ids; a missing relative folder "out/model" looks the same,
 # which is why the hub error also says that it is not a local folder.
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")

@@ -201,6 +201,7 @@ def score(config: ScoreConfig, progress: Callable[[dict[str, int]], None] | None
     """
     wall_start = time.perf_counter()
     config.check()
+    config = _located(config)
     labels, prep, grid, model = _check_model(config)
     source = _check_input(config)
     _check_gpus(config)
@@ -293,6 +294,14 @@ def _finish(config: ScoreConfig, manifest: dict[str, Any], source: Any, totals: 
     if failure:
         raise failure
     return manifest
+
+
+def _located(config: ScoreConfig) -> ScoreConfig:
+    """Local paths absolute: Ray's actors run in other folders than the driver."""
+    from vitray.models.building import portable
+
+    return dataclasses.replace(config, model=portable(config.model), input=storage.absolute(config.input),
+                               output=storage.absolute(config.output), submission=storage.absolute(config.submission))
 
 
 def _ids_base(input_uri: str) -> str:

@@ -5,6 +5,7 @@ OUT/trials.csv, OUT/tune.png and the best trial's best checkpoint as OUT/best/mo
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -48,6 +49,7 @@ def search(config: SearchConfig) -> SearchResult:
     raises a VitrayError with exit code 130.
     """
     config.check()
+    config = dataclasses.replace(config, base=config.base.located())
     storage.check_output(config.base.out, "--out")
     try:
         return _search(config)
