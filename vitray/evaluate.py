@@ -200,7 +200,6 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, fmt: str | None = None
     """
     from vitray.data.sources import inspect_source
     from vitray.inference import NEGATIVE_LABEL, PredictOptions, model_info
-
     from vitray.models.building import portable
 
     if batch_size < 1 or workers < 1 or in_process_max < 0:

@@ -119,11 +119,10 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     """
     from vitray import tracking
     from vitray.checkpoints import check_resume, prune_checkpoints
+    from vitray.models.building import portable
     from vitray.train import fit, interrupted
 
     config.check()
-    from vitray.models.building import portable
-
     # Ray's workers run in other folders than the driver: every local path they get is absolute.
     config = replace(config, data=storage.absolute(config.data), out=storage.absolute(config.out),
                      model=portable(config.model))

@@ -113,9 +113,9 @@ def source_kind(spec: str | None) -> str:
 
 def portable(spec: str | None) -> str | None:
     """A model spec that means the same in a Ray worker: a local folder made absolute, others as they are."""
-    if spec is None or spec in PRESETS or storage.is_s3(spec) or "://" in spec:
-        return spec
-    return storage.absolute(spec) if os.path.exists(os.path.expanduser(spec)) else spec
+    if spec is None or spec in PRESETS or not os.path.exists(os.path.expanduser(spec)):
+        return spec  # a preset, a URI (s3://, file://) or a hub id
+    return storage.absolute(spec)
 
 
 # "org/name" as the hub spells repo ids; a missing relative folder "out/model" looks the same,

@@ -366,13 +366,16 @@ def _in_process(config: ScoreConfig, source: Any, remaining: list[str], model: s
     from vitray.inference import predict_in_process
 
     scored: list[dict[str, np.ndarray]] = []
+    rows = 0  # in `scored`
     for batch in predict_in_process(source, remaining, model, prep, _options(config), config.batch_size):
         scored.append(batch)
-        while sum(len(b["id"]) for b in scored) >= config.piece_rows:
-            rows = {k: np.concatenate([b[k] for b in scored]) for k in scored[0]}
-            yield write_piece({k: v[:config.piece_rows] for k, v in rows.items()}, plan)
-            scored = [{k: v[config.piece_rows:] for k, v in rows.items()}]
-    if sum(len(b["id"]) for b in scored):
+        rows += len(batch["id"])
+        while rows >= config.piece_rows:
+            joined = {k: np.concatenate([b[k] for b in scored]) for k in scored[0]}
+            yield write_piece({k: v[:config.piece_rows] for k, v in joined.items()}, plan)
+            scored = [{k: v[config.piece_rows:] for k, v in joined.items()}]
+            rows -= config.piece_rows
+    if rows:
         yield write_piece({k: np.concatenate([b[k] for b in scored]) for k in scored[0]}, plan)
 
 
