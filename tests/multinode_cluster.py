@@ -137,7 +137,7 @@ class LocalCluster:
         return self._call({"op": "nodes"}, timeout)["nodes"]
 
     def actors(self, timeout: float = 30.0) -> list[dict[str, Any]]:
-        """Every actor the GCS knows: class_name, state, node_id, pid, name, start_ms, end_ms."""
+        """Every actor the GCS knows: class_name, state, node_id, pid, name, start_ms, end_ms, death (why it ended)."""
         return self._call({"op": "actors"}, timeout)["actors"]
 
     def alive_nodes(self) -> set[str]:
@@ -252,7 +252,8 @@ def _serve(head_args: dict[str, Any]) -> None:
             table = cluster.global_state.actor_table(None)
             return {"actors": [{"class_name": a["ActorClassName"], "state": a["State"], "name": a["Name"],
                                 "node_id": a["Address"]["NodeID"], "pid": a["Pid"], "start_ms": a["StartTime"],
-                                "end_ms": a["EndTime"]} for a in table.values()]}
+                                "end_ms": a["EndTime"], "death": str(a["DeathCause"]).strip()}
+                               for a in table.values()]}
         raise ValueError(f"unknown op {op!r}")
 
     for line in sys.stdin:

@@ -10,7 +10,9 @@ scoring finishes with every image committed exactly once.
 """
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -115,10 +117,10 @@ def score_input(s3, s3_root: str, tmp_path_factory) -> tuple[str, list[str]]:
 class Run:
     """A `vitray` subprocess joined to the cluster, its output in a log file."""
 
-    def __init__(self, cluster: LocalCluster, args: list[str], log: Path) -> None:
+    def __init__(self, cluster: LocalCluster, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.log_path = log
         self._log = open(log, "w")
-        self.proc = subprocess.Popen(VITRAY + args, env=cluster.driver_env(), stdout=self._log,
+        self.proc = subprocess.Popen(VITRAY + args, env={**cluster.driver_env(), **(env or {})}, stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def running(self) -> bool:
@@ -286,17 +288,23 @@ def test_score_on_several_nodes_commits_every_image_once_after_losing_one(
 
     def both_scoring() -> list[dict]:
         actors = alive_actors(cluster, SCORER)
-        return actors if len(actors) == 2 and committed() else []
+        return actors if len(actors) == 2 else []
 
+    # The run waits for both actors before it reads (Ray Data otherwise drops one still starting
+    # when the other has every input in flight). Then the actor on a worker node is frozen
+    # (SIGSTOP): it keeps the batches it was given, in flight, whatever the machine's speed,
+    # until its node goes, after the other actor committed a piece.
+    both = {"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": str(SCORE_TIMEOUT_S)}
     started = time.monotonic()
-    with Run(cluster, args, tmp_path / "score-1.log") as run:
-        # Both actors up (each loads the model itself), and a piece committed.
-        actors = wait_for("two scoring actors and a committed piece", both_scoring, run, SCORE_TIMEOUT_S,
-                          every=0.25)
+    with Run(cluster, args, tmp_path / "score-1.log", both) as run:
+        actors = wait_for("two scoring actors", both_scoring, run, SCORE_TIMEOUT_S, every=0.1)
         placed = {a["node_id"] for a in actors}
         assert len(placed) == 2, f"both scoring actors on one node: {actors}"  # 1 CPU a node: cannot be
-        victim = sorted(placed - {cluster.head_id})[0]
-        assert run.running(), "the run finished before a node could be removed: give it more images"
+        frozen = next(a for a in actors if a["node_id"] != cluster.head_id)
+        os.kill(frozen["pid"], signal.SIGSTOP)  # the cluster's process: this test started it
+        victim = frozen["node_id"]
+        wait_for("a committed piece", committed, run, SCORE_TIMEOUT_S, every=0.25)
+        assert frozen in alive_actors(cluster, SCORER), "the frozen actor was let go: it held no batch"
         pieces_before = len(committed())
         cluster.remove_node(victim)
         print(f"removed node {victim[:8]} after {pieces_before} committed pieces, "
