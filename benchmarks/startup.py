@@ -1,6 +1,6 @@
-"""Start-up of a small scoring run: `vitray score` against a plain single-process script, side by side.
+"""Start-up of small runs: `vitray score` and `vitray train` against plain single-process scripts, side by side.
 
-    python benchmarks/startup.py [--images 2000] [--rounds 2] [--out startup.json]
+    python benchmarks/startup.py [--images 2000] [--train-images 300] [--rounds 2] [--out startup.json]
 
 Writes N PNGs (64 px) and a default-preset model, then alternates, `--rounds` times:
 - `vitray score --attention none` as a user runs it (a fresh process, no cluster named: up to
@@ -10,6 +10,10 @@ Writes N PNGs (64 px) and a default-preset model, then alternates, `--rounds` ti
 - a plain script: import torch and transformers, load the model, decode with PIL, forward in
   batches of 64, write one parquet file;
 - `vitray explain` on 3 of the images against a plain script that draws the same rollout maps.
+- `vitray train` on `--train-images` synthetic inspection images (32 px, 1 epoch, 2 workers, a
+  fresh process on an embedded Ray), with its first output line and its exit; the same with
+  Ray Train's own controller poll (every 2 s) instead of vitray's; a plain script that trains
+  the same model for one epoch in one process.
 Prints the medians and the ratios of the wall times to the plain script's.
 """
 from __future__ import annotations
@@ -67,6 +71,29 @@ for path in sys.argv[3:]:
 '''
 
 
+# One epoch of the same model in one process: PIL, torch, transformers, nothing else.
+PLAIN_TRAIN = r'''
+import sys, os, time
+start = time.perf_counter()
+import numpy as np, torch
+from PIL import Image
+from transformers import ViTConfig, ViTForImageClassification
+model = ViTForImageClassification(ViTConfig.from_json_file(sys.argv[1]))
+folders = sorted(e.path for e in os.scandir(sys.argv[2]) if e.is_dir())
+items = [(os.path.join(d, n), c) for c, d in enumerate(folders) for n in sorted(os.listdir(d))]
+x = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p, _ in items])).permute(0, 3, 1, 2)
+x, y = (x.float() / 255 - 0.5) / 0.5, torch.tensor([c for _, c in items])
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+order = torch.randperm(len(y))
+for step, i in enumerate(range(0, len(y), 32)):
+    batch = order[i:i + 32]
+    loss = torch.nn.functional.cross_entropy(model(pixel_values=x[batch]).logits, y[batch])
+    optimizer.zero_grad(); loss.backward(); optimizer.step()
+    if step == 0:
+        print(f"first_step_s {time.perf_counter() - start}", flush=True)
+'''
+
+
 def make_inputs(root: str, n: int) -> tuple[str, str]:
     from PIL import Image
 
@@ -115,6 +142,48 @@ def vitray_run(images: str, model: str, out: str, *extra: str) -> dict[str, floa
     return events
 
 
+def make_train_inputs(root: str, n: int) -> tuple[str, str]:
+    """An inspection image folder (32 px) and the default preset's config for it."""
+    from vitray.data import synth
+    from vitray.data.synth import LABEL_NAMES
+    from vitray.models import build_model
+
+    data = os.path.join(root, "train-data")
+    synth.write(data, fmt="imagefolder", n=n, size=32, seed=1)
+    model, _ = build_model(None, list(LABEL_NAMES), 32)
+    config = os.path.join(root, "train-config.json")
+    model.config.to_json_file(config)
+    return data, config
+
+
+def train_run(data: str, out: str, poll_s: str | None = None) -> dict[str, float]:
+    """Seconds from `vitray train` to its first output line and to its exit."""
+    vitray = os.path.join(os.path.dirname(sys.executable), "vitray")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if poll_s:
+        env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = poll_s
+    events: dict[str, float] = {}
+    start = time.perf_counter()
+    proc = subprocess.Popen([vitray, "train", "--data", data, "--out", out, "--epochs", "1", "--workers", "2",
+                             "--batch-size", "32"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    for _ in proc.stdout:
+        events.setdefault("first_line_s", time.perf_counter() - start)
+    proc.wait()
+    events["exit_s"] = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"vitray train exited with {proc.returncode}")
+    return events
+
+
+def plain_train(data: str, config: str) -> dict[str, float]:
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", PLAIN_TRAIN, config, data], check=True, capture_output=True,
+                          text=True)
+    first = float(done.stdout.split("first_step_s")[1].split()[0])
+    return {"first_step_s": first, "exit_s": time.perf_counter() - start}
+
+
 def plain_run(images: str, model: str, out: str) -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", PLAIN, model, images, out], check=True)
@@ -138,27 +207,48 @@ def explain_pair(images: str, model: str, root: str, n: int = 3) -> tuple[float,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--images", type=int, default=2000, help="0: no scoring figures")
+    parser.add_argument("--train-images", type=int, default=300, help="0: no training figures")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
-        images, model = make_inputs(root, args.images)
+        if args.images:
+            images, model = make_inputs(root, args.images)
         runs, on_ray, plain, explains = [], [], [], []
+        trains: dict[str, list[dict[str, float]]] = {"vitray": [], "train_poll_2s": [], "plain": []}
+        if args.train_images:
+            train_data, train_config = make_train_inputs(root, args.train_images)
         for r in range(args.rounds):
+            if args.train_images:
+                trains["vitray"].append(train_run(train_data, os.path.join(root, f"train-{r}")))
+                trains["train_poll_2s"].append(train_run(train_data, os.path.join(root, f"train-2s-{r}"), "2"))
+                trains["plain"].append(plain_train(train_data, train_config))
+                print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]}" for k, v in trains.items()), flush=True)
+            if not args.images:
+                continue
             runs.append(vitray_run(images, model, os.path.join(root, f"scores-{r}")))
             on_ray.append(vitray_run(images, model, os.path.join(root, f"ray-{r}"), "--in-process-max", "0"))
             plain.append(plain_run(images, model, os.path.join(root, f"plain-{r}.parquet")))
             explains.append(explain_pair(images, model, root))
             print(f"round {r + 1}: vitray {runs[-1]}, on Ray {on_ray[-1]}, plain script {plain[-1]:.1f} s; "
                   f"explain on 3 images {explains[-1][0]:.1f} s, plain {explains[-1][1]:.1f} s", flush=True)
-    median = {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
-    median_ray = {k: round(statistics.median(r[k] for r in on_ray), 2) for k in on_ray[0]}
-    plain_s = statistics.median(plain)
-    result = {"images": args.images, "vitray": median, "vitray_on_ray": median_ray, "plain_s": round(plain_s, 2),
-              "ratio": round(median["exit_s"] / plain_s, 2), "ratio_on_ray": round(median_ray["exit_s"] / plain_s, 2)}
-    ours, theirs = (statistics.median(e[i] for e in explains) for i in (0, 1))
-    result["explain_3_images"] = {"vitray_s": round(ours, 2), "plain_s": round(theirs, 2), "ratio": round(ours / theirs, 2)}
+    result: dict = {"images": args.images}
+    if args.images:
+        median = {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
+        median_ray = {k: round(statistics.median(r[k] for r in on_ray), 2) for k in on_ray[0]}
+        plain_s = statistics.median(plain)
+        result.update({"vitray": median, "vitray_on_ray": median_ray, "plain_s": round(plain_s, 2),
+                       "ratio": round(median["exit_s"] / plain_s, 2),
+                       "ratio_on_ray": round(median_ray["exit_s"] / plain_s, 2)})
+        ours, theirs = (statistics.median(e[i] for e in explains) for i in (0, 1))
+        result["explain_3_images"] = {"vitray_s": round(ours, 2), "plain_s": round(theirs, 2),
+                                      "ratio": round(ours / theirs, 2)}
+    if args.train_images:
+        train = {k: {e: round(statistics.median(run[e] for run in v), 2) for e in v[0]} for k, v in trains.items()}
+        result["train"] = {"images": args.train_images, **train,
+                           "ratio": round(train["vitray"]["exit_s"] / train["plain"]["exit_s"], 2),
+                           "poll_saving_s": round(train["train_poll_2s"]["exit_s"] - train["vitray"]["exit_s"], 2)}
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:

@@ -95,15 +95,25 @@ def test_training_rows_come_in_a_mixed_order(ray_session, inspection):
 # --------------------------------------------------------------------------- runs
 
 
-def test_the_same_seed_trains_the_same_model(ray_session, small, tmp_path):
+SEEDED = ["--epochs", "1", "--workers", "2", "--batch-size", "4", "--seed", "5"]
+
+
+@pytest.fixture(scope="module")
+def seeded_runs(ray_session, small, tmp_path_factory):
+    """Two runs of the same command (SEEDED): outputs in ROOT/a and ROOT/b."""
+    root = tmp_path_factory.mktemp("seeded")
+    for name in ("a", "b"):
+        train(TrainConfig(data=small, out=str(root / name), epochs=1, workers=2, batch_size=4, seed=5))
+    return root
+
+
+def test_the_same_seed_trains_the_same_model(seeded_runs):
     """Balance, augmentation and row order are seeded: identical commands give identical runs."""
-    def run(name: str, seed: int) -> list[dict]:
-        train(TrainConfig(data=small, out=str(tmp_path / name), epochs=1, workers=2, batch_size=4,
-                          seed=seed))
-        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in _history(tmp_path / name / "history.csv")]
+    def history(name: str) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in _history(seeded_runs / name / "history.csv")]
 
     # That another seed draws otherwise is tests/test_batches.py's (it would cost a third run here).
-    assert run("a", seed=5) == run("b", seed=5)
+    assert history("a") == history("b")
 
 
 @pytest.mark.s3
@@ -183,8 +193,11 @@ def _wait_for_free_cpus(timeout: float = 60.0) -> None:
 
 
 def test_rerun_after_a_killed_driver_resumes(ray_session, inspection, tmp_path):
+    """Tracked in MLflow (a local store): the same command goes on in the run the killed driver began."""
     out = tmp_path / "crash"
-    cmd = VITRAY + ["train", "--data", inspection, "--out", str(out), "--epochs", "5", "--batch-size", "32"]
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = VITRAY + ["train", "--data", inspection, "--out", str(out), "--epochs", "5", "--batch-size", "32",
+                    "--mlflow", store, "--mlflow-experiment", "crash"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 240
@@ -201,6 +214,14 @@ def test_rerun_after_a_killed_driver_resumes(ray_session, inspection, tmp_path):
     assert metrics["resumed_after_epochs"] and metrics["resumed_after_epochs"][0] >= 1
     epochs = [int(r["epoch"]) for r in _history(out / "history.csv")]
     assert epochs == [1, 2, 3, 4, 5]
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("crash").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == f"train {out}"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_macro_f1")]
+    assert sorted(set(steps)) == [1, 2, 3, 4, 5], steps  # an epoch redone after the kill logs its step again
 
 
 def test_kaggle_csv_trains_directly(ray_session, tmp_path):
@@ -300,14 +321,16 @@ def test_a_planted_pickle_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
-def test_a_planted_pickle_in_a_run_stops_the_rerun_in_one_line(ray_session, small, tmp_path):
+def test_a_planted_pickle_in_a_run_stops_the_rerun_in_one_line(seeded_runs, small, tmp_path):
     """Whoever can write to a shared --out must not get code run by the next `vitray train` there."""
+    import shutil
+
     out = tmp_path / "shared"
-    train(TrainConfig(data=small, out=str(out), epochs=1, batch_size=16))
+    shutil.copytree(seeded_runs / "a", out)  # a finished run, its checkpoint included
     assert (out / "train" / "epoch-0001" / "state.pt").exists()
     marker = tmp_path / "ran"
     _plant_pickle(out / "train" / "epoch-0001", marker)
-    proc = subprocess.run(VITRAY + ["train", "--data", small, "--out", str(out), "--epochs", "1", "--batch-size", "16"],
+    proc = subprocess.run(VITRAY + ["train", "--data", small, "--out", str(out), *SEEDED],
                           capture_output=True, text=True, timeout=300)
     assert not marker.exists(), "loading the checkpoint ran the planted code"
     assert proc.returncode == 2, proc.stderr[-2000:]

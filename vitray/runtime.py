@@ -19,6 +19,8 @@ LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 DATA_LOG_LEVEL_ENV = "RAY_DATA_LOG_LEVEL"
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 STARTUP_ENV = "RAY_worker_maximum_startup_concurrency"
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # how often Train's controller polls its workers
+TRAIN_POLL_S = "0.5"
 # glibc's malloc hands blocks over 128 kB back to the kernel when they are freed, and gets
 # fresh zeroed pages on the next batch: a page fault per 4 kB of every large tensor. Keeping
 # blocks up to 32 MiB (glibc's largest mmap threshold) and 256 MiB of free heap in the
@@ -215,7 +217,12 @@ def _worker_env(quiet: bool) -> dict[str, str]:
     # worker line twice; Train passes both on to its controller and workers on any cluster.
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    env_vars = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **malloc_env()}
+    # Train's controller polls its workers every 2 s by default, and steps of a run (the
+    # workers up, the end) wait for the next poll: 1.5 s of a small run (benchmarks/startup.py,
+    # "train"). A poll is one call per worker.
+    os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
+    env_vars = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                TRAIN_POLL_ENV: os.environ[TRAIN_POLL_ENV], **malloc_env()}
     tune_malloc()  # the driver's own work, such as the benchmark's plain loops
     if quiet:
         # Ray Data logs every execution plan (each epoch, in every Train worker) at INFO and
