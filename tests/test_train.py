@@ -198,7 +198,9 @@ def test_rerun_after_a_killed_driver_resumes(ray_session, inspection, tmp_path):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = VITRAY + ["train", "--data", inspection, "--out", str(out), "--epochs", "5", "--batch-size", "32",
                     "--mlflow", store, "--mlflow-experiment", "crash"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # In tmp_path: MLflow puts a SQLite store's artifacts in ./mlruns.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            cwd=tmp_path)
     try:
         deadline = time.time() + 240
         while not (out / "train" / "epoch-0003").exists() and time.time() < deadline:
@@ -208,7 +210,7 @@ def test_rerun_after_a_killed_driver_resumes(ray_session, inspection, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     _wait_for_free_cpus()  # Ray notices the driver is gone and releases its workers
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_after_epochs"] and metrics["resumed_after_epochs"][0] >= 1
@@ -222,6 +224,7 @@ def test_rerun_after_a_killed_driver_resumes(ray_session, inspection, tmp_path):
     assert run.info.status == "FINISHED" and run.info.run_name == f"train {out}"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_macro_f1")]
     assert sorted(set(steps)) == [1, 2, 3, 4, 5], steps  # an epoch redone after the kill logs its step again
+    assert (tmp_path / "mlruns").is_dir()  # the run's artifacts, where MLflow puts a SQLite store's
 
 
 def test_kaggle_csv_trains_directly(ray_session, tmp_path):
