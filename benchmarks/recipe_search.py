@@ -4,6 +4,7 @@ augmentation, class weights, schedule, metrics and attention maps, in a plain lo
 It measures recipe variants quickly; `vitray train` is what users run. Repeat the tables of docs/benchmarks.md:
     python benchmarks/recipe_search.py insp synth '[{"name":"default","patch":8,"bs":32}]'
     python benchmarks/recipe_search.py digits - '[{"name":"p2","patch":2,"bs":32,"epochs":100}]'
+    python benchmarks/recipe_search.py digits 3 '[...]'   (a stratified 80/20 split, seed 3; the SVM's accuracy first)
 """
 import dataclasses, json, math, sys, time, os
 sys.path.insert(0, os.getcwd())
@@ -27,11 +28,22 @@ def data(style, n, frac, seed, size=64):
         xs.append(s.image); ys.append(names.index(s.label)); bs.append(s.bbox)
     return np.stack(xs), np.array(ys), np.array(bs, np.float32), names
 
-def digits():
+def digits(split=None):
+    """scikit-learn's digits: the project's fifth (permutation seed 0), or with `split` a stratified 80/20 split."""
     from sklearn.datasets import load_digits
-    d = load_digits(); rng = np.random.default_rng(0); o = rng.permutation(len(d.target)); cut = int(.8*len(o))
-    X = (d.images*255/16).round().astype(np.uint8)[..., None]
-    return X[o[:cut]], d.target[o[:cut]], X[o[cut:]], d.target[o[cut:]], [str(i) for i in range(10)]
+    d = load_digits(); X = (d.images*255/16).round().astype(np.uint8)[..., None]
+    if split is None:
+        rng = np.random.default_rng(0); o = rng.permutation(len(d.target)); cut = int(.8*len(o)); tr, te = o[:cut], o[cut:]
+    else:
+        from sklearn.model_selection import train_test_split
+        tr, te = train_test_split(np.arange(len(d.target)), test_size=0.2, stratify=d.target, random_state=split)
+    return X[tr], d.target[tr], X[te], d.target[te], [str(i) for i in range(10)]
+
+def svm_accuracy(Xtr, ytr, Xte, yte):
+    """The baseline the digits target names: an RBF SVM on the raw 8x8 pixels (0..16), SVC(gamma=0.001, C=10)."""
+    from sklearn.svm import SVC
+    f = lambda X: X.reshape(len(X), -1) * (16 / 255)
+    return float((SVC(gamma=0.001, C=10).fit(f(Xtr), ytr).predict(f(Xte)) == yte).mean())
 
 def resized(X, b, size):
     """Images and boxes at `size` px, as vitray's Ray Data resize makes them."""
@@ -142,8 +154,9 @@ if __name__ == "__main__":
         Xtr, ytr, btr, labels = data(style, 3000, 0.02, 11); Xte, yte, bte, _ = data(style, 1000, 0.2, 12)
         for v in json.loads(sys.argv[3]):
             run(v.pop("name"), Xtr, ytr, btr, Xte, yte, bte, labels, **v)
-    else:
-        Xtr, ytr, Xte, yte, labels = digits()
+    else:  # argv[2]: "-" for the project's split, or a stratified split's seed
+        Xtr, ytr, Xte, yte, labels = digits(None if sys.argv[2] == "-" else int(sys.argv[2]))
+        print(json.dumps({"split": sys.argv[2], "svm_acc": round(svm_accuracy(Xtr, ytr, Xte, yte), 4)}), flush=True)
         nb = np.full((len(Xtr),4), np.nan, np.float32); nb2 = np.full((len(Xte),4), np.nan, np.float32)
         for v in json.loads(sys.argv[3]):
             run(v.pop("name"), Xtr, ytr, nb, Xte, yte, nb2, labels, **v)
