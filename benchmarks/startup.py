@@ -94,6 +94,14 @@ for step, i in enumerate(range(0, len(y), 32)):
 '''
 
 
+VITRAY = os.path.join(os.path.dirname(sys.executable), "vitray")
+
+
+def user_env(**extra: str) -> dict[str, str]:
+    """This environment without RAY_ADDRESS (no cluster: as a user at a terminal), plus `extra`."""
+    return {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **extra}
+
+
 def make_inputs(root: str, n: int) -> tuple[str, str]:
     from PIL import Image
 
@@ -111,13 +119,11 @@ def make_inputs(root: str, n: int) -> tuple[str, str]:
 
 def vitray_run(images: str, model: str, out: str, *extra: str) -> dict[str, float]:
     """Seconds from the command to: its first output line, the first and last committed piece, its exit."""
-    vitray = os.path.join(os.path.dirname(sys.executable), "vitray")
     events: dict[str, float] = {}
     start = time.perf_counter()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # no cluster: as a user at a terminal
-    proc = subprocess.Popen([vitray, "score", "--model", model, "--input", images, "--output", out,
+    proc = subprocess.Popen([VITRAY, "score", "--model", model, "--input", images, "--output", out,
                              "--attention", "none", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
+                            text=True, env=user_env())
     done = threading.Event()
 
     def watch() -> None:
@@ -158,13 +164,10 @@ def make_train_inputs(root: str, n: int) -> tuple[str, str]:
 
 def train_run(data: str, out: str, poll_s: str | None = None) -> dict[str, float]:
     """Seconds from `vitray train` to its first output line and to its exit."""
-    vitray = os.path.join(os.path.dirname(sys.executable), "vitray")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    if poll_s:
-        env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = poll_s
+    env = user_env(**({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": poll_s} if poll_s else {}))
     events: dict[str, float] = {}
     start = time.perf_counter()
-    proc = subprocess.Popen([vitray, "train", "--data", data, "--out", out, "--epochs", "1", "--workers", "2",
+    proc = subprocess.Popen([VITRAY, "train", "--data", data, "--out", out, "--epochs", "1", "--workers", "2",
                              "--batch-size", "32"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)
     for _ in proc.stdout:
@@ -193,9 +196,8 @@ def plain_run(images: str, model: str, out: str) -> float:
 def explain_pair(images: str, model: str, root: str, n: int = 3) -> tuple[float, float]:
     """Seconds of `vitray explain` on n images, and of the plain script that draws the same maps."""
     paths = [os.path.join(images, name) for name in sorted(os.listdir(images))[:n]]
-    vitray = os.path.join(os.path.dirname(sys.executable), "vitray")
     start = time.perf_counter()
-    subprocess.run([vitray, "explain", "--model", model, "--out", os.path.join(root, "explain"), *paths],
+    subprocess.run([VITRAY, "explain", "--model", model, "--out", os.path.join(root, "explain"), *paths],
                    check=True, capture_output=True)
     ours = time.perf_counter() - start
     os.makedirs(os.path.join(root, "plain-explain"), exist_ok=True)
