@@ -21,6 +21,7 @@ API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 STARTUP_ENV = "RAY_worker_maximum_startup_concurrency"
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # how often Train's controller polls its workers
 TRAIN_POLL_S = "0.5"
+PREEMPTION_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Train's watcher of node drains, an actor per run
 # glibc's malloc hands blocks over 128 kB back to the kernel when they are freed, and gets
 # fresh zeroed pages on the next batch: a page fault per 4 kB of every large tensor. Keeping
 # blocks up to 32 MiB (glibc's largest mmap threshold) and 256 MiB of free heap in the
@@ -248,6 +249,11 @@ def _start_embedded(options: RayOptions, env_vars: dict[str, str], log_level: in
     # times that; an embedded Ray's logical CPUs are slots for Train workers, Ray Data's
     # tasks and actors, which do start that many. Its own setting, read when it starts.
     os.environ.setdefault(STARTUP_ENV, str(options.num_cpus or embedded_cpus()))
+    # Nothing drains the node of an embedded Ray: Train's preemption watcher (an actor per
+    # run, ~1.5 s of CPU to start) has nothing to watch. Set before the raylet starts, so
+    # that the runs of other processes joining this Ray skip it too.
+    os.environ.setdefault(PREEMPTION_ENV, "0")
+    env_vars[PREEMPTION_ENV] = os.environ[PREEMPTION_ENV]
     ray.init(num_cpus=options.num_cpus or embedded_cpus(), include_dashboard=options.dashboard,
              dashboard_host="127.0.0.1", dashboard_port=port,
              logging_level=log_level, log_to_driver=not options.quiet,

@@ -19,6 +19,7 @@ from vitray.data.decode import ImageError, decode_image
 from vitray.data.sources import KAGGLE_SIDE, NO_BOX, Source, parse_response
 
 log = logging.getLogger(__name__)
+READ_BLOCK = 64  # read tasks (image files, table parts) per block of a Ray Dataset
 
 
 def _empty_batch() -> dict[str, list]:
@@ -140,7 +141,10 @@ def read_encoded(source: Source, ids: Iterable[str] | None = None, parallelism: 
     import ray.data
 
     items, args, batch = _encoded_tasks(source, ids)
-    blocks = parallelism or max(1, min(len(items), 4 * max(1, len(items) // 256) + 8))
+    # A block per READ_BLOCK tasks, not one per free CPU: each Ray Data task process costs
+    # more to start (~1.5 s of CPU) than a small input takes to read, and a large input
+    # still gets blocks enough to spread over a cluster.
+    blocks = parallelism or max(1, -(-len(items) // READ_BLOCK))
     ds = ray.data.from_items(items, override_num_blocks=min(blocks, max(1, len(items))))
     return ds.map_batches(_read_tasks, fn_args=args, batch_size=batch, batch_format="numpy")
 
