@@ -144,6 +144,20 @@ def test_a_full_disk_is_one_line_and_the_rerun_finishes_exactly_once(ray_session
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
+def _scoring_actor_pids() -> list[int]:
+    """The scoring actors' processes in this test session's Ray (descendants of this process only)."""
+    import psutil
+
+    pids = []
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "Predictor" in " ".join(proc.cmdline()):
+                pids.append(proc.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
 def test_ctrl_c_stops_scoring_with_130_and_the_rerun_finishes(ray_session, tiny_model, tmp_path):
     data, out = tmp_path / "night", tmp_path / "out"
     names = [f"{i:04d}.png" for i in range(400)]
@@ -151,19 +165,39 @@ def test_ctrl_c_stops_scoring_with_130_and_the_rerun_finishes(ray_session, tiny_
     args = ["score", "--model", tiny_model, "--input", str(data), "--output", str(out), "--attention", "all",
             "--piece-rows", "4", "--batch-size", "4"]
 
-    # Ctrl-C once the driver's loop has counted committed images (its progress line says so), not
-    # merely once a piece is on disk: the loop is where a run is mid-way, whatever the machine's load.
+    # 400 images take a few seconds: the driver's count lags the commits, and a Ctrl-C could land
+    # after the last piece. So the scoring actors are frozen (SIGSTOP) once a piece is committed,
+    # and Ctrl-C comes once the driver's loop has counted committed images (its progress line
+    # says so) and waits for the rest: a run stopped mid-way, whatever the machine's speed.
     proc = run_cli(*args, env={**os.environ, "VITRAY_PROGRESS_INTERVAL": "0.5"})
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()
-    deadline = time.monotonic() + 180
-    while not any(re.match(r"scoring: [1-9]", line) for line in list(lines)):
-        assert proc.poll() is None, "".join(lines)
-        assert time.monotonic() < deadline, "no image committed in time"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    code = proc.wait(timeout=60)
+    frozen: list[int] = []
+    try:
+        deadline = time.monotonic() + 180
+        while not list((out / "predictions").glob("part-*.parquet")):
+            assert proc.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "no piece committed in time"
+            time.sleep(0.02)
+        frozen = _scoring_actor_pids()
+        assert frozen, "no scoring actor found"
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)  # the session's Ray, which this test process started
+        while not any(re.match(r"scoring: [1-9]", line) for line in list(lines)):
+            assert proc.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "no image counted in time"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
     reader.join(timeout=10)
     stderr = "".join(lines)
 
@@ -173,6 +207,7 @@ def test_ctrl_c_stops_scoring_with_130_and_the_rerun_finishes(ray_session, tiny_
     assert "Traceback" not in stderr and not (out / "_lease.json").exists()
     manifests = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
     assert [m["status"] for m in manifests] == ["interrupted"]
+    assert 0 < manifests[0]["counts"]["scored"] < len(names)
 
     rerun = run_cli(*args)
     assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
