@@ -53,10 +53,11 @@ def resized(X, b, size):
 
 def run(name, Xtr, ytr, btr, Xte, yte, bte, labels, preset="vit-tiny", patch=8, lr=1e-3, epochs=40, bs=64,
         wd=0.05, warm=0.1, ls=0.1, cw=True, aug=True, size=None, extra=None, seed=0, rot=0.0, zoom=0.0,
-        shift=None, ema=0.0, balance=0.0, holdout=0.0, sincos=False):
+        shift=None, ema=0.0, balance=0.0, holdout=0.0, sincos=False, mixup=0.0, cutmix=0.0):
     """balance: sample each epoch with replacement, class c drawn ∝ count_c^(1-balance) (1: uniform
     over classes); holdout: drop this stratified share of the training set, as vitray train's
-    validation split does."""
+    validation split does; mixup / cutmix: Beta(a, a) mixing of each batch with a shuffled copy
+    of itself (both given: one or the other per batch, even odds)."""
     torch.manual_seed(seed)
     if holdout:
         from vitray.data.sampling import stratified_split
@@ -94,9 +95,23 @@ def run(name, Xtr, ytr, btr, Xte, yte, bte, labels, preset="vit-tiny", patch=8, 
             idx = perm[i:i+bs]
             b = augment_batch({"image": Xtr[idx], "label": ytr[idx].copy(), "bbox": btr[idx]}, acfg, seed=int(rng.integers(1<<30)))
             x = normalize(torch.from_numpy(b["image"]).to(dev), [.5]*ch, [.5]*ch); y = torch.from_numpy(b["label"]).to(dev)
+            lam, other = 1.0, None
+            if mixup or cutmix:
+                other = torch.from_numpy(rng.permutation(len(y))).to(dev)
+                cut = cutmix and (not mixup or rng.random() < 0.5)
+                lam = float(rng.beta(cutmix, cutmix) if cut else rng.beta(mixup, mixup))
+                if cut:  # a box of (1-lam) of the area from the other image; lam made exact
+                    S = x.shape[-1]; h = int(round(S * math.sqrt(1 - lam)))
+                    r0, c0 = int(rng.integers(0, S - h + 1)), int(rng.integers(0, S - h + 1))
+                    x = x.clone(); x[..., r0:r0+h, c0:c0+h] = x[other][..., r0:r0+h, c0:c0+h]; lam = 1 - h*h/(S*S)
+                else:
+                    x = lam * x + (1 - lam) * x[other]
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 out = model(pixel_values=x).logits
-            loss = lossf(out.float(), y); opt.zero_grad(); loss.backward()
+            loss = lossf(out.float(), y)
+            if other is not None:
+                loss = lam * loss + (1 - lam) * lossf(out.float(), y[other])
+            opt.zero_grad(); loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); sch.step()
             if averaged is not None:
                 averaged.update_parameters(model)
