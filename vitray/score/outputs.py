@@ -280,8 +280,9 @@ def _check_lease(root: storage.Location, run_id: str) -> None:
     try:
         with root.fs.open_input_stream(root.child(LEASE_NAME).path) as f:
             holder = json.loads(f.read()).get("run_id")
-    except (OSError, ValueError):
+    except (FileNotFoundError, ValueError):  # gone, or half-written by the run taking it over
         holder = None
+    # Any other OSError (the storage unreachable) is the run's failure, not a lost lease.
     if holder != run_id:
         raise LeaseLost(f"{root.uri}: run {run_id} no longer holds the output's lease (held by {holder}); "
                         "this piece was not committed", exit_code=1)
