@@ -1,4 +1,4 @@
-"""Stopping the processes a test started, and only those: whatever names its temp dir or works in it."""
+"""Finding and stopping the processes a test started, and only those."""
 from __future__ import annotations
 
 import os
@@ -40,3 +40,19 @@ def kill_processes_of(temp_dir: str, grace: float) -> None:
         deadline = time.monotonic() + grace
         while processes_of(temp_dir) and time.monotonic() < deadline:
             time.sleep(0.2)
+
+
+def ray_workers(*titles: str) -> list[int]:
+    """Ray worker processes of this test session's Ray (descendants of this process only) whose
+    title (Ray names a worker by its work, e.g. "ray::RayTrainWorker") starts with one of `titles`."""
+    import psutil
+
+    pids = []
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if title.startswith(titles):
+            pids.append(proc.pid)
+    return pids

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from procs import ray_workers
 from test_score import noise_pngs, predictions_table
 from vitray.cli import main
 from vitray.score import ScoreConfig, attention_key, read_errors, recover, score
@@ -143,22 +144,6 @@ def test_a_full_disk_is_one_line_and_the_rerun_finishes_exactly_once(ray_session
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
-def _scoring_workers() -> list[int]:
-    """The processes that score and commit in this session's Ray: the model's actors, the tasks
-    that write pieces, and the idle workers that could take such a task (Ray names each by its work)."""
-    import psutil
-
-    pids = []
-    for proc in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            title = " ".join(proc.cmdline())
-        except psutil.Error:
-            continue
-        if title.startswith(("ray::IDLE", "ray::MapWorker(MapBatches(Predictor)", "ray::MapBatches(write_piece")):
-            pids.append(proc.pid)
-    return pids
-
-
 def test_ctrl_c_stops_scoring_with_130_and_the_rerun_finishes(ray_session, tiny_model, tmp_path):
     data, out = tmp_path / "night", tmp_path / "out"
     names = [f"{i:04d}.png" for i in range(400)]
@@ -181,7 +166,8 @@ def test_ctrl_c_stops_scoring_with_130_and_the_rerun_finishes(ray_session, tiny_
             assert proc.poll() is None, "".join(lines)
             assert time.monotonic() < deadline, "no piece committed in time"
             time.sleep(0.02)
-        frozen = _scoring_workers()
+        # The model's actors, the tasks that write pieces, and idle workers that could take one.
+        frozen = ray_workers("ray::IDLE", "ray::MapWorker(MapBatches(Predictor)", "ray::MapBatches(write_piece")
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)  # the session's Ray, which this test process started
         assert frozen, "no scoring process found"

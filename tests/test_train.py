@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 from conftest import synth_folder
+from procs import ray_workers
 from vitray import storage
 from vitray.errors import VitrayError
 from vitray.data.sampling import class_weights, stratified_split
@@ -146,17 +147,7 @@ def test_two_workers_write_every_output_to_s3(ray_session, inspection, s3_prefix
 
 
 def _train_worker_pids() -> list[int]:
-    """Ray Train worker processes of this test session's Ray (descendants of this process only)."""
-    import psutil
-
-    pids = []
-    for proc in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                pids.append(proc.pid)
-        except psutil.Error:
-            continue
-    return pids
+    return ray_workers("ray::RayTrainWorker")
 
 
 def test_a_killed_worker_resumes_from_its_checkpoint(ray_session, inspection, tmp_path):
