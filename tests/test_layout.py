@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +71,25 @@ def test_the_cli_answers_help_without_the_heavy_libraries():
             "print(' '.join(m for m in ('torch', 'ray', 'transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "", done.stdout + done.stderr
+
+
+def test_a_wrong_option_is_refused_without_the_heavy_libraries(tmp_path):
+    """Checking options must not wait for PyTorch, transformers or Ray to import."""
+    taken = tmp_path / "taken"
+    taken.write_text("a file, not a folder")
+    data, missing = str(tmp_path), str(tmp_path / "no-model")
+    commands = [["train", "--data", data, "--out", str(taken)],
+                ["train", "--data", data, "--out", str(tmp_path / "o"), "--finetune", "partial"],
+                ["tune", "--data", data, "--out", str(taken), "--samples", "2"],
+                ["pretrain", "--data", data, "--out", str(taken)],
+                ["score", "--model", missing, "--input", data, "--output", str(tmp_path / "s")],
+                ["evaluate", "--model", missing, "--data", data, "--out", str(tmp_path / "e")]]
+    code = ("import json, sys\nfrom vitray.cli import main\n"
+            "for argv in json.loads(sys.argv[1]):\n"
+            "    assert main(argv) == 2, argv\n"
+            "print(' '.join(m for m in ('torch', 'ray', 'transformers') if m in sys.modules))")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(commands)], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "", done.stdout + done.stderr[-3000:]
+    assert done.stderr.count("vitray: error: ") == len(commands), done.stderr

@@ -80,7 +80,7 @@ class PretrainConfig:
             if not holds:
                 raise VitrayError(problem)
         if self.model is not None:
-            from vitray.models.building import source_kind
+            from vitray.models.specs import source_kind
 
             source_kind(self.model)  # a preset, an existing folder, an s3:// prefix or a hub id
 
@@ -119,7 +119,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     """
     from vitray import tracking
     from vitray.checkpoints import check_resume, prune_checkpoints
-    from vitray.models.building import portable
+    from vitray.models.specs import portable
     from vitray.train import fit, interrupted
 
     config.check()
@@ -207,7 +207,8 @@ def mae_config(config: PretrainConfig, prep: Any) -> dict[str, Any]:
     from transformers import ViTConfig, ViTMAEConfig
 
     from vitray.models import build_model
-    from vitray.models.building import pretrained_config, source_kind
+    from vitray.models.building import pretrained_config
+    from vitray.models.specs import source_kind
 
     if source_kind(config.model) == "preset":
         with torch.device("meta"):
@@ -229,7 +230,7 @@ def mae_config(config: PretrainConfig, prep: Any) -> dict[str, Any]:
 def loop_config(config: PretrainConfig, data: PretrainingData) -> dict[str, Any]:
     """What `pretrain_loop_per_worker` needs, all plain data (and the pieces of train's loop it reuses)."""
     from vitray.data.preprocess import AugmentConfig
-    from vitray.models.building import source_kind
+    from vitray.models.specs import source_kind
 
     return {
         "run": asdict(config),

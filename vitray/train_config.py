@@ -42,14 +42,14 @@ class TrainConfig:
 
     def located(self) -> "TrainConfig":
         """The same config with local paths absolute: Ray's workers run in other folders than the driver."""
-        from vitray.models.building import portable
+        from vitray.models.specs import portable
 
         return dataclasses.replace(self, data=storage.absolute(self.data), out=storage.absolute(self.out),
                                    val=storage.absolute(self.val), model=portable(self.model))
 
     def check(self) -> None:
         """Refuse bad values before any work starts."""
-        from vitray.models import parse_finetune
+        from vitray.models.specs import parse_finetune
 
         if self.epochs < 1 or self.batch_size < 1 or self.workers < 1:
             raise VitrayError("--epochs, --batch-size and --workers must be at least 1")
@@ -70,7 +70,7 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        from vitray.models import PRESETS
+        from vitray.models.specs import PRESETS
 
         pretrained = self.model is not None and self.model not in PRESETS
         return 1e-4 if pretrained and self.finetune == "full" else 1e-3

@@ -12,23 +12,33 @@ From-scratch presets (`--model NAME`); image size, patch size and channels follo
 | vit-base  | 768    | 12     | 12    | 3072 | 224 px / 16          | 85.8 M (ViT-B/16 shape, 224 px)       |
 (parameters with 5 classes; vit-base is for GPU benchmarks)
 
-`preprocessing` holds `Preprocessing`; `building` the presets and pretrained loading for
-training; `trained` loading a trained model (checked) and exporting one; `finetune` the
-fine-tune policies and parameter counts.
+`specs` reads what a --model or --finetune string names (the presets too) without torch;
+`preprocessing` holds `Preprocessing`; `building` builds presets and loads pretrained models
+for training; `trained` loads a trained model (checked) and exports one; `finetune` applies
+the fine-tune policies and counts parameters.
+
+The names below load their module on first use (PEP 562), so that checking options does not
+import PyTorch and transformers.
 """
-from transformers.utils import logging as hf_logging
+import importlib
+from typing import Any
 
-from vitray.models.building import (DEFAULT_PRESET, PRESETS, auto_patch_size, build_model, init_position_embeddings,
-                                    input_size_for, preprocessing_for)
-from vitray.models.finetune import ParamReport, apply_finetune, param_report, params_for, parse_finetune
-from vitray.models.preprocessing import CONFIG_FILE, PREPROCESSOR_FILE, Preprocessing
-from vitray.models.trained import describe_trained, export_model, load_trained
+_HOMES = {
+    "specs": ("DEFAULT_PRESET", "PRESETS", "parse_finetune"),
+    "building": ("auto_patch_size", "build_model", "init_position_embeddings", "input_size_for",
+                 "preprocessing_for"),
+    "finetune": ("ParamReport", "apply_finetune", "param_report", "params_for"),
+    "preprocessing": ("CONFIG_FILE", "PREPROCESSOR_FILE", "Preprocessing"),
+    "trained": ("describe_trained", "export_model", "load_trained"),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
-# Per-shard "Loading weights" / "Writing model shards" bars, once per actor and export, are noise
-# in a batch job's log (and interleave across Ray workers).
-hf_logging.disable_progress_bar()
+__all__ = sorted(_HOME_OF)
 
-__all__ = ["CONFIG_FILE", "DEFAULT_PRESET", "PREPROCESSOR_FILE", "PRESETS", "ParamReport", "Preprocessing",
-           "apply_finetune", "auto_patch_size", "build_model", "describe_trained", "export_model",
-           "init_position_embeddings", "input_size_for", "load_trained", "param_report", "params_for",
-           "parse_finetune", "preprocessing_for"]
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOME_OF[name]}"), name)
+    globals()[name] = value
+    return value

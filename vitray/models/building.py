@@ -5,7 +5,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from typing import Any
@@ -14,22 +13,16 @@ import pyarrow.fs as pafs
 import torch
 from transformers import PretrainedConfig, ViTConfig, ViTForImageClassification
 from transformers.image_processing_base import ImageProcessingMixin
+from transformers.utils import logging as hf_logging
 
 from vitray import storage
 from vitray.errors import VitrayError
 from vitray.models.preprocessing import CONFIG_FILE, Preprocessing, square_side
+from vitray.models.specs import DEFAULT_PRESET, PRESETS, source_kind
 
-# From-scratch presets. image_size/patch_size/num_channels are defaults that
-# build_model replaces with the data's size, auto_patch_size and channel count.
-PRESETS: dict[str, dict] = {
-    "vit-tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
-                     image_size=32, patch_size=4, num_channels=3),
-    "vit-small": dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=6, intermediate_size=768,
-                      image_size=64, patch_size=8, num_channels=3),
-    "vit-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                     image_size=224, patch_size=16, num_channels=3),
-}
-DEFAULT_PRESET = "vit-tiny"
+# Per-shard "Loading weights" / "Writing model shards" bars, once per actor and export, are noise
+# in a batch job's log (and interleave across Ray workers).
+hf_logging.disable_progress_bar()
 
 MAX_PATCH = 16
 MIN_GRID = 7
@@ -95,32 +88,6 @@ def build_model(spec: str | None, labels: list[str], image_size: int | None = No
                              ignore_mismatched_sizes=True)
     prep = Preprocessing.load(local, channels=model.config.num_channels)
     return model, dataclasses.replace(prep, size=square_side(config.get("image_size", prep.size), spec))
-
-
-def source_kind(spec: str | None) -> str:
-    """"preset", "location" (local folder, file://, s3://) or "hub"; a one-line error for anything else."""
-    if spec is None or spec in PRESETS:
-        return "preset"
-    if storage.is_s3(spec) or spec.startswith("file://") or os.path.exists(os.path.expanduser(spec)):
-        return "location"
-    if spec.startswith(("/", ".", "~")) or spec.endswith("/") or spec.count("/") > 1:  # a path, not org/name
-        raise VitrayError(f"model folder not found: {spec}")
-    if not _HUB_ID.match(spec):
-        raise VitrayError(f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}), an existing folder, "
-                          f"an s3:// prefix or a hub id (org/name)")
-    return "hub"
-
-
-def portable(spec: str | None) -> str | None:
-    """A model spec that means the same in a Ray worker: a local folder made absolute, others as they are."""
-    if spec is None or spec in PRESETS or not os.path.exists(os.path.expanduser(spec)):
-        return spec  # a preset, a URI (s3://, file://) or a hub id
-    return storage.absolute(spec)
-
-
-# "org/name" as the hub spells repo ids; a missing relative folder "out/model" looks the same,
-# which is why the hub error also says that it is not a local folder.
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def _label_maps(labels: list[str]) -> tuple[dict[int, str], dict[str, int]]:

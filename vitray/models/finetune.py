@@ -7,23 +7,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import ViTConfig, ViTForImageClassification
 
-from vitray.errors import VitrayError
 from vitray.models.building import build_model, pretrained_config, source_kind
-
-def parse_finetune(policy: str, num_layers: int | None = None) -> tuple[str, int | None]:
-    """("full"|"head", None) or ("last", K) or ("lora", R); K is checked against `num_layers` when given."""
-    text = str(policy).strip().lower()
-    if text in ("full", "head"):
-        return text, None
-    kind, _, arg = text.partition(":")
-    if kind not in ("last", "lora") or not arg.isdigit() or int(arg) < 1:
-        raise VitrayError(f"--finetune {policy!r}: use full, head, last:K (K >= 1 encoder layers) "
-                          f"or lora:R (LoRA rank R >= 1)")
-    value = int(arg)
-    if kind == "last" and num_layers is not None and value > num_layers:
-        raise VitrayError(f"--finetune {policy!r}: the model has only {num_layers} encoder layers")
-    return kind, value
-
+from vitray.models.specs import parse_finetune
 
 def apply_finetune(model: ViTForImageClassification, policy: str) -> torch.nn.Module:
     """Mark what trains: "full", "head" (classifier), "last:K" (last K layers, final norm, head), "lora:R".

@@ -298,8 +298,9 @@ def _finish(config: ScoreConfig, manifest: dict[str, Any], source: Any, totals: 
 
 def _located(config: ScoreConfig) -> ScoreConfig:
     """Local paths absolute: Ray's actors run in other folders than the driver."""
-    from vitray.models.building import portable
+    from vitray.models.specs import portable, source_kind
 
+    source_kind(config.model)  # a missing folder or a garbled name: refused before torch is imported
     return dataclasses.replace(config, model=portable(config.model), input=storage.absolute(config.input),
                                output=storage.absolute(config.output), submission=storage.absolute(config.submission))
 
