@@ -12,12 +12,15 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import synth_folder
+from conftest import S3_BUCKET, synth_folder
 from procs import ray_workers
 from vitray import storage
 from vitray.errors import VitrayError
@@ -96,54 +99,64 @@ def test_training_rows_come_in_a_mixed_order(ray_session, inspection):
 # --------------------------------------------------------------------------- runs
 
 
-SEEDED = ["--epochs", "1", "--workers", "2", "--batch-size", "4", "--seed", "5"]
+SEEDED = ["--epochs", "2", "--workers", "2", "--batch-size", "4", "--seed", "5"]
+
+
+@dataclass(frozen=True)
+class SeededRuns:
+    local: Path
+    s3: str
 
 
 @pytest.fixture(scope="module")
-def seeded_runs(ray_session, small, tmp_path_factory):
-    """Two runs of the same command (SEEDED): outputs in ROOT/a and ROOT/b."""
-    root = tmp_path_factory.mktemp("seeded")
-    for name in ("a", "b"):
-        train(TrainConfig(data=small, out=str(root / name), epochs=1, workers=2, batch_size=4, seed=5))
-    return root
+def seeded_runs(ray_session, small, s3, tmp_path_factory) -> SeededRuns:
+    """The same command (SEEDED) twice: into a local folder, and into an S3 prefix."""
+    runs = SeededRuns(tmp_path_factory.mktemp("seeded") / "a", f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:12]}")
+    for out in (str(runs.local), runs.s3):
+        train(TrainConfig(data=small, out=out, epochs=2, workers=2, batch_size=4, seed=5))
+    return runs
+
+
+def _read_history(out: str) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(storage.read_bytes(storage.join(out, "history.csv")).decode())))
 
 
 def test_the_same_seed_trains_the_same_model(seeded_runs):
     """Balance, augmentation and row order are seeded: identical commands give identical runs."""
-    def history(name: str) -> list[dict]:
-        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in _history(seeded_runs / name / "history.csv")]
+    def history(out: str) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in _read_history(out)]
 
     # That another seed draws otherwise is tests/test_batches.py's (it would cost a third run here).
-    assert history("a") == history("b")
+    assert history(str(seeded_runs.local)) == history(seeded_runs.s3)
 
 
 @pytest.mark.s3
-def test_two_workers_write_every_output_to_s3(ray_session, inspection, s3_prefix):
+def test_two_workers_write_every_output_to_s3(seeded_runs, small):
     from vitray.data.sources import inspect_source
     from vitray.models import load_trained
 
-    result = train(TrainConfig(data=inspection, out=s3_prefix, epochs=3, workers=2, batch_size=16))
-    names = {storage.relative(storage.resolve(s3_prefix), f.path) for f in storage.list_files(s3_prefix)}
+    out = seeded_runs.s3
+    names = {storage.relative(storage.resolve(out), f.path) for f in storage.list_files(out)}
     assert {"metrics.json", "history.csv", "confusion_matrix.png", "curves.png", "args.json", "model/config.json",
             "model/model.safetensors", "model/preprocessor_config.json"} <= names
     assert any(n.startswith("train/epoch-") for n in names)  # Ray Train's checkpoints are on S3 too
-    metrics = json.loads(storage.read_bytes(storage.join(s3_prefix, "metrics.json")))
+    metrics = json.loads(storage.read_bytes(storage.join(out, "metrics.json")))
     assert set(metrics) >= {"accuracy", "macro_f1", "per_class", "confusion_matrix", "labels", "params"}
     assert metrics["labels"] == ["Xminus", "Xplus", "Yminus", "Yplus", "passed"]
     assert set(metrics["per_class"]["passed"]) == {"precision", "recall", "f1", "support"}
     assert metrics["params"]["trainable"] == metrics["params"]["total"] > 0
-    source = inspect_source(inspection)  # each worker validates its share, together every image once
-    _, val_ids = stratified_split(source.ids, source.row_labels, 0.1, 0)
+    source = inspect_source(small)  # each worker validates its share, together every image once
+    _, val_ids = stratified_split(source.ids, source.row_labels, 0.1, 5)
     assert np.sum(metrics["confusion_matrix"]) == len(val_ids)
-    history = list(csv.DictReader(io.StringIO(storage.read_bytes(storage.join(s3_prefix, "history.csv")).decode())))
-    assert [int(r["epoch"]) for r in history] == [1, 2, 3]
+    history = _read_history(out)
+    assert [int(r["epoch"]) for r in history] == [1, 2]
     assert list(history[0]) == ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr",
                                 "images_per_s"]
     assert all(float(r["images_per_s"]) > 0 for r in history)
-    model, prep, labels = load_trained(storage.join(s3_prefix, "model"))
-    assert labels[-1] == "passed" and model.config.id2label[4] == "passed" and prep.size == 32
-    assert result.best_epoch == metrics["best_epoch"]
-    assert json.loads(storage.read_bytes(storage.join(s3_prefix, "args.json")))["workers"] == 2
+    model, prep, labels = load_trained(storage.join(out, "model"))
+    assert labels[-1] == "passed" and model.config.id2label[4] == "passed" and prep.size == 16
+    assert metrics["best_epoch"] in (1, 2)
+    assert json.loads(storage.read_bytes(storage.join(out, "args.json")))["workers"] == 2
 
 
 def _train_worker_pids() -> list[int]:
@@ -181,41 +194,6 @@ def _wait_for_free_cpus(timeout: float = 60.0) -> None:
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0) and \
             time.monotonic() < deadline:
         time.sleep(0.2)
-
-
-def test_rerun_after_a_killed_driver_resumes(ray_session, inspection, tmp_path):
-    """Tracked in MLflow (a local store): the same command goes on in the run the killed driver began."""
-    out = tmp_path / "crash"
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = VITRAY + ["train", "--data", inspection, "--out", str(out), "--epochs", "5", "--batch-size", "32",
-                    "--mlflow", store, "--mlflow-experiment", "crash"]
-    # In tmp_path: MLflow puts a SQLite store's artifacts in ./mlruns.
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            cwd=tmp_path)
-    try:
-        deadline = time.time() + 240
-        while not (out / "train" / "epoch-0003").exists() and time.time() < deadline:
-            time.sleep(0.5)
-        assert (out / "train" / "epoch-0003").exists()
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    _wait_for_free_cpus()  # Ray notices the driver is gone and releases its workers
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["resumed_after_epochs"] and metrics["resumed_after_epochs"][0] >= 1
-    epochs = [int(r["epoch"]) for r in _history(out / "history.csv")]
-    assert epochs == [1, 2, 3, 4, 5]
-
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=store)
-    (run,) = client.search_runs([client.get_experiment_by_name("crash").experiment_id])
-    assert run.info.status == "FINISHED" and run.info.run_name == f"train {out}"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_macro_f1")]
-    assert sorted(set(steps)) == [1, 2, 3, 4, 5], steps  # an epoch redone after the kill logs its step again
-    assert (tmp_path / "mlruns").is_dir()  # the run's artifacts, where MLflow puts a SQLite store's
 
 
 def test_kaggle_csv_trains_directly(ray_session, tmp_path):
@@ -294,11 +272,12 @@ def _plant_pickle(folder, marker) -> None:
         def __reduce__(self):
             return os.system, (f"touch {marker}",)
 
+    epoch = int(folder.name.split("-")[1])  # the epoch its folder's name says
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": Payload(), "optimizer": {}, "scheduler": {}, "epoch": 1, "history": []},
+    torch.save({"model": Payload(), "optimizer": {}, "scheduler": {}, "epoch": epoch, "history": []},
                folder / "state.pt")
     size = (folder / "state.pt").stat().st_size
-    (folder / "checkpoint.json").write_text(json.dumps({"epoch": 1, "state_bytes": size}))
+    (folder / "checkpoint.json").write_text(json.dumps({"epoch": epoch, "state_bytes": size}))
 
 
 def test_a_planted_pickle_is_refused_without_running_it(tmp_path):
@@ -320,16 +299,16 @@ def test_a_planted_pickle_in_a_run_stops_the_rerun_in_one_line(seeded_runs, smal
     import shutil
 
     out = tmp_path / "shared"
-    shutil.copytree(seeded_runs / "a", out)  # a finished run, its checkpoint included
-    assert (out / "train" / "epoch-0001" / "state.pt").exists()
+    shutil.copytree(seeded_runs.local, out)  # a finished run, its checkpoints included
+    assert (out / "train" / "epoch-0002" / "state.pt").exists()
     marker = tmp_path / "ran"
-    _plant_pickle(out / "train" / "epoch-0001", marker)
+    _plant_pickle(out / "train" / "epoch-0002", marker)
     proc = subprocess.run(VITRAY + ["train", "--data", small, "--out", str(out), *SEEDED],
                           capture_output=True, text=True, timeout=300)
     assert not marker.exists(), "loading the checkpoint ran the planted code"
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"vitray: error: {out / 'train' / 'epoch-0001' / 'state.pt'}: "
+    assert len(lines) == 1 and lines[0].startswith(f"vitray: error: {out / 'train' / 'epoch-0002' / 'state.pt'}: "
                                                    f"not a vitray training state"), proc.stderr[-2000:]
 
 
@@ -340,18 +319,27 @@ def _complete_epochs(run) -> list[int]:
     return sorted(int(p.parent.name.split("-")[1]) for p in run.glob("epoch-*/checkpoint.json"))
 
 
-def test_ctrl_c_exits_130_in_one_line_and_the_rerun_resumes_from_the_newest_checkpoint(ray_session, inspection,
-                                                                                       tmp_path):
+def _wait_for_epoch(proc: subprocess.Popen, run, epoch: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while max(_complete_epochs(run), default=0) < epoch and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert max(_complete_epochs(run), default=0) >= epoch, f"training never checkpointed epoch {epoch}"
+
+
+def test_ctrl_c_then_a_killed_driver_and_the_same_command_finishes_in_one_tracked_run(ray_session, inspection,
+                                                                                      tmp_path):
+    """Ctrl-C exits 130 in one line; the rerun resumes, its driver is killed outright; the third run
+    finishes, and MLflow (a local store) holds one run that went on through all three."""
     out = tmp_path / "ctrl-c"
-    cmd = VITRAY + ["train", "--data", inspection, "--out", str(out), "--epochs", "10", "--batch-size", "32"]
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = VITRAY + ["train", "--data", inspection, "--out", str(out), "--epochs", "8", "--batch-size", "32",
+                    "--mlflow", store, "--mlflow-experiment", "resumed"]
     log, err = tmp_path / "stdout.log", tmp_path / "stderr.log"  # files, not pipes: Ray's output could fill a pipe
+    # In tmp_path: MLflow puts a SQLite store's artifacts in ./mlruns.
     with open(log, "w") as stdout, open(err, "w") as stderr:
-        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, start_new_session=True, cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 300
-        while 2 not in _complete_epochs(out / "train") and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        assert 2 in _complete_epochs(out / "train"), "training never checkpointed epoch 2"
+        _wait_for_epoch(proc, out / "train", 2)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         start = time.monotonic()
         proc.wait(timeout=60)
@@ -369,13 +357,33 @@ def test_ctrl_c_exits_130_in_one_line_and_the_rerun_resumes_from_the_newest_chec
     assert match, ours[0]
     epoch = int(match.group(1))
     assert epoch >= 2 and epoch == max(_complete_epochs(out / "train"))  # the newest complete checkpoint
-    assert epoch < 10 and not (out / "metrics.json").exists()
+    assert epoch < 8 and not (out / "metrics.json").exists()
 
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    # The same command resumes; its driver dies without a word (SIGKILL) a checkpoint later.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            cwd=tmp_path)
+    try:
+        _wait_for_epoch(proc, out / "train", epoch + 1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    _wait_for_free_cpus()  # Ray notices the driver is gone and releases its workers
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["resumed_after_epochs"] == [epoch]
-    assert [int(r["epoch"]) for r in _history(out / "history.csv")] == list(range(1, 11))
-    # Checkpoints Ray Train never registered (written just before the Ctrl-C) do not pile up.
+    first, second = metrics["resumed_after_epochs"]
+    assert first == epoch and epoch < second < 8, metrics["resumed_after_epochs"]
+    assert [int(r["epoch"]) for r in _history(out / "history.csv")] == list(range(1, 9))
+    # Checkpoints Ray Train never registered (written just before an interruption) do not pile up.
     kept = _complete_epochs(out / "train")
-    assert 10 in kept and len(kept) <= 3
+    assert 8 in kept and len(kept) <= 3
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("resumed").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == f"train {out}"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_macro_f1")]
+    assert sorted(set(steps)) == list(range(1, 9)), steps  # an epoch redone after a kill logs its step again
+    assert (tmp_path / "mlruns").is_dir()  # the run's artifacts, where MLflow puts a SQLite store's
