@@ -18,7 +18,7 @@ def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_train_and_score_show_progress_and_a_summary_and_no_noise(ray_session, tmp_path):
-    # An embedded Ray, as `make demo` has, for the first runs; progress lines every half second.
+    # An embedded Ray, as `make demo` has, for the training; progress lines every half second.
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "VITRAY_PROGRESS_INTERVAL": "0.5"}
     data, out = tmp_path / "data", tmp_path / "run"
     assert run(["synth", str(data), "--n", "800", "--size", "32", "--seed", "1"], env).returncode == 0
@@ -32,17 +32,17 @@ def test_train_and_score_show_progress_and_a_summary_and_no_noise(ray_session, t
     assert re.search(r"^epoch 2/2: loss [\d.]+, val_loss [\d.]+, acc .*img/s", train.stderr, re.M), train.stderr
     assert f"model             {out}/model" in train.stdout and "next: vitray evaluate --model" in train.stdout
 
+    # Scoring joins a running Ray (RAY_ADDRESS), as on a cluster.
+    joined = {**env, "RAY_ADDRESS": ray_session}
     scores = tmp_path / "scores"
     score = run(["score", "--model", str(out / "model"), "--input", str(data), "--output", str(scores),
-                 "--attention", "all", "--in-process-max", "0"], env)  # on the embedded Ray, however small
+                 "--attention", "all"], joined)
     assert score.returncode == 0, score.stderr[-3000:]
     text = score.stdout + score.stderr
     assert not NOISE.search(text), NOISE.search(text).group(0) + "\n" + text[-3000:]
     assert re.search(r"^scoring: [\d,]+/800 img", score.stderr, re.M), score.stderr
     assert "scored 800 images" in score.stdout and f"report       {scores}/report.html" in score.stdout
 
-    # The reruns join a running Ray (RAY_ADDRESS), as on a cluster.
-    joined = {**env, "RAY_ADDRESS": ray_session}
     again = run(["score", "--model", str(out / "model"), "--input", str(data), "--output", str(scores)], joined)
     assert again.returncode == 0 and "scored 0 images (800 already done" in again.stdout
     few = tmp_path / "few"
