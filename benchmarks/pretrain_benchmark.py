@@ -13,8 +13,7 @@ a separate test rendering (1,000 images, passed at 20%, as benchmarks/quality.py
   (the mean of its epochs after the first, which carries the start-up) is the throughput figure;
 - for each label count and seed: `vitray.train.train` from scratch (a preset sized for the data)
   and from the pre-trained encoder (`--model PRE/model`, full fine-tuning), the same recipe for
-  both (vitray's defaults, and --lr: by default 1e-3, train's from-scratch rate, where train
-  would give a pretrained model 1e-4), each scored with `vitray.evaluate.evaluate` on the test
+  both (vitray's defaults, and --lr: by default 1e-3, train's default for both arms), each scored with `vitray.evaluate.evaluate` on the test
   rendering: macro-F1 and the recall of `passed`, min and mean over the seeds.
 
 Writes OUT/pretrain_benchmark.json and prints a table. The full run (3,000 unlabelled at 64 px, 100

@@ -21,6 +21,7 @@ from vitray.models import Preprocessing, build_model
 from vitray.pretrain import (PretrainConfig, PretrainResult, encoder_of, mae_config, pretrain,
                              save_encoder)
 from vitray.pretrain_loop import build_mae
+from vitray.train_config import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +158,11 @@ def test_pretraining_writes_every_output(pretrained):
     assert prep["size"] == {"height": 32, "width": 32} and prep["image_mean"] == [0.5] * 3
     args = json.loads((out / "args.json").read_text())
     assert args["epochs"] == EPOCHS and args["mae"]["mask_ratio"] == 0.75
+    # The encoder says where it came from; train fine-tunes it at the rate it was pre-trained at.
+    provenance = json.loads((out / "model" / "config.json").read_text())["vitray_pretrain"]
+    assert provenance == {"method": "mae", "epochs": EPOCHS, "mask_ratio": 0.75, "lr": 1e-3,
+                          "images": provenance["images"]} and 0 < provenance["images"] < 48
+    assert TrainConfig(data="d", out="o", model=str(out / "model")).resolved_lr() == 1e-3
 
 
 def test_the_pretrained_weights_arrive_in_a_classifier(pretrained):

@@ -236,6 +236,22 @@ def test_bad_options_are_one_line_errors(args, needle, capsys):
     assert len(lines) == 1 and lines[0].startswith("vitray: error:") and needle in lines[0], lines
 
 
+def test_the_default_learning_rate_follows_where_the_model_was_pre_trained(tmp_path):
+    elsewhere, here = tmp_path / "hub-like", tmp_path / "mae-here"
+    for folder, extra in ((elsewhere, {}), (here, {"vitray_pretrain": {"method": "mae"}})):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": "vit", **extra}))
+
+    def lr(model, finetune="full", **kw):
+        return TrainConfig(data="d", out="o", model=model, finetune=finetune, **kw).resolved_lr()
+
+    assert lr(None) == lr("vit-small") == 1e-3  # from scratch
+    assert lr(str(elsewhere)) == lr("google/vit-base-patch16-224") == 1e-4  # full fine-tuning of another's model
+    assert lr(str(elsewhere), "head") == lr(str(elsewhere), "lora:8") == lr(str(elsewhere), "last:2") == 1e-3
+    assert lr(str(here)) == 1e-3  # an encoder vitray pre-trained: its own rate
+    assert lr(str(elsewhere), lr=3e-4) == 3e-4
+
+
 def test_config_file_supplies_options_and_flags_override(tmp_path):
     from vitray.cli import parse
     from vitray.cli.training import train_config

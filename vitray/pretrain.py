@@ -286,6 +286,7 @@ class PretrainProgress(TrainingProgress):
 def finish(config: PretrainConfig, data: PretrainingData) -> PretrainResult:
     """From the newest complete checkpoint: OUT/model, history.csv, curves.png, reconstructions.png, args.json."""
     from vitray.checkpoints import STATE_FILE, complete_checkpoints, load_state, write_history
+    from vitray.models.specs import PRETRAINED_HERE
     from vitray.pretrain_loop import HISTORY_COLUMNS, build_mae
 
     saved = complete_checkpoints(storage.join(config.out, RUN_NAME))
@@ -295,7 +296,10 @@ def finish(config: PretrainConfig, data: PretrainingData) -> PretrainResult:
     state = load_state(io.BytesIO(storage.read_bytes(state_uri)), state_uri)
     mae = build_mae(data.mae)
     mae.load_state_dict(state["model"])
-    save_encoder(encoder_of(mae.eval()), data.prep, storage.join(config.out, "model"))
+    encoder = encoder_of(mae.eval())
+    setattr(encoder.config, PRETRAINED_HERE, {"method": "mae", "epochs": config.epochs, "mask_ratio": config.mask_ratio,
+                                              "lr": config.lr, "images": data.n_train})
+    save_encoder(encoder, data.prep, storage.join(config.out, "model"))
     history = state["history"]
     write_history(storage.join(config.out, "history.csv"), history, HISTORY_COLUMNS)
     plot_history(history, storage.join(config.out, "curves.png"))

@@ -22,7 +22,7 @@ class TrainConfig:
     model: str | None = None  # preset, folder, s3:// prefix or hub id; None: a preset sized for the data
     image_size: int | None = None
     epochs: int = 30
-    lr: float | None = None  # None: 1e-3 from scratch / head / LoRA, 1e-4 for full fine-tuning
+    lr: float | None = None  # None: resolved_lr()'s rule
     batch_size: int = 32  # per worker; 32 beat 64 on both digits and inspection images (see README)
     workers: int = 1
     gpus_per_worker: float = 0.0
@@ -68,12 +68,16 @@ class TrainConfig:
         parse_finetune(self.finetune)
 
     def resolved_lr(self) -> float:
+        """--lr, else the rule: 1e-4 for full fine-tuning of a model pre-trained elsewhere (the rate for
+        a hub ViT such as ViT-B/16), 1e-3 for the rest: from scratch, head, last:K and LoRA, and a
+        model that `vitray pretrain` pre-trained (its encoders fine-tune best at the rate they were
+        pre-trained at: docs/pretrain.md, on two renderers)."""
         if self.lr is not None:
             return self.lr
-        from vitray.models.specs import PRESETS
+        from vitray.models.specs import PRESETS, pretrained_here
 
-        pretrained = self.model is not None and self.model not in PRESETS
-        return 1e-4 if pretrained and self.finetune == "full" else 1e-3
+        elsewhere = self.model is not None and self.model not in PRESETS and not pretrained_here(self.model)
+        return 1e-4 if elsewhere and self.finetune == "full" else 1e-3
 
 
 def config_fields() -> list[str]:

@@ -24,7 +24,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, help="input side in pixels (default: the data's, or the model's)")
     p.add_argument("--epochs", type=int, help=f"(default {d('epochs')})")
     p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3; 1e-4 for full fine-tuning "
-                                            "of a pretrained model)")
+                                            "of a model pre-trained elsewhere than by vitray pretrain)")
     p.add_argument("--batch-size", type=int, help=f"per worker (default {d('batch_size')})")
     p.add_argument("--workers", type=int, help=f"Ray Train workers (default {d('workers')})")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker; > 0 trains on GPU with bf16 (default 0)")

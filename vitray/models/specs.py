@@ -62,3 +62,19 @@ def parse_finetune(policy: str, num_layers: int | None = None) -> tuple[str, int
     if kind == "last" and num_layers is not None and value > num_layers:
         raise VitrayError(f"--finetune {policy!r}: the model has only {num_layers} encoder layers")
     return kind, value
+
+
+# The key `vitray pretrain` adds to the config.json of the encoder it exports (transformers keeps
+# unknown keys, so a classifier fine-tuned from it carries the key on).
+PRETRAINED_HERE = "vitray_pretrain"
+
+
+def pretrained_here(spec: str | None) -> bool:
+    """Whether `spec` is a folder or s3:// prefix whose model `vitray pretrain` pre-trained (config.json says so)."""
+    if spec is None or spec in PRESETS or source_kind(spec) != "location":
+        return False
+    try:
+        config = storage.read_json(storage.join(spec, "config.json"))
+    except (OSError, ValueError):
+        return False  # the loading itself says what is wrong with it, in its own line
+    return isinstance(config, dict) and PRETRAINED_HERE in config
