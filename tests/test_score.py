@@ -520,3 +520,27 @@ def test_explain_writes_overlay_input_and_map_per_image(tiny_model, tmp_path, ca
         explain_images(tiny_model, [str(tmp_path / "broken.png")], str(tmp_path / "x"))
     with pytest.raises(VitrayError, match="--discard-ratio"):
         explain_images(tiny_model, images, str(tmp_path / "x"), discard_ratio=1.5)
+
+
+def test_ctrl_c_while_the_summary_is_written_says_every_image_is_in(tiny_model, tmp_path, monkeypatch):
+    """All images committed, Ctrl-C during the report: the run's own line (exit 130), and the rerun writes it."""
+    data, out = tmp_path / "night", tmp_path / "out"
+    noise_pngs(data, [f"{i:02d}.png" for i in range(12)])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a small run, scored in this process
+    config = ScoreConfig(model=tiny_model, input=str(data), output=str(out), attention="none")
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("vitray.score.report.write_report", ctrl_c)
+    with pytest.raises(VitrayError) as info:
+        score(config)
+    assert info.value.exit_code == 130 and "every image is scored and committed" in str(info.value)
+    (manifest,) = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert manifest["status"] == "interrupted" and manifest["counts"]["scored"] == 12
+
+    monkeypatch.undo()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    again = score(config)
+    assert again["status"] == "complete" and again["counts"]["scored"] == 0 and again["counts"]["skipped"] == 12
+    assert (out / "report.html").is_file()

@@ -234,7 +234,17 @@ def score(config: ScoreConfig, progress: Callable[[dict[str, int]], None] | None
             except Exception:  # noqa: BLE001 - the storage that failed may refuse this too
                 pass
             raise failure from exc
-    return _finish(config, manifest, source, totals, skipped, scoring_s, time.perf_counter() - wall_start)
+    try:
+        return _finish(config, manifest, source, totals, skipped, scoring_s, time.perf_counter() - wall_start)
+    except KeyboardInterrupt:  # every image is committed; only the summary is left to write
+        failure = VitrayError("interrupted while writing the run's summary; every image is scored and committed; "
+                              "the same command writes the summary", exit_code=130)
+        manifest.update(status="interrupted", finished=_now(), failure=str(failure))
+        try:
+            storage.write_json(runs, manifest)
+        except Exception:  # noqa: BLE001 - a second Ctrl-C or a storage error: the next run rewrites it
+            pass
+        raise failure from None
 
 
 def _score_remaining(config: ScoreConfig, source: Any, plan: PiecePlan, model: str | bytes, prep: Any, totals: _Totals,
