@@ -200,12 +200,11 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, fmt: str | None = None
     """
     from vitray.data.sources import inspect_source
     from vitray.inference import NEGATIVE_LABEL, PredictOptions, model_info
-    from vitray.models.specs import portable, source_kind
+    from vitray.models.specs import portable
 
     if batch_size < 1 or workers < 1 or in_process_max < 0:
         raise VitrayError("--batch-size and --workers must be at least 1, --in-process-max at least 0")
     # Ray's actors run in other folders than the driver: every local path they get is absolute.
-    source_kind(model_uri)  # a missing folder or a garbled name: refused before torch is imported
     model_uri, data_uri, out_uri = portable(model_uri), storage.absolute(data_uri), storage.absolute(out_uri)
     storage.check_output(out_uri, "--out")
     labels, prep = model_info(model_uri)

@@ -43,8 +43,11 @@ def source_kind(spec: str | None) -> str:
 
 
 def portable(spec: str | None) -> str | None:
-    """A model spec that means the same in a Ray worker: a local folder made absolute, others as they are."""
-    if spec is None or spec in PRESETS or not os.path.exists(os.path.expanduser(spec)):
+    """A model spec that means the same in a Ray worker: a local folder made absolute, others as they are.
+
+    A missing folder or a garbled name is refused here (`source_kind`), before torch is imported.
+    """
+    if source_kind(spec) != "location" or not os.path.exists(os.path.expanduser(spec)):
         return spec  # a preset, a URI (s3://, file://) or a hub id
     return storage.absolute(spec)
 

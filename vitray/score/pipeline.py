@@ -227,24 +227,25 @@ def score(config: ScoreConfig, progress: Callable[[dict[str, int]], None] | None
                 totals, lease, progress)
         except BaseException as exc:
             failure = _failure(exc, out, totals)
-            manifest.update(status="interrupted" if failure.exit_code == 130 else "failed", finished=_now(),
-                            failure=str(failure), counts={"scored": totals.scored, "errors": totals.errors})
-            try:
-                storage.write_json(runs, manifest)
-            except Exception:  # noqa: BLE001 - the storage that failed may refuse this too
-                pass
+            _record_end(runs, manifest, failure, counts={"scored": totals.scored, "errors": totals.errors})
             raise failure from exc
     try:
         return _finish(config, manifest, source, totals, skipped, scoring_s, time.perf_counter() - wall_start)
     except KeyboardInterrupt:  # every image is committed; only the summary is left to write
         failure = VitrayError("interrupted while writing the run's summary; every image is scored and committed; "
                               "the same command writes the summary", exit_code=130)
-        manifest.update(status="interrupted", finished=_now(), failure=str(failure))
-        try:
-            storage.write_json(runs, manifest)
-        except Exception:  # noqa: BLE001 - a second Ctrl-C or a storage error: the next run rewrites it
-            pass
+        _record_end(runs, manifest, failure)
         raise failure from None
+
+
+def _record_end(runs_uri: str, manifest: dict[str, Any], failure: VitrayError, **extra: Any) -> None:
+    """The manifest of a run that ended early: interrupted (exit 130) or failed, and why; best effort."""
+    manifest.update(status="interrupted" if failure.exit_code == 130 else "failed", finished=_now(),
+                    failure=str(failure), **extra)
+    try:
+        storage.write_json(runs_uri, manifest)
+    except Exception:  # noqa: BLE001 - the storage that failed may refuse this too
+        pass
 
 
 def _score_remaining(config: ScoreConfig, source: Any, plan: PiecePlan, model: str | bytes, prep: Any, totals: _Totals,
@@ -308,9 +309,8 @@ def _finish(config: ScoreConfig, manifest: dict[str, Any], source: Any, totals: 
 
 def _located(config: ScoreConfig) -> ScoreConfig:
     """Local paths absolute: Ray's actors run in other folders than the driver."""
-    from vitray.models.specs import portable, source_kind
+    from vitray.models.specs import portable
 
-    source_kind(config.model)  # a missing folder or a garbled name: refused before torch is imported
     return dataclasses.replace(config, model=portable(config.model), input=storage.absolute(config.input),
                                output=storage.absolute(config.output), submission=storage.absolute(config.submission))
 
