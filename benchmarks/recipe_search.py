@@ -53,11 +53,18 @@ def resized(X, b, size):
 
 def run(name, Xtr, ytr, btr, Xte, yte, bte, labels, preset="vit-tiny", patch=8, lr=1e-3, epochs=40, bs=64,
         wd=0.05, warm=0.1, ls=0.1, cw=True, aug=True, size=None, extra=None, seed=0, rot=0.0, zoom=0.0,
-        shift=None, ema=0.0, balance=0.0, holdout=0.0, sincos=False, mixup=0.0, cutmix=0.0):
+        shift=None, ema=0.0, balance=0.0, holdout=0.0, sincos=False, mixup=0.0, cutmix=0.0, every=5, flips=True,
+        lighting=True, stop=None, embed=None, pos_scale=1.0):
     """balance: sample each epoch with replacement, class c drawn ∝ count_c^(1-balance) (1: uniform
     over classes); holdout: drop this stratified share of the training set, as vitray train's
     validation split does; mixup / cutmix: Beta(a, a) mixing of each batch with a shuffled copy
-    of itself (both given: one or the other per batch, even odds)."""
+    of itself (both given: one or the other per batch, even odds); every: measure the test set
+    every this many epochs (the curve); flips / lighting: False turns that part of the augmentation off;
+    stop: end after this many epochs (the schedule still spans `epochs`), to study the first ones;
+    embed: "xavier" starts the patch projection as MAE does (Xavier-uniform over the flattened
+    patch) instead of std 0.02, "qk" the attention's query and key projections, "all" every
+    linear layer and the patch projection (MAE's encoder init); pos_scale: multiplies the
+    sine-cosine position table."""
     torch.manual_seed(seed)
     if holdout:
         from vitray.data.sampling import stratified_split
@@ -70,6 +77,18 @@ def run(name, Xtr, ytr, btr, Xte, yte, bte, labels, preset="vit-tiny", patch=8, 
     if sincos:
         from vitray.models import init_position_embeddings
         init_position_embeddings(model)
+        with torch.no_grad():
+            model.vit.embeddings.position_embeddings.mul_(pos_scale)
+    if embed == "all":
+        from vitray.models import init_linear_layers
+        init_linear_layers(model)
+    elif embed == "xavier":
+        w = model.vit.embeddings.patch_embeddings.projection.weight
+        torch.nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
+    elif embed == "qk":
+        for path, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and path.endswith((".q_proj", ".k_proj")):
+                torch.nn.init.xavier_uniform_(module.weight)
     model = model.to(dev)
     steps = math.ceil(len(Xtr)/bs)*epochs
     decay=[p for p in model.parameters() if p.ndim>=2]; nod=[p for p in model.parameters() if p.ndim<2]
@@ -82,11 +101,13 @@ def run(name, Xtr, ytr, btr, Xte, yte, bte, labels, preset="vit-tiny", patch=8, 
     w = torch.tensor(w, dtype=torch.float32, device=dev) if w is not None else None
     lossf = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=ls)
     acfg = AugmentConfig.for_labels(labels) if aug else AugmentConfig(max_shift=0, brightness=0, contrast=0)
-    acfg = dataclasses.replace(acfg, rotate=rot, scale=zoom, **({} if shift is None else {"max_shift": shift}))
+    acfg = dataclasses.replace(acfg, rotate=rot, scale=zoom, **({} if shift is None else {"max_shift": shift}),
+                               **({} if flips else {"hflip": None, "vflip": None}),
+                               **({} if lighting else {"brightness": 0.0, "contrast": 0.0}))
     averaged = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema)) \
         if ema else None
     rng = np.random.default_rng(seed); t0=time.time(); curve=[]
-    for ep in range(epochs):
+    for ep in range(stop or epochs):
         model.train(); perm = rng.permutation(len(Xtr))
         if balance:
             p = np.bincount(ytr, minlength=len(labels)).astype(float) ** -balance
@@ -115,9 +136,9 @@ def run(name, Xtr, ytr, btr, Xte, yte, bte, labels, preset="vit-tiny", patch=8, 
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); sch.step()
             if averaged is not None:
                 averaged.update_parameters(model)
-        if ep % 5 == 4 or ep == epochs-1:
+        if ep % every == every - 1 or ep == (stop or epochs)-1:
             m = evaluate(averaged.module if averaged is not None else model, Xte, yte, labels, ch)
-            curve.append((ep+1, round(m["accuracy"],3)))
+            curve.append((ep+1, round(m["accuracy"],3), round(m["macro_f1"],3)))
     if averaged is not None:
         model = averaged.module
     m = evaluate(model, Xte, yte, labels, ch)

@@ -243,6 +243,20 @@ def test_presets_start_with_two_dimensional_position_embeddings():
     assert model.vit.embeddings.position_embeddings.requires_grad  # still learned
 
 
+def test_a_from_scratch_model_attends_unevenly_from_the_first_step():
+    """At transformers' std-0.02 init a 64-wide model's attention is uniform (each weight within ~6% of 1/N):
+    runs then wait at chance for a seed-dependent number of epochs. vitray's init breaks it up from the start."""
+    torch.manual_seed(0)
+    model, _ = build_model(None, ["a", "b", "c"], image_size=64, channels=3, attn_implementation="eager")
+    attentions = model(pixel_values=torch.randn(8, 3, 64, 64), output_attentions=True).attentions
+    for layer in attentions:
+        tokens = layer.shape[-1]
+        assert (layer.amax(-1) * tokens).mean() > 2  # the most-attended token gets over twice a uniform share
+    projection = model.vit.embeddings.patch_embeddings.projection.weight
+    fan_in, fan_out = projection[0].numel(), projection.shape[0]
+    assert projection.std().item() == pytest.approx(math.sqrt(2 / (fan_in + fan_out)), rel=0.1)
+
+
 def test_describe_trained_checks_the_weights_without_reading_them(tmp_path):
     model, prep = tiny(channels=1, size=28)
     folder = tmp_path / "model"

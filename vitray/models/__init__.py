@@ -25,8 +25,8 @@ from typing import Any
 
 _HOMES = {
     "specs": ("DEFAULT_PRESET", "PRESETS", "parse_finetune"),
-    "building": ("auto_patch_size", "build_model", "init_position_embeddings", "input_size_for",
-                 "preprocessing_for"),
+    "building": ("auto_patch_size", "build_model", "init_linear_layers", "init_position_embeddings",
+                 "input_size_for", "preprocessing_for"),
     "finetune": ("ParamReport", "apply_finetune", "param_report", "params_for"),
     "preprocessing": ("CONFIG_FILE", "PREPROCESSOR_FILE", "Preprocessing"),
     "trained": ("describe_trained", "export_model", "load_trained"),

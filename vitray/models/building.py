@@ -107,7 +107,25 @@ def _build_preset(name: str, id2label: dict[int, str], label2id: dict[str, int],
     config = ViTConfig(**kwargs, id2label=id2label, label2id=label2id, attn_implementation=attn_implementation)
     model = ViTForImageClassification(config)
     init_position_embeddings(model)
+    init_linear_layers(model)
     return model, Preprocessing.default(config.image_size, channels)
+
+
+def init_linear_layers(model: torch.nn.Module) -> None:
+    """Start a from-scratch model's linear layers and patch projection Xavier-uniform (as MAE's encoder does).
+
+    transformers starts them at std 0.02, made for ViT-B's width. In the presets' narrow layers
+    (64 wide) queries and keys then come out so small that every token attends to every other
+    alike, and each projection's gradient is proportional to the other, still tiny one: a run
+    waits at that saddle, at chance, for a number of epochs that depends on the seed. Xavier's
+    scale (the layer's fan-in and fan-out) gives attention that differs between tokens from
+    the first step.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(module.weight)
+        elif isinstance(module, torch.nn.Conv2d):  # the patch projection: a linear map of the flattened patch
+            torch.nn.init.xavier_uniform_(module.weight.data.view(module.weight.shape[0], -1))
 
 
 def init_position_embeddings(model: ViTForImageClassification) -> None:
