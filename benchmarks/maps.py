@@ -1,8 +1,9 @@
 """How well each attention-map setting localises defects, for a trained inspection model.
 
-    python benchmarks/maps.py --model q/inspection/train/model [--style synth|alt] [--n 1000 --seed 12]
+    python benchmarks/maps.py --model q/inspection/seed1/train/model [--style synth|alt|render3] [--n 1000 --seed 2001]
 
-Renders the test set that `benchmarks/quality.py` evaluates on (same arguments), keeps the defect
+Renders the test set that `benchmarks/quality.py` evaluates on (same arguments; `render3` is the
+held-out renderer of `benchmarks/render3.py`), keeps the defect
 images, and for every map setting prints pointing game and energy in box against the part's box
 (what `vitray evaluate` reports) and against the box around the part and its seat together (the
 gap between them is where a shift shows). A last row measures the plain input gradient
@@ -24,7 +25,8 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]  # vitray, and render3 beside this script
 
 SETTINGS = [("rollout", "mean", 0.0), ("rollout", "mean", 0.5), ("rollout", "mean", 0.9),
             ("rollout", "max", 0.0), ("rollout", "max", 0.9), ("rollout", "min", 0.0),
@@ -84,15 +86,19 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--style", default="synth", choices=synth.STYLES)
+    parser.add_argument("--style", default="synth", choices=(*synth.STYLES, "render3"))
     parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=2001)
     parser.add_argument("--size", type=int, default=64)
     args = parser.parse_args()
 
     model, prep, _ = load_trained(args.model, attn_implementation=register_weights_attention())
-    samples = [s for s in synth.generate(n=args.n, passed_fraction=0.2, size=args.size, seed=args.seed,
-                                         style=args.style) if s.label != "passed"]
+    if args.style == "render3":
+        import render3
+        rendered = render3.scenes(args.n, 0.2, args.size, args.seed)
+    else:
+        rendered = synth.generate(n=args.n, passed_fraction=0.2, size=args.size, seed=args.seed, style=args.style)
+    samples = [s for s in rendered if s.label != "passed"]
     pixels = np.stack([resize_image(s.image, prep.size, prep.channels) for s in samples])
     x = normalize(torch.from_numpy(pixels), prep.mean, prep.std)
     hw = (args.size, args.size)
