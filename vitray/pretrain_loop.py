@@ -73,12 +73,16 @@ def build_mae(mae_config: dict[str, Any], start_from: str | None = None) -> Any:
     returns early once the patch projection (a leaf) is marked done: built from a config, the model's
     fixed position embeddings, the encoder's and the decoder's, stay all zeros and its tokens too, so
     the decoder cannot tell one masked patch from another. The modules' own initialisers are run
-    again here, which gives the 2-D sine-cosine tables, MAE's projection init and the tokens.
+    again here, which gives the 2-D sine-cosine tables, MAE's projection init and the tokens. The
+    linear layers start Xavier-uniform, as MAE's own code starts them (transformers: std 0.02).
     """
     import torch
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
+    from vitray.models import init_linear_layers
+
     model = ViTMAEForPreTraining(ViTMAEConfig.from_dict(mae_config))
+    init_linear_layers(model)
     embeddings = model.vit.embeddings
     embeddings.patch_embeddings.projection._is_hf_initialized = False
     with torch.no_grad():
