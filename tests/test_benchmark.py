@@ -96,3 +96,45 @@ def test_a_scores_folder_that_cannot_be_written_is_refused_before_any_work(tmp_p
     assert done.returncode == 2
     assert "--scores-to" in done.stderr and "not a writable folder" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_held_out_renderer_writes_data_vitray_reads_with_each_parts_box(tmp_path) -> None:
+    """benchmarks/render3.py: every class at its count, a box vitray reads, and the class in the part's shift."""
+    import numpy as np
+    import render3
+
+    from vitray.data.sources import inspect_source, parse_response
+
+    render3.write(str(tmp_path / "d"), 40, 0.1, 64, seed=3)
+    source = inspect_source(str(tmp_path / "d"))
+    assert source.format == "parquet" and source.has_boxes
+    assert source.labels == sorted(render3.CLASSES) and len(source.ids) == 40
+    counts = np.bincount(source.row_labels, minlength=5)
+    assert dict(zip(source.labels, counts.tolist())) == render3.counts(40, 0.1)
+
+    import pyarrow.parquet as pq
+    table = pq.read_table(str(tmp_path / "d")).to_pylist()
+    for row in table:
+        label, (x1, y1, x2, y2) = parse_response(row["response"], "test")
+        assert label in render3.CLASSES and 0 <= x1 < x2 <= 64 and 0 <= y1 < y2 <= 64
+    for scene in render3.scenes(40, 0.1, 64, seed=3):
+        assert scene.image.shape == (64, 64, 3) and scene.image.dtype == np.uint8
+        shift = np.subtract(scene.bbox, scene.seat).reshape(2, 2).mean(0)  # part centre minus seat centre
+        expected = np.array(render3.DIRECTION[scene.label])
+        if scene.label == "passed":
+            assert np.abs(shift).max() < 0.5
+        else:
+            assert 1.9 < shift @ expected < 5.1 and abs(shift @ expected[::-1]) < 0.5
+
+
+def test_quality_takes_each_targets_min_and_mean_over_the_seeds() -> None:
+    import quality
+
+    runs = [{"seed": 1, "figures": {"accuracy": 0.99, "svm_accuracy": 0.98}, "met": {"accuracy": True}},
+            {"seed": 2, "figures": {"accuracy": 0.97, "svm_accuracy": 0.99}, "met": {"accuracy": False}}]
+    summary = quality.summarise(runs)
+    assert summary["seeds"] == [1, 2] and summary["met_in"] == {"accuracy": 1}
+    assert summary["min"]["accuracy"] == 0.97 and summary["mean"]["accuracy"] == pytest.approx(0.98)
+    assert quality.TARGETS["digits"]["accuracy"] == "svm_accuracy"  # measured on the same split
+    train, test = quality.digits_split(4)
+    assert len(set(train) | set(test)) == len(train) + len(test) == 1797
