@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -52,6 +52,7 @@ def train(config: TrainConfig) -> TrainResult:
     config.check()
     config = config.located()
     storage.check_output(config.out, "--out")
+    config = replace(config, lr=config.resolved_lr())  # the rule reads the model's config once, here
     run = storage.join(config.out, RUN_NAME)
     tracked = None
     try:
@@ -60,7 +61,7 @@ def train(config: TrainConfig) -> TrainResult:
         # A resumed training goes on in the MLflow run it began (found by its name: the --out it writes).
         tracked = tracking.start(tracking.resolve(config.mlflow, config.mlflow_experiment),
                                  name=f"train {storage.resolve(config.out).uri}",
-                                 params={**asdict(config), "lr": config.resolved_lr()}, resume=resuming)
+                                 params=asdict(config), resume=resuming)
         with TrainingProgress(config.epochs) as progress:
             result = fit(make_trainer(config, data, progress=progress.queue, tracked=tracked))
         done = finish(config, result, data)
@@ -275,8 +276,7 @@ def finish(config: TrainConfig, result: Any, data: TrainingData) -> TrainResult:
     metrics["resumed_after_epochs"] = latest.get("resumes", [])
     storage.write_json(storage.join(config.out, "metrics.json"), metrics)
     write_history(storage.join(config.out, "history.csv"), history)
-    storage.write_json(storage.join(config.out, "args.json"), {**asdict(config), "lr": config.resolved_lr(),
-                                                               "labels": labels})
+    storage.write_json(storage.join(config.out, "args.json"), {**asdict(config), "labels": labels})
     plot_confusion(metrics, storage.join(config.out, "confusion_matrix.png"),
                    title=f"validation, epoch {best['epoch']}")
     plot_curves(history, storage.join(config.out, "curves.png"))
