@@ -133,6 +133,7 @@ def test_evaluate_counts_an_undecodable_image_as_skipped(ray_session, tiny_model
 
 def test_evaluate_scores_the_maps_against_the_boxes_of_the_data(ray_session, tiny_model, tmp_path, monkeypatch):
     from vitray.data import synth
+    from vitray.data.sources import inspect_source
     from vitray.evaluate import evaluate
 
     data = tmp_path / "data"
@@ -140,7 +141,9 @@ def test_evaluate_scores_the_maps_against_the_boxes_of_the_data(ray_session, tin
     metrics = evaluate(tiny_model, str(data), str(tmp_path / "eval"), batch_size=16, in_process_max=0)
     assert metrics["n"] == 40 and metrics["skipped"] == 0
     where = metrics["localization"]
-    assert where["method"] == "rollout" and 0 < where["images"] <= 40
+    source = inspect_source(str(data), None)
+    defects = int((source.row_labels != source.labels.index("passed")).sum())
+    assert where["method"] == "rollout" and where["images"] == defects  # every defect image, whatever predicted
     assert 0.0 <= where["pointing_game"] <= 1.0 and 0.0 <= where["energy_in_box"] <= 1.0
     # With no cluster named, so small a set is evaluated in this process, to the same figures.
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

@@ -195,7 +195,8 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, fmt: str | None = None
     """Metrics of a trained model on labelled data: OUT/evaluation.json and OUT/confusion_matrix.png.
 
     When the data has boxes (FRAMEimages `response`), the default attention maps of
-    the defect images are scored against them (pointing game, energy in box). A data set of at
+    the defect images (by their label, whatever the model predicted) are scored against them
+    (pointing game, energy in box). A data set of at
     most `in_process_max` images, with no Ray cluster named, is scored in this process.
     """
     from vitray.data.sources import inspect_source
@@ -211,7 +212,8 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, fmt: str | None = None
     source = inspect_source(data_uri, fmt, labels=labels)
     if not source.labelled:
         raise VitrayError(f"{data_uri}: evaluation needs labelled data")
-    options = PredictOptions(attention="defects" if source.has_boxes else "none")
+    # Maps for every image: a defect image the model calls passed counts in the localisation too.
+    options = PredictOptions(attention="all" if source.has_boxes else "none")
     y_true, y_pred, pointing, energy = [], [], [], []
     here = runs_in_process(len(source), in_process_max, ray_address, gpus_per_worker)
     for batch in (_predicted_here if here else _predicted_on_ray)(source, model_uri, prep, options, batch_size,
