@@ -67,3 +67,36 @@ def test_steps_per_epoch_counts_whole_batches_of_whole_windows(rows, world, batc
     per_rank = rows // world
     windows = [min(batch * WINDOW_STEPS, per_rank - start) for start in range(0, per_rank, batch * WINDOW_STEPS)]
     assert steps_per_epoch(rows, world, batch) == max(1, sum(w // batch for w in windows))
+
+
+def test_with_a_box_grid_each_image_comes_with_its_boxs_cells_moved_as_the_image_was():
+    """A bright square drawn in each box: after balance, flips and shifts, the overlaps still cover it."""
+    labels = ["Xminus", "Xplus", "Yminus", "Yplus", "passed"]
+    rng = np.random.default_rng(0)
+    n, side = 64, 32
+    images = np.zeros((n, side, side, 3), np.uint8)
+    boxes = np.zeros((n, 4), np.float32)
+    for i in range(n):
+        x, y = rng.integers(4, 18, 2)
+        w, h = rng.integers(4, 10, 2)
+        images[i, y:y + h, x:x + w] = 200
+        boxes[i] = (x, y, x + w, y + h)
+    boxes[-4:] = np.nan  # images without a box
+    window = {"image": images, "label": rng.integers(0, 5, n), "bbox": boxes}
+    collate = make_collate(balanced_rates(np.array([20, 20, 20, 20, 4])), AugmentConfig.for_labels(labels), 0, 1, 0,
+                           box_grid=(8, 8))
+    out = {k: v.numpy() for k, v in collate(dict(window)).items()}
+    assert out["box_overlap"].shape == (n, 64) and out["box_overlap"].dtype == np.float32
+    centres = (np.arange(8) + 0.5) * 4
+    boxed = 0
+    for image, overlap in zip(out["image"], out["box_overlap"]):
+        if not overlap.any():  # an image without a box
+            continue
+        boxed += 1
+        bright = image.mean(axis=-1) > (int(image.max()) + int(image.min())) / 2
+        ys, xs = np.nonzero(bright)
+        cells = overlap.reshape(8, 8)
+        assert np.average(centres, weights=cells.sum(axis=0)) == pytest.approx(xs.mean() + 0.5, abs=0.6)
+        assert np.average(centres, weights=cells.sum(axis=1)) == pytest.approx(ys.mean() + 0.5, abs=0.6)
+        assert cells.sum() * 16 == pytest.approx(bright.sum(), rel=0.01)  # the box's area in pixels
+    assert boxed >= n // 2

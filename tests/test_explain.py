@@ -7,7 +7,7 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 
 from vitray.explain import attention_maps, grad_rollout, register_weights_attention, rollout
-from vitray.localisation import energy_in_box, pointing_game
+from vitray.localisation import box_attention_loss, box_overlaps, energy_in_box, pointing_game
 from vitray.overlays import overlay, overlay_maps
 
 
@@ -286,6 +286,52 @@ def test_energy_equals_the_mass_of_the_nearest_upsampled_map() -> None:
 
 def test_uniform_map_energy_is_the_box_area_share() -> None:
     assert energy_in_box(np.ones((7, 7)), (10, 20, 40, 50), (224, 224)) == pytest.approx(900 / 224**2)
+
+
+def test_box_overlaps_of_a_batch_are_each_boxs_energy_weights() -> None:
+    rng = np.random.default_rng(1)
+    boxes = np.array([(0, 0, 37, 13), (13, 7, 100, 30), (np.nan, 0, 10, 10), (41, 0, 59, 30)])
+    overlaps = box_overlaps(boxes, (3, 5), (30, 100))
+    assert overlaps.shape == (4, 15)
+    assert not overlaps[2].any()  # no box known
+    for amap in rng.random((5, 3, 5)):
+        for box, row in zip(boxes[[0, 1, 3]], overlaps[[0, 1, 3]]):
+            assert (amap.ravel() * row).sum() / amap.sum() == pytest.approx(energy_in_box(amap, box, (30, 100)))
+
+
+def test_the_box_attention_term_pulls_a_map_into_its_box() -> None:
+    overlaps = torch.from_numpy(box_overlaps(np.array([(0, 0, 8, 8), (np.nan,) * 4]), (4, 4), (16, 16))).float()
+    maps = torch.full((2, 16), 0.5, requires_grad=True)
+    loss = box_attention_loss(maps, overlaps)
+    assert loss.item() == pytest.approx(np.log(0.5) - np.log(4 / 16))  # a uniform map: the box's area share
+    loss.backward()
+    inside = overlaps[0] > 0
+    assert (maps.grad[0, inside] < 0).all() and (maps.grad[0, ~inside] > 0).all()
+    assert not maps.grad[1].any()  # an image without a box takes no part
+    none = box_attention_loss(maps, torch.zeros(2, 16))
+    assert none.item() == 0.0 and none.requires_grad
+    # A map with at least half its mass in the box is left alone: the rest may go where the evidence is.
+    there = torch.where(overlaps[0] > 0, 1.0, 0.3).expand(2, 16)
+    assert box_attention_loss(there, overlaps).item() == 0.0
+
+
+def test_the_box_attention_term_trains_a_vits_rollout_onto_the_box(pixels: torch.Tensor) -> None:
+    """Through a real ViT: a few steps on the term raise the rollout's energy in the box."""
+    from vitray.explain import patch_grid
+
+    model = tiny_vit(register_weights_attention("mean")).train()
+    x = pixels[:2]
+    overlaps = torch.from_numpy(box_overlaps(np.array([(0, 0, 8, 8), (8, 8, 16, 16)]), patch_grid(model.config),
+                                             (16, 16))).float()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = box_attention_loss(rollout(model(pixel_values=x, output_attentions=True).attentions), overlaps)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
 
 
 # --- overlay --------------------------------------------------------------------------

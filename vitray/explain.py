@@ -173,7 +173,7 @@ def attention_maps(
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    rows, cols = _patch_grid(model.config)
+    rows, cols = patch_grid(model.config)
     parts = pixel_values.split(chunk) if chunk else (pixel_values,)
     was_training = model.training
     model.eval()
@@ -294,7 +294,8 @@ def _forward(model: Any, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tupl
     return out.logits, tuple(out.attentions)
 
 
-def _patch_grid(config: Any) -> tuple[int, int]:
+def patch_grid(config: Any) -> tuple[int, int]:
+    """(rows, columns) of a ViT config's patches."""
     size, patch = config.image_size, config.patch_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     patch_h, patch_w = (patch, patch) if isinstance(patch, int) else tuple(patch)

@@ -58,6 +58,7 @@ def train(config: TrainConfig) -> TrainResult:
     try:
         resuming = check_resume(run) > 0
         data = load_training_data(config)
+        config = replace(config, box_attention=data.box_attention)  # resolved for the data, as recorded
         # A resumed training goes on in the MLflow run it began (found by its name: the --out it writes).
         tracked = tracking.start(tracking.resolve(config.mlflow, config.mlflow_experiment),
                                  name=f"train {storage.resolve(config.out).uri}",
@@ -162,6 +163,7 @@ def loop_config(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
         "balance_rates": balanced_rates(np.array(data.class_counts)) if config.class_weights == "auto" else None,
         "augment": AugmentConfig.for_labels(data.labels) if config.augment == "auto" else None,
         "n_train": data.n_train,
+        "box_attention": data.box_attention,
         "history_uri": storage.join(config.out, "history.csv"),
         "run_uri": storage.join(config.out, RUN_NAME),
     }

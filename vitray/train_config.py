@@ -8,6 +8,9 @@ from vitray import storage
 from vitray.errors import VitrayError
 
 CLASS_WEIGHTS = ("auto", "loss", "none")
+# The weight of the box-attention term (vitray.localisation.box_attention_loss) when the training
+# data has boxes and --box-attention is not given: docs/attention-maps.md has the measurements.
+BOX_ATTENTION = 1.0
 
 
 @dataclass
@@ -29,6 +32,7 @@ class TrainConfig:
     finetune: str = "full"
     class_weights: str = "auto"  # auto: class-balanced sampling; loss: inverse-frequency loss weights; none
     augment: str = "auto"  # auto: label-aware flips where safe, shifts, lighting; none
+    box_attention: float | None = None  # weight of the box-attention term; None: BOX_ATTENTION for data with boxes
     weight_decay: float = 0.05
     warmup_fraction: float = 0.1
     label_smoothing: float = 0.1
@@ -63,6 +67,8 @@ class TrainConfig:
             raise VitrayError(f"--class-weights must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weights}")
         if self.augment not in ("auto", "none"):
             raise VitrayError(f"--augment must be auto or none, got {self.augment}")
+        if self.box_attention is not None and not 0.0 <= self.box_attention <= 100.0:
+            raise VitrayError(f"--box-attention must be between 0 and 100, got {self.box_attention}")
         if self.image_size is not None and self.image_size < 4:
             raise VitrayError(f"--image-size must be at least 4, got {self.image_size}")
         parse_finetune(self.finetune)

@@ -38,6 +38,7 @@ class TrainingData:
     val_ds: Any
     class_counts: list[int]
     n_train: int
+    box_attention: float  # the box-attention term's weight, resolved for the data (0: off)
 
 
 def load_training_data(config: TrainConfig, workers_flag: str = "--workers", trial_cpus: float = 0.0) -> TrainingData:
@@ -58,6 +59,7 @@ def load_training_data(config: TrainConfig, workers_flag: str = "--workers", tri
         raise VitrayError(f"{config.data}: training needs labelled data (no labels found)")
     if len(source.labels) < 2:
         raise VitrayError(f"{config.data}: training needs at least 2 classes, found {source.labels}")
+    box_attention = box_attention_weight(config, source.has_boxes)
     labels = source.labels
     if config.val:
         val_source = inspect_source(config.val, config.format, labels=labels)
@@ -80,9 +82,27 @@ def load_training_data(config: TrainConfig, workers_flag: str = "--workers", tri
                        extra_for="the trial and Ray Data" if trial_cpus else "Ray Data")
     log.info("reading %s training and %s validation images from %s", f"{len(train_ids):,}", f"{len(val_ids):,}",
              config.data if not config.val else f"{config.data} and {config.val}")
-    train_ds = image_dataset(source, train_ids, prep.size, prep.channels, shuffle_seed=config.seed)
+    train_ds = image_dataset(source, train_ids, prep.size, prep.channels, shuffle_seed=config.seed,
+                             boxes=box_attention > 0)
     val_ds = image_dataset(val_source, val_ids, prep.size, prep.channels)
-    return TrainingData(labels, prep, params, train_ds, val_ds, counts.tolist(), len(train_ids))
+    return TrainingData(labels, prep, params, train_ds, val_ds, counts.tolist(), len(train_ids), box_attention)
+
+
+def box_attention_weight(config: Any, has_boxes: bool) -> float:
+    """--box-attention, else BOX_ATTENTION for data with boxes and 0 for the rest (and for
+    `--finetune head`, which trains no attention); a weight the run cannot use is refused."""
+    from vitray.train_config import BOX_ATTENTION
+
+    trains_attention = config.finetune != "head"
+    if config.box_attention is None:
+        return BOX_ATTENTION if has_boxes and trains_attention else 0.0
+    if config.box_attention > 0 and not has_boxes:
+        raise VitrayError(f"--box-attention needs images with boxes (a FRAMEimages parquet's `response`); "
+                          f"{config.data} has none: leave it out or give 0")
+    if config.box_attention > 0 and not trains_attention:
+        raise VitrayError("--box-attention trains the attention, and --finetune head trains only the classifier: "
+                          "give 0 or another --finetune")
+    return float(config.box_attention)
 
 
 def peek_shape(source: Any) -> tuple[int, int]:
@@ -93,7 +113,8 @@ def peek_shape(source: Any) -> tuple[int, int]:
     return int(image.shape[2]), int(max(image.shape[:2]))
 
 
-def image_dataset(source: Any, ids: list[str], size: int, channels: int, shuffle_seed: int | None = None) -> Any:
+def image_dataset(source: Any, ids: list[str], size: int, channels: int, shuffle_seed: int | None = None,
+                  boxes: bool = False) -> Any:
     """Decoded, resized uint8 images as a Ray Dataset; cached in memory when small.
 
     With `shuffle_seed` (training data) the rows are put in a seeded random order first:
@@ -101,7 +122,8 @@ def image_dataset(source: Any, ids: list[str], size: int, channels: int, shuffle
     sorted by label), and the per-epoch local shuffle buffer would otherwise feed the
     model one class after another, with the rare class in a burst at the end of each
     epoch. A cached set is shuffled row by row once; a streaming one reads its files in
-    a shuffled order and its blocks in a seeded shuffled order.
+    a shuffled order and its blocks in a seeded shuffled order. With `boxes` the rows keep
+    their `bbox` (in the resized image's pixels; NaN where an image has none).
     """
     from vitray.data.preprocess import resize_batch
     from vitray.data.readers import read_images
@@ -110,7 +132,7 @@ def image_dataset(source: Any, ids: list[str], size: int, channels: int, shuffle
         ids = [ids[i] for i in np.random.default_rng(shuffle_seed).permutation(len(ids))]
     ds = read_images(source, ids).map_batches(
         resize_batch, fn_kwargs={"size": size, "channels": channels}, batch_format="numpy", batch_size=128)
-    ds = ds.select_columns(["image", "label"])
+    ds = ds.select_columns(["image", "label", "bbox"] if boxes else ["image", "label"])
     if len(ids) * size * size * channels <= CACHE_BYTES:
         if shuffle_seed is not None:
             ds = ds.random_shuffle(seed=shuffle_seed)

@@ -46,6 +46,7 @@ class _Run:
     rank: int
     world: int
     steps_per_epoch: int
+    box_grid: tuple[int, int] | None  # the patch grid when the box-attention term is on
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
@@ -96,7 +97,18 @@ def _set_up(cfg: dict[str, Any]) -> _Run:
     if device.type == "cpu":
         # Logical CPUs are inflated on a small machine; share the real cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
-    model, _ = build_model(run["model"], cfg["labels"], cfg["image_size"], channels=cfg["channels"])
+    box_grid, attention = None, "sdpa"
+    if cfg["box_attention"] > 0:
+        from vitray.explain import register_weights_attention
+
+        # The term needs every layer's attention weights (heads fused by their mean, as the maps' default).
+        attention = register_weights_attention("mean")
+    model, _ = build_model(run["model"], cfg["labels"], cfg["image_size"], channels=cfg["channels"],
+                           attn_implementation=attention)
+    if cfg["box_attention"] > 0:
+        from vitray.explain import patch_grid
+
+        box_grid = patch_grid(model.config)
     # On the device before the optimizer exists, so that a restored optimizer state lands there too.
     model = apply_finetune(model, run["finetune"]).to(device)
     steps_per_epoch = windows.steps_per_epoch(cfg["n_train"], world, run["batch_size"])
@@ -107,7 +119,7 @@ def _set_up(cfg: dict[str, Any]) -> _Run:
     weights = torch.tensor(cfg["class_weights"], dtype=torch.float32, device=device) if cfg["class_weights"] else None
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=run["label_smoothing"])
     return _Run(model, optimizer, scheduler, trainable, loss_fn, device, device.type == "cuda", rank, world,
-                steps_per_epoch)
+                steps_per_epoch, box_grid)
 
 
 def _restore(cfg: dict[str, Any], state: _Run) -> tuple[int, list[dict], list[int]]:
@@ -141,30 +153,40 @@ def _batches(cfg: dict[str, Any], state: _Run, shard: Any, epoch: int) -> Any:
     Every rank holds as many rows, hence takes as many steps.
     """
     run = cfg["run"]
-    collate = windows.make_collate(cfg["balance_rates"], cfg["augment"], run["seed"], epoch, state.rank)
+    collate = windows.make_collate(cfg["balance_rates"], cfg["augment"], run["seed"], epoch, state.rank,
+                                   box_grid=state.box_grid)
     size = run["batch_size"]
     for window in shard.iter_torch_batches(batch_size=size * windows.WINDOW_STEPS, collate_fn=collate,
                                            local_shuffle_buffer_size=2048, local_shuffle_seed=run["seed"] + epoch,
                                            device=state.device):
         for start in range(0, len(window["label"]) - size + 1, size):
-            yield window["image"][start:start + size], window["label"][start:start + size]
+            overlap = window["box_overlap"][start:start + size] if "box_overlap" in window else None
+            yield window["image"][start:start + size], window["label"][start:start + size], overlap
 
 
 def _train_epoch(cfg: dict[str, Any], state: _Run, shard: Any, epoch: int) -> tuple[int, float, float]:
-    """One pass over this worker's shard; (images, loss sum, seconds)."""
+    """One pass over this worker's shard; (images, loss sum, seconds).
+
+    With the box-attention term on, the loss adds its weight times `box_attention_loss` of
+    the attention rollout (the default map) on the images' boxes.
+    """
     import torch
 
     from vitray.data.preprocess import normalize
+    from vitray.explain import rollout
+    from vitray.localisation import box_attention_loss
 
     run = cfg["run"]
     state.model.train()
     started = last_sent = time.perf_counter()
     seen, loss_sum, step = 0, 0.0, 0
-    for images, y in _batches(cfg, state, shard, epoch):
+    for images, y, overlap in _batches(cfg, state, shard, epoch):
         x = normalize(images, cfg["mean"], cfg["std"])
         with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=state.amp):
-            logits = state.model(pixel_values=x).logits
-        loss = state.loss_fn(logits.float(), y)
+            out = state.model(pixel_values=x, output_attentions=overlap is not None)
+        loss = state.loss_fn(out.logits.float(), y)
+        if overlap is not None:
+            loss = loss + cfg["box_attention"] * box_attention_loss(rollout(out.attentions), overlap)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if run["grad_clip"]:

@@ -33,6 +33,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="rare classes: auto draws every class equally often per epoch (class-balanced "
                         "sampling); loss weights the loss by inverse class frequency (default auto)")
     p.add_argument("--augment", choices=("auto", "none"), help="label-aware flips, shifts, lighting (default auto)")
+    p.add_argument("--box-attention", type=float, metavar="W",
+                   help="weight of a loss term that keeps the attention map on each image's box, for data "
+                        "with boxes (FRAMEimages parquet); 0 turns it off (default 1 for data with boxes)")
     p.add_argument("--seed", type=int, help=f"(default {d('seed')})")
     tracking_options(p)
     ray_options(p)

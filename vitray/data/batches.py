@@ -48,22 +48,36 @@ def balance_window(batch: dict[str, np.ndarray], rates: Sequence[float], rng: np
 
 
 def make_collate(rates: Sequence[float] | None, augment: AugmentConfig | None, seed: int, epoch: int,
-                 rank: int) -> Any:
-    """A Ray Data collate function (numpy window in, uint8 images and long labels as tensors out)."""
+                 rank: int, box_grid: tuple[int, int] | None = None) -> Any:
+    """A Ray Data collate function (numpy window in, uint8 images and long labels as tensors out).
+
+    With `box_grid` (the model's patch rows and columns) the window's `bbox` column, moved by
+    the augmentation with its image, comes out as `box_overlap`: each patch's share inside
+    the box (`vitray.localisation.box_overlaps`), what the box-attention term needs.
+    """
     import torch
     from ray.data.collate_fn import NumpyBatchCollateFn
+
+    from vitray.localisation import box_overlaps
+
+    columns = ("image", "label", "bbox") if box_grid is not None else ("image", "label")
 
     class TrainingWindow(NumpyBatchCollateFn):
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
             rng = window_rng(seed, epoch, rank, batch)
-            batch = {"image": batch["image"], "label": batch["label"]}
+            batch = {k: batch[k] for k in columns}
             if rates is not None:
                 batch = balance_window(batch, rates, rng)
             if augment is not None:
                 batch = augment_batch(batch, augment, seed=rng)
             order = rng.permutation(len(batch["label"]))
-            return {"image": torch.from_numpy(np.ascontiguousarray(batch["image"][order])),
-                    "label": torch.from_numpy(np.asarray(batch["label"][order], dtype=np.int64))}
+            out = {"image": torch.from_numpy(np.ascontiguousarray(batch["image"][order])),
+                   "label": torch.from_numpy(np.asarray(batch["label"][order], dtype=np.int64))}
+            if box_grid is not None:
+                side = batch["image"].shape[1:3]
+                out["box_overlap"] = torch.from_numpy(
+                    box_overlaps(batch["bbox"][order], box_grid, side).astype(np.float32))
+            return out
 
     return TrainingWindow()
 
