@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py --out quality-out [--only digits,inspection,alt,render3,kaggle]
                                  [--seeds 1,2,3] [--workers 1] [--kaggle-rows 1000,2000,4000]
+                                 [--train-args '--box-attention 1']
 
 Each target trains with the default recipe (`vitray train`, only --epochs and --seed given) on data
 it did not evaluate on, then runs `vitray evaluate` on the held-out data, once per seed; the table
@@ -30,9 +31,11 @@ import argparse
 import gzip
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -154,8 +157,10 @@ def run_name(name: str, kaggle_rows: int = KAGGLE_TRAIN_ROWS) -> str:
     return name if name != "kaggle" or kaggle_rows == KAGGLE_TRAIN_ROWS else f"{name}@{kaggle_rows}"
 
 
-def measure(name: str, out: str, workers: int, seed: int, kaggle_rows: int = KAGGLE_TRAIN_ROWS) -> dict:
-    """One seed of one target: its data, `vitray train`, `vitray evaluate`, the figures against the targets."""
+def measure(name: str, out: str, workers: int, seed: int, kaggle_rows: int = KAGGLE_TRAIN_ROWS,
+            train_args: Sequence[str] = ()) -> dict:
+    """One seed of one target: its data, `vitray train` (plus `train_args`), `vitray evaluate`, the figures
+    against the targets."""
     run = os.path.join(out, run_name(name, kaggle_rows), f"seed{seed}")
     baseline = {}
     if name == "digits":
@@ -167,7 +172,7 @@ def measure(name: str, out: str, workers: int, seed: int, kaggle_rows: int = KAG
         train, test = inspection_sets(os.path.join(out, "data", name, f"seed{seed}"), RENDERERS[name], seed)
     started = time.perf_counter()
     vitray("train", "--data", train, "--out", os.path.join(run, "train"), "--epochs", str(EPOCHS[name]),
-           "--workers", str(workers), "--seed", str(seed))
+           "--workers", str(workers), "--seed", str(seed), *train_args)
     vitray("evaluate", "--model", os.path.join(run, "train", "model"), "--data", test, "--out",
            os.path.join(run, "evaluate"))
     with open(os.path.join(run, "evaluate", "evaluation.json")) as f:
@@ -182,7 +187,7 @@ def measure(name: str, out: str, workers: int, seed: int, kaggle_rows: int = KAG
     targets = {key: baseline.get(bound, bound) for key, bound in TARGETS[name].items()}
     met = {key: figures.get(key, float("nan")) >= bound for key, bound in targets.items()}
     return {"seed": seed, "figures": {**figures, **baseline}, "targets": targets, "met": met,
-            "epochs": EPOCHS[name], "seconds": round(time.perf_counter() - started, 1),
+            "epochs": EPOCHS[name], "train_args": list(train_args), "seconds": round(time.perf_counter() - started, 1),
             **({"train_rows": kaggle_rows} if name == "kaggle" else {})}
 
 
@@ -203,7 +208,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1: the recipe's batch of 32)")
     parser.add_argument("--kaggle-rows", default=str(KAGGLE_TRAIN_ROWS),
                         help=f"comma-separated training row counts for kaggle (default {KAGGLE_TRAIN_ROWS}, all)")
+    parser.add_argument("--train-args", default="", metavar="ARGS",
+                        help="more `vitray train` options for every run, e.g. --train-args='--box-attention 1' "
+                             "(use another --out: runs already in quality.json are not repeated)")
     args = parser.parse_args()
+    train_args = shlex.split(args.train_args)
     names = [n for n in args.only.split(",") if n]
     unknown = sorted(set(names) - set(TARGETS))
     if unknown:
@@ -229,7 +238,7 @@ def main() -> None:
             done = {r["seed"]: r for r in results.get(key, {}).get("runs", [])}
             for seed in seeds:
                 if seed not in done:
-                    done[seed] = measure(name, args.out, args.workers, seed, rows)
+                    done[seed] = measure(name, args.out, args.workers, seed, rows, train_args)
                 runs = [done[s] for s in sorted(done)]
                 results[key] = {"runs": runs, **summarise(runs)}
                 with open(results_path, "w") as f:
