@@ -346,4 +346,4 @@ def test_train_job_runs_on_a_ray_head(ray_head: LoopbackHead, tmp_path: Path) ->
     assert (out / "model" / "config.json").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["labels"]) == {"passed", "Xplus", "Xminus", "Yplus", "Yminus"}
-    assert "best epoch" in submit.stdout, "the driver's report reaches the job's logs"
+    assert "exported epoch" in submit.stdout, "the driver's report reaches the job's logs"

@@ -155,7 +155,9 @@ def test_two_workers_write_every_output_to_s3(seeded_runs, small):
     assert all(float(r["images_per_s"]) > 0 for r in history)
     model, prep, labels = load_trained(storage.join(out, "model"))
     assert labels[-1] == "passed" and model.config.id2label[4] == "passed" and prep.size == 16
-    assert metrics["best_epoch"] in (1, 2)
+    # The last epoch is exported (--export last, the default), with that epoch's validation figures.
+    assert metrics["best_epoch"] in (1, 2) and metrics["exported_epoch"] == 2
+    assert metrics["accuracy"] == pytest.approx(float(history[1]["val_accuracy"]))
     assert json.loads(storage.read_bytes(storage.join(out, "args.json")))["workers"] == 2
 
 
@@ -251,6 +253,23 @@ def test_the_box_attention_term_trains_on_the_boxes_of_a_parquet(ray_session, tm
     assert "vitray" not in json.dumps(config.get("_attn_implementation") or config.get("attn_implementation"))
 
 
+def test_export_best_exports_the_epoch_of_the_best_validation_macro_f1(ray_session, small, tmp_path):
+    import torch
+
+    from vitray.checkpoints import load_state
+    from vitray.models import load_trained
+
+    out = tmp_path / "best"
+    result = train(TrainConfig(data=small, out=str(out), epochs=3, batch_size=4, seed=2, export="best"))
+    history = _history(out / "history.csv")
+    best = max(history, key=lambda r: (float(r["val_macro_f1"]), int(r["epoch"])))
+    assert result.exported_epoch == result.best_epoch == int(best["epoch"])
+    assert result.metrics["macro_f1"] == pytest.approx(float(best["val_macro_f1"]))
+    exported = load_trained(str(out / "model"))[0].state_dict()
+    saved = load_state(str(out / "train" / f"epoch-{result.exported_epoch:04d}" / "state.pt"), "x")["model"]
+    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
+
+
 def test_box_attention_on_data_without_boxes_is_refused_in_one_line(small, tmp_path, capsys):
     from vitray.cli import main
 
@@ -269,6 +288,7 @@ def test_box_attention_on_data_without_boxes_is_refused_in_one_line(small, tmp_p
     (["--data", ".", "--out", "x", "--finetune", "last:x"], "finetune"),
     (["--data", ".", "--out", "x", "--lr", "5"], "--lr"),
     (["--data", ".", "--out", "x", "--box-attention", "-1"], "--box-attention"),
+    (["--data", ".", "--out", "x", "--export", "first"], "--export"),
     (["--out", "x"], "--data is required"),
     (["--data", ".", "--out", "x", "--frobnicate"], "unrecognized"),
 ])

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from vitray import storage
-from vitray.checkpoints import (STATE_FILE, check_resume, complete_checkpoints, load_state, prune_checkpoints,
-                                write_history)
+from vitray.checkpoints import (RECORD_FILE, STATE_FILE, check_resume, complete_checkpoints, load_state,
+                                prune_checkpoints, write_history)
 from vitray.data.preprocess import AugmentConfig
 from vitray.data.sampling import balanced_rates, class_weights
 from vitray.errors import VitrayError
@@ -35,7 +35,8 @@ class TrainResult:
     out: str
     metrics: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
-    best_epoch: int = 0
+    best_epoch: int = 0  # the epoch of the best validation macro-F1
+    exported_epoch: int = 0  # the epoch whose weights were exported (--export)
 
 
 # --------------------------------------------------------------------------- driver
@@ -83,7 +84,7 @@ def track_outputs(tracked: Any, result: TrainResult) -> None:
 
     metrics = result.metrics
     tracking.log_metrics(tracked, {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
-                                   "best_epoch": result.best_epoch,
+                                   "best_epoch": result.best_epoch, "exported_epoch": result.exported_epoch,
                                    **{f"recall_{k}": v["recall"] for k, v in metrics["per_class"].items()}})
     tracking.log_outputs(tracked, [storage.join(result.out, name) for name in OUTPUT_FILES])
     tracking.log_folder(tracked, storage.join(result.out, "model"), folder="model")
@@ -251,38 +252,56 @@ def fit(trainer: Any) -> Any:
 
 
 def finish(config: TrainConfig, result: Any, data: TrainingData) -> TrainResult:
-    """Export the best checkpoint (by validation macro-F1) and write metrics, history and plots."""
+    """Export the last epoch (--export last) or the best by validation macro-F1 (--export best), and
+    write metrics, history and plots."""
     from vitray.evaluate import plot_confusion, plot_curves
     from vitray.models import apply_finetune, build_model, export_model
 
     labels, prep, params = data.labels, data.prep, data.params
-    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if "val_macro_f1" in m]
-    if not candidates:
+    latest, chosen = _latest_checkpoint(result), None
+    if config.export == "last" and latest is not None:
+        state, chosen = latest
+    else:
+        candidates = [(c, m) for c, m in (result.best_checkpoints or []) if "val_macro_f1" in m]
+        if candidates:
+            best_ckpt, chosen = max(candidates, key=lambda cm: (cm[1]["val_macro_f1"], cm[1]["epoch"]))
+            with best_ckpt.as_directory() as d:
+                state = load_state(os.path.join(d, STATE_FILE), best_ckpt.path)
+    if chosen is None:
         raise VitrayError("training finished without a checkpoint", exit_code=1)
-    best_ckpt, best = max(candidates, key=lambda cm: (cm[1]["val_macro_f1"], cm[1]["epoch"]))
-    with best_ckpt.as_directory() as d:
-        state = load_state(os.path.join(d, STATE_FILE), best_ckpt.path)
     model, _ = build_model(config.model, labels, prep.size, channels=prep.channels)
     model = apply_finetune(model, config.finetune)
     model.load_state_dict(state["model"])
     export_model(model, prep, storage.join(config.out, "model"))
 
-    latest = state
-    if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as d:
-            latest = load_state(os.path.join(d, STATE_FILE), result.checkpoint.path)
-    history = latest["history"]
-    metrics = dict(best["val"])
+    newest = latest[0] if latest is not None else state  # it holds the whole run's history and resumes
+    history = newest["history"]
+    best = max(history, key=lambda row: (row["val_macro_f1"], row["epoch"]))
+    metrics = dict(chosen["val"])
     metrics["params"] = params
     metrics["best_epoch"] = best["epoch"]
-    metrics["resumed_after_epochs"] = latest.get("resumes", [])
+    metrics["exported_epoch"] = chosen["epoch"]
+    metrics["resumed_after_epochs"] = newest.get("resumes", [])
     storage.write_json(storage.join(config.out, "metrics.json"), metrics)
     write_history(storage.join(config.out, "history.csv"), history)
     storage.write_json(storage.join(config.out, "args.json"), {**asdict(config), "labels": labels})
     plot_confusion(metrics, storage.join(config.out, "confusion_matrix.png"),
-                   title=f"validation, epoch {best['epoch']}")
+                   title=f"validation, epoch {chosen['epoch']}")
     plot_curves(history, storage.join(config.out, "curves.png"))
-    return TrainResult(config.out, metrics, history, best["epoch"])
+    return TrainResult(config.out, metrics, history, best["epoch"], chosen["epoch"])
+
+
+def _latest_checkpoint(result: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The newest checkpoint's state and the metrics reported with it, or None."""
+    import json
+
+    if result.checkpoint is None:
+        return None
+    with result.checkpoint.as_directory() as d:
+        state = load_state(os.path.join(d, STATE_FILE), result.checkpoint.path)
+        with open(os.path.join(d, RECORD_FILE)) as f:
+            metrics = json.load(f).get("metrics") or {}
+    return (state, metrics) if "val" in metrics else None
 
 
 # --------------------------------------------------------------------------- checkpoints

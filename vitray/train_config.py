@@ -8,6 +8,7 @@ from vitray import storage
 from vitray.errors import VitrayError
 
 CLASS_WEIGHTS = ("auto", "loss", "none")
+EXPORTS = ("last", "best")
 # The weight of the box-attention term (vitray.localisation.box_attention_loss) when the training
 # data has boxes and --box-attention is not given: docs/attention-maps.md has the measurements.
 BOX_ATTENTION = 1.0
@@ -32,6 +33,7 @@ class TrainConfig:
     finetune: str = "full"
     class_weights: str = "auto"  # auto: class-balanced sampling; loss: inverse-frequency loss weights; none
     augment: str = "auto"  # auto: label-aware flips where safe, shifts, lighting; none
+    export: str = "last"  # the epoch exported: last, or best (by validation macro-F1)
     box_attention: float | None = None  # weight of the box-attention term; None: BOX_ATTENTION for data with boxes
     weight_decay: float = 0.05
     warmup_fraction: float = 0.1
@@ -65,6 +67,8 @@ class TrainConfig:
             raise VitrayError(f"--lr must be between 0 and 1, got {self.lr}")
         if self.class_weights not in CLASS_WEIGHTS:
             raise VitrayError(f"--class-weights must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weights}")
+        if self.export not in EXPORTS:
+            raise VitrayError(f"--export must be one of {', '.join(EXPORTS)}, got {self.export}")
         if self.augment not in ("auto", "none"):
             raise VitrayError(f"--augment must be auto or none, got {self.augment}")
         if self.box_attention is not None and not 0.0 <= self.box_attention <= 100.0:

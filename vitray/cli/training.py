@@ -33,6 +33,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="rare classes: auto draws every class equally often per epoch (class-balanced "
                         "sampling); loss weights the loss by inverse class frequency (default auto)")
     p.add_argument("--augment", choices=("auto", "none"), help="label-aware flips, shifts, lighting (default auto)")
+    p.add_argument("--export", choices=("last", "best"),
+                   help="the epoch exported as the model: the last (default), or the best by validation macro-F1")
     p.add_argument("--box-attention", type=float, metavar="W",
                    help="weight of a loss term that keeps the attention map on each image's box, for data "
                         "with boxes (FRAMEimages parquet); 0 turns it off (default 1 for data with boxes)")
@@ -75,9 +77,11 @@ def run_train(args: argparse.Namespace) -> int:
     print(format_report(result.metrics))
     model = storage.join(result.out, "model")
     passed = result.metrics["per_class"].get("passed")
-    print(summary(f"best epoch {result.best_epoch} of {config.epochs}: validation accuracy "
+    print(summary(f"exported epoch {result.exported_epoch} of {config.epochs}: validation accuracy "
                    f"{result.metrics['accuracy']:.3f}, macro-F1 {result.metrics['macro_f1']:.3f}"
-                   + (f", passed recall {passed['recall']:.2f}" if passed else ""),
+                   + (f", passed recall {passed['recall']:.2f}" if passed else "")
+                   + (f" (best validation macro-F1 at epoch {result.best_epoch})"
+                      if result.best_epoch != result.exported_epoch else ""),
                    {"model": model, "metrics": storage.join(result.out, "metrics.json"),
                     "curves": storage.join(result.out, "curves.png"),
                     "confusion matrix": storage.join(result.out, "confusion_matrix.png")},
