@@ -227,6 +227,9 @@ def test_the_box_attention_weight_is_on_for_data_with_boxes_unless_given():
     with pytest.raises(VitrayError, match="needs images with boxes"):
         weight(3.0, False)
     assert weight(None, True, "head") == 0.0 and weight(None, True, "lora:4") == BOX_ATTENTION
+    pretrained = TrainConfig(data="d", out="o", model="/models/mae-encoder")
+    assert box_attention_weight(pretrained, True) == 0.0  # opt-in for a pre-trained model
+    assert box_attention_weight(TrainConfig(data="d", out="o", model="vit-small"), True) == BOX_ATTENTION
     with pytest.raises(VitrayError, match="--finetune head trains only the classifier"):
         weight(1.0, True, "head")
 

@@ -37,7 +37,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="the epoch exported as the model: the last (default), or the best by validation macro-F1")
     p.add_argument("--box-attention", type=float, metavar="W",
                    help="weight of a loss term that keeps the attention map on each image's box, for data "
-                        "with boxes (FRAMEimages parquet); 0 turns it off (default 1 for data with boxes)")
+                        "with boxes (FRAMEimages parquet); 0 turns it off (default 1 for a from-scratch preset "
+                        "on data with boxes, else 0)")
     p.add_argument("--seed", type=int, help=f"(default {d('seed')})")
     tracking_options(p)
     ray_options(p)
