@@ -41,6 +41,7 @@ class _Run:
     scheduler: Any
     steps_per_epoch: int
     patches: int  # of an image: the masks' length
+    box_grid: None = None  # `_batches` reads it: pre-training has no box-attention term
 
     @property
     def amp(self) -> bool:  # bf16 autocast on GPU
@@ -147,7 +148,7 @@ def _pretrain_epoch(cfg: dict[str, Any], state: _Run, shard: Any, epoch: int) ->
     tell = _progress(cfg, state, epoch, started)
     masks = mask_generator(cfg["run"]["seed"], epoch, state.rank)
     images, loss_sum = 0, 0.0
-    for step, (batch, _) in enumerate(_batches(cfg, state, shard, epoch), start=1):
+    for step, (batch, _, _) in enumerate(_batches(cfg, state, shard, epoch), start=1):
         x = normalize(batch, cfg["mean"], cfg["std"])
         loss_sum += _step(state, x, torch.rand(len(x), state.patches, generator=masks).to(state.device)) * len(x)
         images += len(x)
