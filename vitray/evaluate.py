@@ -196,8 +196,8 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, fmt: str | None = None
 
     When the data has boxes (FRAMEimages `response`), the default attention maps of
     the defect images (by their label, whatever the model predicted) are scored against them
-    (pointing game, energy in box). A data set of at
-    most `in_process_max` images, with no Ray cluster named, is scored in this process.
+    (pointing game, energy in box). A data set of at most `in_process_max` images, with no Ray
+    cluster named, is scored in this process.
     """
     from vitray.data.sources import inspect_source
     from vitray.inference import NEGATIVE_LABEL, PredictOptions, model_info

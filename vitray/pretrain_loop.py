@@ -41,7 +41,6 @@ class _Run:
     scheduler: Any
     steps_per_epoch: int
     patches: int  # of an image: the masks' length
-    box_grid: None = None  # `_batches` reads it: pre-training has no box-attention term
 
     @property
     def amp(self) -> bool:  # bf16 autocast on GPU

@@ -81,6 +81,7 @@ def _set_up(cfg: dict[str, Any]) -> _Run:
     import ray.train.torch
     import torch
 
+    from vitray.explain import patch_grid, register_weights_attention
     from vitray.models import apply_finetune, build_model
 
     run = cfg["run"]
@@ -97,18 +98,11 @@ def _set_up(cfg: dict[str, Any]) -> _Run:
     if device.type == "cpu":
         # Logical CPUs are inflated on a small machine; share the real cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
-    box_grid, attention = None, "sdpa"
-    if cfg["box_attention"] > 0:
-        from vitray.explain import register_weights_attention
-
-        # The term needs every layer's attention weights (heads fused by their mean, as the maps' default).
-        attention = register_weights_attention("mean")
+    boxed = cfg["box_attention"] > 0
+    # The box-attention term needs every layer's attention weights (heads fused by their mean, as the maps').
     model, _ = build_model(run["model"], cfg["labels"], cfg["image_size"], channels=cfg["channels"],
-                           attn_implementation=attention)
-    if cfg["box_attention"] > 0:
-        from vitray.explain import patch_grid
-
-        box_grid = patch_grid(model.config)
+                           attn_implementation=register_weights_attention("mean") if boxed else "sdpa")
+    box_grid = patch_grid(model.config) if boxed else None
     # On the device before the optimizer exists, so that a restored optimizer state lands there too.
     model = apply_finetune(model, run["finetune"]).to(device)
     steps_per_epoch = windows.steps_per_epoch(cfg["n_train"], world, run["batch_size"])
@@ -145,8 +139,10 @@ def _restore(cfg: dict[str, Any], state: _Run) -> tuple[int, list[dict], list[in
     return start_epoch, history, resumes
 
 
-def _batches(cfg: dict[str, Any], state: _Run, shard: Any, epoch: int) -> Any:
-    """This worker's training batches of an epoch: windows of rows balanced, augmented and cut into steps.
+def _batches(cfg: dict[str, Any], state: Any, shard: Any, epoch: int,
+             box_grid: tuple[int, int] | None = None) -> Any:
+    """This worker's training batches of an epoch: windows of rows balanced, augmented and cut into steps:
+    (images, labels, each image's box overlaps with the `box_grid` patches, or None without it).
 
     The last batch of a few images is dropped: it makes a noisy step, and one of a single
     image gives DDP gradients whose strides differ from its buckets' (a warning every epoch).
@@ -154,7 +150,7 @@ def _batches(cfg: dict[str, Any], state: _Run, shard: Any, epoch: int) -> Any:
     """
     run = cfg["run"]
     collate = windows.make_collate(cfg["balance_rates"], cfg["augment"], run["seed"], epoch, state.rank,
-                                   box_grid=state.box_grid)
+                                   box_grid=box_grid)
     size = run["batch_size"]
     for window in shard.iter_torch_batches(batch_size=size * windows.WINDOW_STEPS, collate_fn=collate,
                                            local_shuffle_buffer_size=2048, local_shuffle_seed=run["seed"] + epoch,
@@ -180,7 +176,7 @@ def _train_epoch(cfg: dict[str, Any], state: _Run, shard: Any, epoch: int) -> tu
     state.model.train()
     started = last_sent = time.perf_counter()
     seen, loss_sum, step = 0, 0.0, 0
-    for images, y, overlap in _batches(cfg, state, shard, epoch):
+    for images, y, overlap in _batches(cfg, state, shard, epoch, state.box_grid):
         x = normalize(images, cfg["mean"], cfg["std"])
         with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=state.amp):
             out = state.model(pixel_values=x, output_attentions=overlap is not None)
