@@ -31,10 +31,10 @@ def load(path: str, size: int, channels: int) -> np.ndarray:
 
 
 def main(model_path: str, images: list[str]) -> None:
-    session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
-    meta = json.loads(session.get_modelmeta().custom_metadata_map["vitray"])
+    engine = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+    meta = json.loads(engine.get_modelmeta().custom_metadata_map["vitray"])
     batch = np.stack([load(p, meta["size"], meta["channels"]) for p in images])
-    outputs = session.run(None, {"images": batch})
+    outputs = engine.run(None, {"images": batch})
     for i, (path, probs) in enumerate(zip(images, outputs[0])):
         best = int(np.argmax(probs))
         line = f"{path}\t{meta['labels'][best]}\t{probs[best]:.4f}"
