@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-NOISE = re.compile(r"core_worker\.cc|raylet|Warning|Traceback|\(pid=|\bWARN\b|\bE \d+ \d+\]")
+NOISE = re.compile(r"core_worker\.cc|raylet|Warning|Traceback|\(pid=|\bWARN\b|\bINFO\b|\bE \d+ \d+\]")
 
 
 def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -23,8 +23,14 @@ def test_train_and_score_show_progress_and_a_summary_and_no_noise(ray_session, t
     data, out = tmp_path / "data", tmp_path / "run"
     assert run(["synth", str(data), "--n", "800", "--size", "32", "--seed", "1"], env).returncode == 0
 
+    # A data set this small trains in the command's own process unless told otherwise: as quiet.
+    here = run(["train", "--data", str(data), "--out", str(tmp_path / "here"), "--epochs", "1"], env)
+    assert here.returncode == 0, here.stderr[-3000:]
+    assert not NOISE.search(here.stdout + here.stderr), here.stderr[-3000:]
+    assert "in this process" in here.stderr and re.search(r"^epoch 1/1: loss", here.stderr, re.M), here.stderr
+
     train = run(["train", "--data", str(data), "--out", str(out), "--epochs", "2", "--workers", "2",
-                 "--batch-size", "8"], env)
+                 "--batch-size", "8", "--in-process-max", "0"], env)
     assert train.returncode == 0, train.stderr[-3000:]
     text = train.stdout + train.stderr
     assert not NOISE.search(text), NOISE.search(text).group(0) + "\n" + text[-3000:]

@@ -1,5 +1,5 @@
 """Training on Ray Train: outputs, S3, a killed worker, a killed driver, Ctrl-C, CSV input, checkpoints that
-must not run code, and the CLI's checks."""
+must not run code, a small training in the driver's process, and the CLI's checks."""
 from __future__ import annotations
 
 import csv
@@ -292,6 +292,7 @@ def test_box_attention_on_data_without_boxes_is_refused_in_one_line(small, tmp_p
     (["--data", ".", "--out", "x", "--lr", "5"], "--lr"),
     (["--data", ".", "--out", "x", "--box-attention", "-1"], "--box-attention"),
     (["--data", ".", "--out", "x", "--export", "first"], "--export"),
+    (["--data", ".", "--out", "x", "--in-process-max", "-1"], "--in-process-max"),
     (["--out", "x"], "--data is required"),
     (["--data", ".", "--out", "x", "--frobnicate"], "unrecognized"),
 ])
@@ -413,6 +414,21 @@ def _wait_for_epoch(proc: subprocess.Popen, run, epoch: int, timeout: float = 30
     assert max(_complete_epochs(run), default=0) >= epoch, f"training never checkpointed epoch {epoch}"
 
 
+def _ctrl_c_after_epoch(cmd: list[str], run, epoch: int, **popen) -> tuple[int, float]:
+    """Start `cmd`, press Ctrl-C once `run` holds epoch's checkpoint; its exit code and how long it took to stop."""
+    proc = subprocess.Popen(cmd, start_new_session=True, **popen)
+    try:
+        _wait_for_epoch(proc, run, epoch)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        start = time.monotonic()
+        proc.wait(timeout=60)
+        return proc.returncode, time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def test_ctrl_c_then_a_killed_driver_and_the_same_command_finishes_in_one_tracked_run(ray_session, inspection,
                                                                                       tmp_path):
     """Ctrl-C exits 130 in one line; the rerun resumes, its driver is killed outright; the third run
@@ -424,19 +440,9 @@ def test_ctrl_c_then_a_killed_driver_and_the_same_command_finishes_in_one_tracke
     log, err = tmp_path / "stdout.log", tmp_path / "stderr.log"  # files, not pipes: Ray's output could fill a pipe
     # In tmp_path: MLflow puts a SQLite store's artifacts in ./mlruns.
     with open(log, "w") as stdout, open(err, "w") as stderr:
-        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, start_new_session=True, cwd=tmp_path)
-    try:
-        _wait_for_epoch(proc, out / "train", 2)
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        start = time.monotonic()
-        proc.wait(timeout=60)
-        stopped_in = time.monotonic() - start
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        code, stopped_in = _ctrl_c_after_epoch(cmd, out / "train", 2, stdout=stdout, stderr=stderr, cwd=tmp_path)
     stderr = err.read_text()
-    assert proc.returncode == 130, stderr[-3000:]
+    assert code == 130, stderr[-3000:]
     assert stopped_in < 30
     ours = [line for line in stderr.splitlines() if line.startswith("vitray:")]
     assert len(ours) == 1 and stderr.strip().splitlines()[-1] == ours[0], stderr[-3000:]
@@ -474,3 +480,83 @@ def test_ctrl_c_then_a_killed_driver_and_the_same_command_finishes_in_one_tracke
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_macro_f1")]
     assert sorted(set(steps)) == list(range(1, 9)), steps  # an epoch redone after a kill logs its step again
     assert (tmp_path / "mlruns").is_dir()  # the run's artifacts, where MLflow puts a SQLite store's
+
+
+# --------------------------------------------------------------------------- in this process
+
+
+@pytest.fixture
+def without_ray(monkeypatch):
+    """No cluster named, and starting Ray fails the test: a small training must not need it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a small training started Ray")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("vitray.runtime.init_ray", refuse)
+
+
+def test_where_a_training_runs(monkeypatch):
+    from vitray.train_data import trains_in_process
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def here(images: int, limit: int = 2000, **kw) -> bool:
+        return trains_in_process(images, TrainConfig(data="d", out="o", **kw), limit)
+
+    assert here(2000) and not here(2001) and not here(10, limit=0)
+    assert not here(10, ray_address="auto")  # a cluster named: its workers train
+    assert not here(10, workers=2, gpus_per_worker=1)  # data-parallel over GPUs needs Ray's workers
+
+
+@pytest.mark.s3
+def test_a_small_training_runs_here_without_ray_and_keeps_what_a_ray_run_keeps(without_ray, small, s3, tmp_path):
+    import torch
+
+    from vitray.checkpoints import load_state
+    from vitray.models import load_trained
+
+    out = tmp_path / "here"
+    config = dict(data=small, epochs=4, workers=2, batch_size=4, seed=5, export="best")
+    result = train(TrainConfig(out=str(out), **config))
+    assert {"metrics.json", "history.csv", "args.json", "curves.png", "confusion_matrix.png", "model"} <= \
+        {p.name for p in out.iterdir()}
+    history = _history(out / "history.csv")
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4]
+    best = max(history, key=lambda r: (float(r["val_macro_f1"]), int(r["epoch"])))
+    assert result.exported_epoch == result.best_epoch == int(best["epoch"])
+    exported = load_trained(str(out / "model"))[0].state_dict()
+    saved = load_state(str(out / "train" / f"epoch-{result.exported_epoch:04d}" / "state.pt"), "x")["model"]
+    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
+    # Ray Train's CheckpointConfig, kept by hand: the two best and the newest.
+    assert 4 in _complete_epochs(out / "train") and len(_complete_epochs(out / "train")) <= 3
+    # The same command into S3: the same run (seeded), its outputs and checkpoints there.
+    s3_out = f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:12]}"
+    train(TrainConfig(out=s3_out, **config))
+    assert [{k: v for k, v in r.items() if k != "images_per_s"} for r in _read_history(s3_out)] == \
+        [{k: v for k, v in r.items() if k != "images_per_s"} for r in history]
+    names = {storage.relative(storage.resolve(s3_out), f.path) for f in storage.list_files(s3_out)}
+    assert {"model/model.safetensors", "metrics.json", "train/epoch-0004/state.pt"} <= names
+
+
+def test_ctrl_c_in_a_small_training_keeps_its_epochs_and_the_same_command_resumes(inspection, tmp_path):
+    out = tmp_path / "here"
+    cmd = VITRAY + ["train", "--data", inspection, "--out", str(out), "--epochs", "40", "--batch-size", "16"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    err = tmp_path / "stderr.log"
+    with open(err, "w") as stderr:
+        code, _ = _ctrl_c_after_epoch(cmd, out / "train", 2, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    stderr = err.read_text()
+    assert code == 130, stderr[-3000:]
+    assert "in this process" in stderr
+    last = stderr.strip().splitlines()[-1]
+    match = re.fullmatch(r"vitray: interrupted after epoch (\d+); the same command resumes", last)
+    assert match, stderr[-3000:]
+    epoch = int(match.group(1))
+    assert 2 <= epoch == max(_complete_epochs(out / "train")) and epoch < 40
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"resuming after epoch {epoch}" in rerun.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_after_epochs"] == [epoch] and metrics["exported_epoch"] == 40
+    assert [int(r["epoch"]) for r in _history(out / "history.csv")] == list(range(1, 41))

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 RECORD_FILE = "checkpoint.json"
 CHECKPOINT_DIR = re.compile(r"^epoch-(\d+)$")
+CHECKPOINTS_KEPT = 2  # the best by validation macro-F1 (Ray Train's num_to_keep); the newest is kept too
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "images_per_s")
 
 
@@ -41,6 +42,33 @@ def save_state(folder: str, state: dict[str, Any], metrics: dict[str, Any]) -> N
     torch.save(state, path)
     with open(os.path.join(folder, RECORD_FILE), "w") as f:
         json.dump({"epoch": int(state["epoch"]), "state_bytes": os.path.getsize(path), "metrics": metrics}, f)
+
+
+def store_checkpoint(folder: str, run_uri: str, epoch: int) -> str:
+    """Copy a `save_state` folder to RUN/epoch-NNNN, its record last (a copy cut short is not complete);
+    its URI. Ray Train does this with a reported folder; its local mode, which trains in the
+    driver's process, keeps none, so a training there stores its own."""
+    target = storage.join(run_uri, f"epoch-{epoch:04d}")
+    for name in (STATE_FILE, RECORD_FILE):
+        with open(os.path.join(folder, name), "rb") as f:
+            storage.write_bytes(storage.join(target, name), f.read())
+    return target
+
+
+def keep_best_and_newest(run_uri: str, keep: int = CHECKPOINTS_KEPT) -> None:
+    """Delete the run's complete checkpoints other than the `keep` best by validation macro-F1 and the
+    newest: what Ray Train's CheckpointConfig does for a run on Ray, for a run in this process."""
+    saved = complete_checkpoints(run_uri)
+    scored = [(read_record(folder).get("metrics", {}).get("val_macro_f1", float("-inf")), epoch, folder)
+              for epoch, folder in saved]
+    kept = {folder for _, _, folder in sorted(scored, reverse=True)[:keep]} | {folder for _, folder in saved[:1]}
+    for _, folder in saved:
+        if folder not in kept:
+            loc = storage.resolve(folder)
+            try:
+                loc.fs.delete_dir(loc.path)
+            except OSError as exc:
+                log.warning("could not delete the checkpoint %s: %s", folder, exc)
 
 
 def read_record(folder_uri: str) -> dict[str, Any]:

@@ -240,6 +240,7 @@ def loop_config(config: PretrainConfig, data: PretrainingData) -> dict[str, Any]
         "std": list(data.prep.std),
         "lr": config.lr,
         "n_train": data.n_train,
+        "batch_size": config.batch_size,  # per worker
         # Train's windows of rows: no class balance (no classes), and light augmentation: shifts and
         # lighting keep every image a picture of the line; MAE's own crops and flips are left out.
         "balance_rates": None,

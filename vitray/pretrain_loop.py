@@ -130,7 +130,7 @@ def _set_up(cfg: dict[str, Any]) -> _Run:
     optimizer = torch.optim.AdamW([{"params": groups[True], "weight_decay": run["weight_decay"]},
                                    {"params": groups[False], "weight_decay": 0.0}], lr=cfg["lr"], betas=(0.9, 0.95))
     world = context.get_world_size()
-    steps = windows.steps_per_epoch(cfg["n_train"], world, run["batch_size"])
+    steps = windows.steps_per_epoch(cfg["n_train"], world, cfg["batch_size"])
     return _Run(context.get_world_rank(), world, device, model, optimizer,
                 make_scheduler(optimizer, steps * run["epochs"], run["warmup_fraction"]), steps,
                 model.vit.embeddings.patch_embeddings.num_patches)

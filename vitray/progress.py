@@ -144,6 +144,23 @@ class Channel:
             pass
 
 
+class LocalChannel:
+    """`Channel` for work in the driver's own process: each message is handed to `handle` at once."""
+
+    def __init__(self, handle: Callable[[dict[str, Any]], None]) -> None:
+        self._handle = handle
+        self.queue = self  # what `send` puts messages on
+
+    def put_nowait(self, message: dict[str, Any]) -> None:
+        try:
+            self._handle(message)
+        except Exception as exc:  # noqa: BLE001 - a display problem must not stop training
+            log.debug("progress message %r not shown: %s", message, exc)
+
+    def close(self) -> None:
+        pass
+
+
 def send(queue: Any, message: dict[str, Any]) -> None:
     """From a worker: put a message on the driver's channel without ever failing or blocking the work."""
     if queue is None:

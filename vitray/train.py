@@ -2,8 +2,9 @@
 
 `train(TrainConfig(...))` reads the data with Ray Data (`vitray.train_data`: decode and
 resize stream in Ray tasks), runs `train_loop_per_worker` (`vitray.train_loop`) on N
-workers, keeps the best checkpoint by validation macro-F1 and exports it as a plain
-transformers model with its metrics, history and plots beside it.
+workers, keeps a checkpoint per epoch and exports the last (or best) as a plain
+transformers model with its metrics, history and plots beside it. A small data set on no
+cluster trains in this process instead (Ray Train's local mode), without starting Ray.
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from vitray import storage
-from vitray.checkpoints import (RECORD_FILE, STATE_FILE, check_resume, complete_checkpoints, load_state,
-                                prune_checkpoints, write_history)
+from vitray.checkpoints import (CHECKPOINTS_KEPT, RECORD_FILE, STATE_FILE, check_resume, complete_checkpoints,
+                                load_state, prune_checkpoints, read_record, write_history)
 from vitray.data.preprocess import AugmentConfig
 from vitray.data.sampling import balanced_rates, class_weights
 from vitray.errors import VitrayError
+from vitray.runtime import verbose
 from vitray.train_config import TrainConfig
 from vitray.train_data import TrainingData, data_config, load_training_data
 
@@ -58,13 +60,13 @@ def train(config: TrainConfig) -> TrainResult:
     tracked = None
     try:
         resuming = check_resume(run) > 0
-        data = load_training_data(config)
+        data = load_training_data(config, in_process_max=config.in_process_max)
         config = replace(config, box_attention=data.box_attention)  # resolved for the data, as recorded
         # A resumed training goes on in the MLflow run it began (found by its name: the --out it writes).
         tracked = tracking.start(tracking.resolve(config.mlflow, config.mlflow_experiment),
                                  name=f"train {storage.resolve(config.out).uri}",
                                  params=asdict(config), resume=resuming)
-        with TrainingProgress(config.epochs) as progress:
+        with TrainingProgress(config.epochs, in_process=data.in_process) as progress:
             result = fit(make_trainer(config, data, progress=progress.queue, tracked=tracked))
         done = finish(config, result, data)
     except KeyboardInterrupt:
@@ -73,7 +75,8 @@ def train(config: TrainConfig) -> TrainResult:
     except BaseException:
         tracking.end(tracked, "FAILED")
         raise
-    prune_checkpoints(result, run)
+    if not data.in_process:  # a run in this process kept its best and newest as it went
+        prune_checkpoints(result, run)
     track_outputs(tracked, done)
     return done
 
@@ -94,13 +97,13 @@ def track_outputs(tracked: Any, result: TrainResult) -> None:
 class TrainingProgress:
     """The driver's side of rank 0's progress: a bar per epoch, a line per finished epoch."""
 
-    def __init__(self, epochs: int) -> None:
-        from vitray.progress import Channel
+    def __init__(self, epochs: int, in_process: bool = False) -> None:
+        from vitray.progress import Channel, LocalChannel
 
         self.epochs = epochs
         self._bar: Any = None
         self._epoch = 0
-        self._channel = Channel(self._show)
+        self._channel = LocalChannel(self._show) if in_process else Channel(self._show)
         self.queue = self._channel.queue
 
     def _show(self, message: dict[str, Any]) -> None:
@@ -165,6 +168,10 @@ def loop_config(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
         "augment": AugmentConfig.for_labels(data.labels) if config.augment == "auto" else None,
         "n_train": data.n_train,
         "box_attention": data.box_attention,
+        # One process takes the whole group's batch: the same steps, and the same mean gradient
+        # per step, as `workers` data-parallel workers of `batch_size`.
+        "batch_size": config.batch_size * (config.workers if data.in_process else 1),
+        "in_process": data.in_process,
         "history_uri": storage.join(config.out, "history.csv"),
         "run_uri": storage.join(config.out, RUN_NAME),
     }
@@ -174,7 +181,8 @@ def loop_config(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
 
 def make_trainer(config: TrainConfig, data: TrainingData, callbacks: Sequence[Any] = (), progress: Any = None,
                  tracked: Any = None) -> Any:
-    """The TorchTrainer of a run, storing under `config.out` (the same out resumes).
+    """The TorchTrainer of a run, storing under `config.out` (the same out resumes); for data held in this
+    process, one in Ray Train's local mode (`num_workers=0`: the loop runs here, no Ray started).
 
     `progress`: the queue of a `vitray.progress.Channel` that rank 0 reports its progress to;
     `tracked`: the MLflow run (`vitray.tracking.Tracking`) rank 0 logs each epoch to.
@@ -189,18 +197,23 @@ def make_trainer(config: TrainConfig, data: TrainingData, callbacks: Sequence[An
     resources = {"CPU": 1}
     if use_gpu:
         resources["GPU"] = config.gpus_per_worker
+    if data.in_process and not verbose():
+        # Local mode announces itself at INFO, and its report() logs every epoch's metrics dict.
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+    scaling = ray.train.ScalingConfig(num_workers=0) if data.in_process else ray.train.ScalingConfig(
+        num_workers=config.workers, use_gpu=use_gpu, resources_per_worker=resources)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**loop_config(config, data), "progress": progress, "tracking": tracked},
-        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=scaling,
         run_config=ray.train.RunConfig(
             name=RUN_NAME,
             storage_path=out.path,
             storage_filesystem=out.fs,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="val_macro_f1", checkpoint_score_order="max"),
+                num_to_keep=CHECKPOINTS_KEPT, checkpoint_score_attribute="val_macro_f1",
+                checkpoint_score_order="max"),
             callbacks=list(callbacks),
         ),
         datasets={"train": data.train_ds, "val": data.val_ds},
@@ -262,7 +275,8 @@ def finish(config: TrainConfig, result: Any, data: TrainingData) -> TrainResult:
     if config.export == "last" and latest is not None:
         state, chosen = latest
     else:
-        candidates = [(c, m) for c, m in (result.best_checkpoints or []) if "val_macro_f1" in m]
+        kept = _stored_checkpoints(storage.join(config.out, RUN_NAME)) if data.in_process else result.best_checkpoints
+        candidates = [(c, m) for c, m in (kept or []) if "val_macro_f1" in m]
         if candidates:
             best_ckpt, chosen = max(candidates, key=lambda cm: (cm[1]["val_macro_f1"], cm[1]["epoch"]))
             with best_ckpt.as_directory() as d:
@@ -289,6 +303,18 @@ def finish(config: TrainConfig, result: Any, data: TrainingData) -> TrainResult:
                    title=f"validation, epoch {chosen['epoch']}")
     plot_curves(history, storage.join(config.out, "curves.png"))
     return TrainResult(config.out, metrics, history, best["epoch"], chosen["epoch"])
+
+
+def _stored_checkpoints(run_uri: str) -> list[tuple[Any, dict[str, Any]]]:
+    """(checkpoint, metrics) of the complete checkpoints on storage: what a run in this process kept
+    (Ray Train's local mode records none)."""
+    import ray.train
+
+    found = []
+    for _, folder in complete_checkpoints(run_uri):
+        loc = storage.resolve(folder)
+        found.append((ray.train.Checkpoint(path=loc.path, filesystem=loc.fs), read_record(folder).get("metrics") or {}))
+    return found
 
 
 def _latest_checkpoint(result: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 
 from vitray import storage
 from vitray.errors import VitrayError
+from vitray.runtime import IN_PROCESS_MAX
 
 CLASS_WEIGHTS = ("auto", "loss", "none")
 EXPORTS = ("last", "best")
@@ -43,6 +44,9 @@ class TrainConfig:
     seed: int = 0
     ray_address: str | None = None
     shared_fs: bool = False  # a local --out that every node of a multi-node cluster mounts
+    # `vitray train` with no cluster named trains a data set of at most this many images in its own
+    # process (Ray Train's local mode), without starting Ray; 0: always on Ray. Tune's trials run on Ray.
+    in_process_max: int = IN_PROCESS_MAX
     mlflow: str | None = None  # MLflow tracking URI (else $MLFLOW_TRACKING_URI; neither: untracked)
     mlflow_experiment: str | None = None  # default "vitray"
 
@@ -61,6 +65,8 @@ class TrainConfig:
             raise VitrayError("--epochs, --batch-size and --workers must be at least 1")
         if not 0.0 < self.val_fraction < 1.0 and self.val is None:
             raise VitrayError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.in_process_max < 0:
+            raise VitrayError(f"--in-process-max must be at least 0, got {self.in_process_max}")
         if self.gpus_per_worker < 0:
             raise VitrayError("--gpus-per-worker cannot be negative")
         if self.lr is not None and not 0 < self.lr < 1:

@@ -1,8 +1,8 @@
 """What a training run reads: the classes, the preprocessing, and the training and validation Ray Datasets.
 
 `load_training_data` checks the data and the cluster on the driver and builds the datasets
-(cached in Ray's object store when small, streaming otherwise); `data_config` is how Ray
-Train hands them to the workers.
+(cached in Ray's object store when small, streaming otherwise, or held in this process for
+a run that trains here); `data_config` is how Ray Train hands them to the workers.
 """
 from __future__ import annotations
 
@@ -39,12 +39,16 @@ class TrainingData:
     class_counts: list[int]
     n_train: int
     box_attention: float  # the box-attention term's weight, resolved for the data (0: off)
+    in_process: bool = False  # trained in the driver's process (Ray Train's local mode), data in memory
 
 
-def load_training_data(config: TrainConfig, workers_flag: str = "--workers", trial_cpus: float = 0.0) -> TrainingData:
+def load_training_data(config: TrainConfig, workers_flag: str = "--workers", trial_cpus: float = 0.0,
+                       in_process_max: int = 0) -> TrainingData:
     """Check the options, the output, the data and the cluster, then build the (cached or streaming) Ray Datasets.
 
     `trial_cpus`: what a Tune trial's own actor holds beside its Train run (tune passes it).
+    `in_process_max`: a data set of at most this many images, with no cluster named, is read
+    into this process's memory for a training here, without Ray (`vitray.runtime.runs_in_process`).
     """
     from vitray import cluster
     from vitray.data.sources import inspect_source
@@ -76,6 +80,13 @@ def load_training_data(config: TrainConfig, workers_flag: str = "--workers", tri
     params = params_for(config.model, config.finetune, n_labels=len(labels), image_size=size, channels=channels)
     log.info("model: %s parameters, %s trainable", params["total"], params["trainable"])
 
+    if trains_in_process(len(train_ids) + len(val_ids), config, in_process_max):
+        log.info("training on %s images in this process (too few to start Ray for; --in-process-max 0 trains on "
+                 "Ray)", f"{len(train_ids):,}")
+        train_ds = memory_dataset(source, train_ids, prep.size, prep.channels, boxes=box_attention > 0)
+        val_ds = memory_dataset(val_source, val_ids, prep.size, prep.channels)
+        return TrainingData(labels, prep, params, train_ds, val_ds, counts.tolist(), len(train_ids), box_attention,
+                            in_process=True)
     init_ray(RayOptions(address=config.ray_address))
     cluster.check_shared_output(config.out, config.shared_fs, "--out")
     cluster.check_fits(config.workers, 1.0, config.gpus_per_worker, workers_flag, extra_cpus=DATA_CPUS + trial_cpus,
@@ -112,6 +123,16 @@ def box_attention_weight(config: Any, has_boxes: bool) -> float:
     return float(config.box_attention)
 
 
+def trains_in_process(images: int, config: TrainConfig, limit: int) -> bool:
+    """Whether a training of `images` runs in this process: `runs_in_process`, and on a GPU only for one
+    worker (more are a data-parallel run across GPUs, which only Ray gives)."""
+    from vitray.runtime import runs_in_process
+
+    if config.gpus_per_worker > 0 and config.workers > 1:
+        return False
+    return runs_in_process(images, limit, config.ray_address, config.gpus_per_worker)
+
+
 def peek_shape(source: Any) -> tuple[int, int]:
     """Channels (1 or 3) and side of the data's first decodable image."""
     from vitray.data.readers import first_image
@@ -145,6 +166,21 @@ def image_dataset(source: Any, ids: list[str], size: int, channels: int, shuffle
             ds = ds.random_shuffle(seed=shuffle_seed)
         return ds.materialize()
     return ds if shuffle_seed is None else ds.randomize_block_order(seed=shuffle_seed)
+
+
+def memory_dataset(source: Any, ids: list[str], size: int, channels: int, boxes: bool = False) -> Any:
+    """`image_dataset`'s rows, read, decoded and resized in this process and held in memory
+    (`vitray.data.memory.MemoryShard`); the training loop draws each epoch's order."""
+    from vitray.data.memory import MemoryShard
+    from vitray.data.preprocess import resize_batch
+    from vitray.data.readers import iter_images
+
+    names = ["image", "label", "bbox"] if boxes else ["image", "label"]
+    parts = [resize_batch(batch, size, channels) for batch in iter_images(source, ids)]
+    parts = [{k: part[k] for k in names} for part in parts if len(part["label"])]
+    if not parts:
+        raise VitrayError(f"{source.uri}: none of its {len(ids):,} images could be decoded")
+    return MemoryShard({k: np.concatenate([part[k] for part in parts]) for k in names})
 
 
 def data_config() -> Any:

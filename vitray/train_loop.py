@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from vitray import storage, tracking
-from vitray.checkpoints import STATE_FILE, complete_checkpoints, load_state, save_state, write_history
+from vitray.checkpoints import (STATE_FILE, complete_checkpoints, keep_best_and_newest, load_state, save_state,
+                                store_checkpoint, write_history)
 from vitray.data import batches as windows
 from vitray.progress import send
 
@@ -105,7 +106,7 @@ def _set_up(cfg: dict[str, Any]) -> _Run:
     box_grid = patch_grid(model.config) if boxed else None
     # On the device before the optimizer exists, so that a restored optimizer state lands there too.
     model = apply_finetune(model, run["finetune"]).to(device)
-    steps_per_epoch = windows.steps_per_epoch(cfg["n_train"], world, run["batch_size"])
+    steps_per_epoch = windows.steps_per_epoch(cfg["n_train"], world, cfg["batch_size"])
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": run["weight_decay"]},
                                    {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}], lr=cfg["lr"])
@@ -151,7 +152,7 @@ def _batches(cfg: dict[str, Any], state: Any, shard: Any, epoch: int,
     run = cfg["run"]
     collate = windows.make_collate(cfg["balance_rates"], cfg["augment"], run["seed"], epoch, state.rank,
                                    box_grid=box_grid)
-    size = run["batch_size"]
+    size = cfg["batch_size"]
     for window in shard.iter_torch_batches(batch_size=size * windows.WINDOW_STEPS, collate_fn=collate,
                                            local_shuffle_buffer_size=2048, local_shuffle_seed=run["seed"] + epoch,
                                            device=state.device):
@@ -220,8 +221,14 @@ def _report(cfg: dict[str, Any], state: _Run, row: dict[str, Any], val: dict[str
                        "scheduler": state.scheduler.state_dict(), "epoch": epoch, "history": history,
                        "resumes": resumes}, metrics)
         write_history(cfg["history_uri"], history)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"epoch-{epoch:04d}")
+        if not cfg["in_process"]:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=f"epoch-{epoch:04d}")
+            return
+        # Ray Train's local mode keeps no checkpoint: this process stores it where Train would.
+        folder = storage.resolve(store_checkpoint(d, cfg["run_uri"], epoch))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint(path=folder.path, filesystem=folder.fs))
+        keep_best_and_newest(cfg["run_uri"])
 
 
 def track_epoch(cfg: dict[str, Any], row: dict[str, Any], recall: dict[str, float] | None = None) -> None:

@@ -64,6 +64,10 @@ def add_train(sub: Any) -> None:
                        description="Train a ViT (from scratch or fine-tuned) on labelled images with Ray Train; "
                                    "writes OUT/model, metrics.json, history.csv and plots.")
     add_train_options(p)
+    p.add_argument("--in-process-max", type=int, metavar="N",
+                   help="with no Ray cluster given, a data set of at most N images trains in this process (Ray "
+                        "Train's local mode), without starting Ray; 0: always on Ray (default "
+                        f"{IN_PROCESS_MAX})")
     p.set_defaults(func=run_train)
 
 

@@ -199,6 +199,12 @@ def read_images(source: Source, ids: Iterable[str] | None = None) -> Any:
     return read_encoded(source, ids).map_batches(_decode_and_drop, batch_format="numpy")
 
 
+def iter_images(source: Source, ids: Iterable[str] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """What `read_images` reads, in this process: batches of decoded images, undecodable ones logged and skipped."""
+    for batch in iter_encoded(source, ids):
+        yield _decode_and_drop(batch)
+
+
 def _decode_and_drop(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = decode_batch(batch)
     bad = np.array([k is not None for k in out["error_kind"]], dtype=bool)
