@@ -1,6 +1,4 @@
 """`python -m vitray.cli` is `vitray`."""
-import sys
+from vitray.cli.main import run
 
-from vitray.cli.main import main
-
-sys.exit(main())
+run()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from typing import Any, Callable, Sequence
@@ -63,6 +64,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vitray.faults import describe
 
         return failed(args, exc, describe(exc, output_of(args) or "the run"), 1)
+
+
+def run() -> None:
+    """The `vitray` executable: `main`, then exit without the interpreter's last garbage collections.
+
+    PyTorch, transformers and Ray leave millions of objects, and collecting them at exit took
+    about a second of every command's time (docs/benchmarks.md). They are frozen out of the
+    collector; the atexit handlers (Ray's shutdown among them) still run and the files still close.
+    """
+    code = main()
+    gc.freeze()
+    sys.exit(code)
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:

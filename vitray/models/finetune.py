@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import ViTConfig, ViTForImageClassification
 
 from vitray.models.building import build_model, pretrained_config, source_kind
@@ -20,6 +19,8 @@ def apply_finetune(model: ViTForImageClassification, policy: str) -> torch.nn.Mo
     layers = model.vit.layers if hasattr(model.vit, "layers") else model.vit.encoder.layer
     kind, value = parse_finetune(policy, num_layers=len(layers))
     if kind == "lora":
+        from peft import LoraConfig, get_peft_model  # only here: its import costs every other run ~0.15 s
+
         config = LoraConfig(r=value, lora_alpha=2 * value, lora_dropout=0.1,
                             target_modules=_attention_targets(model), modules_to_save=["classifier"])
         return get_peft_model(model, config)

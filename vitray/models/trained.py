@@ -5,12 +5,12 @@ import copy
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 from typing import Any
 
 import pyarrow.fs as pafs
 import torch
-from peft import PeftModel
 from transformers import ViTForImageClassification
 
 from vitray import storage
@@ -112,7 +112,8 @@ def _plain_model(model: torch.nn.Module) -> ViTForImageClassification:
             model = model._orig_mod
         else:
             break
-    if isinstance(model, PeftModel):
+    peft = sys.modules.get("peft")  # a PeftModel exists only where peft was imported
+    if peft is not None and isinstance(model, peft.PeftModel):
         model = copy.deepcopy(model).merge_and_unload()
     if not isinstance(model, ViTForImageClassification):
         raise VitrayError(f"export: expected a ViTForImageClassification, got {type(model).__name__}")
