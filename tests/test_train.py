@@ -66,6 +66,31 @@ def test_class_weights_lift_a_rare_class():
     assert abs((490 * w[0] + 10 * w[1]) / 500 - 1.0) < 1e-6
 
 
+def test_layer_decay_slows_each_layer_below_the_head_and_keeps_weight_decay_off_vectors():
+    from vitray.models import apply_finetune, build_model
+    from vitray.train_loop import parameter_groups
+
+    model, _ = build_model(None, ["a", "b"], 32)  # 4 layers
+    rate = {id(p): g["lr"] for g in parameter_groups(model, 1e-3, 0.05, 0.5) for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in parameter_groups(model, 1e-3, 0.05, 0.5) for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert rate[id(named["classifier.weight"])] == rate[id(named["vit.layernorm.weight"])] == pytest.approx(1e-3)
+    for i in range(4):  # layer i at depth i + 1 of 5
+        assert rate[id(named[f"vit.layers.{i}.mlp.fc1.weight"])] == pytest.approx(1e-3 * 0.5 ** (4 - i))
+    assert rate[id(named["vit.embeddings.cls_token"])] == pytest.approx(1e-3 * 0.5 ** 5)
+    assert decay[id(named["vit.layers.0.mlp.fc1.weight"])] == 0.05 and decay[id(named["vit.layers.0.mlp.fc1.bias"])] == 0
+    assert len(rate) == len(list(model.parameters()))  # every parameter in one group
+    # One rate: the two groups (matrices decayed, first) a checkpoint of such a run holds.
+    groups = parameter_groups(model, 1e-3, 0.05, 1.0)
+    assert [(g["weight_decay"], g["lr"]) for g in groups] == [(0.05, 1e-3), (0.0, 1e-3)]
+    # LoRA's names (peft wraps the model) are found too; frozen parameters are left out.
+    lora = apply_finetune(build_model(None, ["a", "b"], 32)[0], "lora:2")
+    rates = sorted({g["lr"] for g in parameter_groups(lora, 1e-3, 0.05, 0.5)})
+    assert rates == pytest.approx([1e-3 * 0.5 ** k for k in (4, 3, 2, 1, 0)])
+    assert sum(len(g["params"]) for g in parameter_groups(lora, 1e-3, 0.05, 0.5)) == \
+        sum(p.requires_grad for p in lora.parameters())
+
+
 def test_schedule_warms_up_then_decays_to_zero():
     import torch
 
@@ -292,6 +317,7 @@ def test_box_attention_on_data_without_boxes_is_refused_in_one_line(small, tmp_p
     (["--data", ".", "--out", "x", "--lr", "5"], "--lr"),
     (["--data", ".", "--out", "x", "--box-attention", "-1"], "--box-attention"),
     (["--data", ".", "--out", "x", "--export", "first"], "--export"),
+    (["--data", ".", "--out", "x", "--layer-decay", "0"], "--layer-decay"),
     (["--data", ".", "--out", "x", "--in-process-max", "-1"], "--in-process-max"),
     (["--out", "x"], "--data is required"),
     (["--data", ".", "--out", "x", "--frobnicate"], "unrecognized"),

@@ -37,6 +37,7 @@ class TrainConfig:
     export: str = "last"  # the epoch exported: last, or best (by validation macro-F1)
     box_attention: float | None = None  # weight of the box-attention term; None: BOX_ATTENTION for data with boxes
     weight_decay: float = 0.05
+    layer_decay: float = 1.0  # each encoder layer's rate times this per layer below the head (1: one rate)
     warmup_fraction: float = 0.1
     label_smoothing: float = 0.1
     grad_clip: float = 1.0
@@ -77,6 +78,8 @@ class TrainConfig:
             raise VitrayError(f"--export must be one of {', '.join(EXPORTS)}, got {self.export}")
         if self.augment not in ("auto", "none"):
             raise VitrayError(f"--augment must be auto or none, got {self.augment}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise VitrayError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
         if self.box_attention is not None and not 0.0 <= self.box_attention <= 100.0:
             raise VitrayError(f"--box-attention must be between 0 and 100, got {self.box_attention}")
         if self.image_size is not None and self.image_size < 4:

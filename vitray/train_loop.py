@@ -108,13 +108,36 @@ def _set_up(cfg: dict[str, Any]) -> _Run:
     model = apply_finetune(model, run["finetune"]).to(device)
     steps_per_epoch = windows.steps_per_epoch(cfg["n_train"], world, cfg["batch_size"])
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": run["weight_decay"]},
-                                   {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}], lr=cfg["lr"])
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg["lr"], run["weight_decay"], run["layer_decay"]),
+                                  lr=cfg["lr"])
     scheduler = make_scheduler(optimizer, steps_per_epoch * run["epochs"], run["warmup_fraction"])
     weights = torch.tensor(cfg["class_weights"], dtype=torch.float32, device=device) if cfg["class_weights"] else None
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=run["label_smoothing"])
     return _Run(model, optimizer, scheduler, trainable, loss_fn, device, device.type == "cuda", rank, world,
                 steps_per_epoch, box_grid)
+
+
+def parameter_groups(model: Any, lr: float, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW's groups of the trainable parameters: weight decay on matrices only, and with `layer_decay`
+    below 1 each encoder layer's rate scaled by layer_decay ** (layers + 1 - its depth): the
+    embeddings (depth 0) learn slowest, the final norm and the head (depth layers + 1) at `lr`.
+    Layer-wise rate decay is how BEiT and MAE fine-tune a pre-trained encoder."""
+    import re
+
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    layer = re.compile(r"\.layers?\.(\d+)\.")
+    depths = {name: int(m.group(1)) + 1 if (m := layer.search(name)) else None for name, _ in named}
+    top = max((d for d in depths.values() if d is not None), default=0) + 1
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in named:
+        depth = depths[name] if depths[name] is not None else (0 if ".embeddings." in f".{name}" else top)
+        if layer_decay == 1.0:
+            depth = top  # one rate: the two groups, decayed first, that a checkpoint of such a run holds
+        decayed = p.ndim >= 2
+        group = groups.setdefault((depth, not decayed), {"params": [], "lr": lr * layer_decay ** (top - depth),
+                                                         "weight_decay": weight_decay if decayed else 0.0})
+        group["params"].append(p)
+    return [groups[key] for key in sorted(groups)]
 
 
 def _restore(cfg: dict[str, Any], state: _Run) -> tuple[int, list[dict], list[int]]:

@@ -33,6 +33,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="rare classes: auto draws every class equally often per epoch (class-balanced "
                         "sampling); loss weights the loss by inverse class frequency (default auto)")
     p.add_argument("--augment", choices=("auto", "none"), help="label-aware flips, shifts, lighting (default auto)")
+    p.add_argument("--layer-decay", type=float, metavar="F",
+                   help="layer-wise learning-rate decay: each encoder layer learns at F times the rate of the "
+                        "one above it, the head at --lr (default 1: one rate)")
     p.add_argument("--export", choices=("last", "best"),
                    help="the epoch exported as the model: the last (default), or the best by validation macro-F1")
     p.add_argument("--box-attention", type=float, metavar="W",
