@@ -42,7 +42,7 @@ class PretrainConfig:
     # None: the preset `vitray train` would size for the data.
     model: str | None = None
     image_size: int | None = None  # None: as `vitray train` (the data's side; under 16 px, 32)
-    epochs: int = 100
+    epochs: int = 300  # 300 beat 100 fine-tuned on 300 labels, on two renderings (docs/pretrain.md)
     mask_ratio: float = 0.75  # MAE's: three patches in four hidden
     lr: float = 1e-3  # peak; warm-up, then cosine decay to zero
     batch_size: int = 64  # per worker
