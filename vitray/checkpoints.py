@@ -44,11 +44,16 @@ def save_state(folder: str, state: dict[str, Any], metrics: dict[str, Any]) -> N
         json.dump({"epoch": int(state["epoch"]), "state_bytes": os.path.getsize(path), "metrics": metrics}, f)
 
 
+def checkpoint_name(epoch: int) -> str:
+    """The folder of an epoch's checkpoint under RUN (what CHECKPOINT_DIR matches)."""
+    return f"epoch-{epoch:04d}"
+
+
 def store_checkpoint(folder: str, run_uri: str, epoch: int) -> str:
     """Copy a `save_state` folder to RUN/epoch-NNNN, its record last (a copy cut short is not complete);
     its URI. Ray Train does this with a reported folder; its local mode, which trains in the
     driver's process, keeps none, so a training there stores its own."""
-    target = storage.join(run_uri, f"epoch-{epoch:04d}")
+    target = storage.join(run_uri, checkpoint_name(epoch))
     for name in (STATE_FILE, RECORD_FILE):
         with open(os.path.join(folder, name), "rb") as f:
             storage.write_bytes(storage.join(target, name), f.read())
@@ -58,17 +63,21 @@ def store_checkpoint(folder: str, run_uri: str, epoch: int) -> str:
 def keep_best_and_newest(run_uri: str, keep: int = CHECKPOINTS_KEPT) -> None:
     """Delete the run's complete checkpoints other than the `keep` best by validation macro-F1 and the
     newest: what Ray Train's CheckpointConfig does for a run on Ray, for a run in this process."""
-    saved = complete_checkpoints(run_uri)
-    scored = [(read_record(folder).get("metrics", {}).get("val_macro_f1", float("-inf")), epoch, folder)
-              for epoch, folder in saved]
-    kept = {folder for _, _, folder in sorted(scored, reverse=True)[:keep]} | {folder for _, folder in saved[:1]}
-    for _, folder in saved:
+    saved = scored_checkpoints(run_uri)
+    by_score = sorted(saved, key=lambda s: (s[2].get("val_macro_f1", float("-inf")), s[0]), reverse=True)
+    kept = {folder for _, folder, _ in by_score[:keep] + saved[:1]}
+    for _, folder, _ in saved:
         if folder not in kept:
             loc = storage.resolve(folder)
             try:
                 loc.fs.delete_dir(loc.path)
             except OSError as exc:
                 log.warning("could not delete the checkpoint %s: %s", folder, exc)
+
+
+def scored_checkpoints(run_uri: str) -> list[tuple[int, str, dict[str, Any]]]:
+    """(epoch, folder URI, the metrics reported with it) of the run's complete checkpoints, newest first."""
+    return [(epoch, folder, read_record(folder).get("metrics") or {}) for epoch, folder in complete_checkpoints(run_uri)]
 
 
 def read_record(folder_uri: str) -> dict[str, Any]:

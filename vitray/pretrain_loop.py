@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from vitray.checkpoints import save_state, write_history
+from vitray.checkpoints import checkpoint_name, save_state, write_history
 from vitray.data import batches as windows
 from vitray.progress import send
 from vitray.train_loop import (PROGRESS_EVERY_S, _all_reduce, _batches, _restore, _tensor, make_scheduler,
@@ -224,5 +224,5 @@ def _checkpoint(cfg: dict[str, Any], state: _Run, row: dict[str, Any], history: 
                             "resumes": resumes}, row)
         write_history(cfg["history_uri"], history, HISTORY_COLUMNS)
         ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                         checkpoint_dir_name=f"epoch-{row['epoch']:04d}")
+                         checkpoint_dir_name=checkpoint_name(row["epoch"]))
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from vitray import storage
 from vitray.checkpoints import (CHECKPOINTS_KEPT, RECORD_FILE, STATE_FILE, check_resume, complete_checkpoints,
-                                load_state, prune_checkpoints, read_record, write_history)
+                                load_state, prune_checkpoints, scored_checkpoints, write_history)
 from vitray.data.preprocess import AugmentConfig
 from vitray.data.sampling import balanced_rates, class_weights
 from vitray.errors import VitrayError
@@ -310,11 +310,8 @@ def _stored_checkpoints(run_uri: str) -> list[tuple[Any, dict[str, Any]]]:
     (Ray Train's local mode records none)."""
     import ray.train
 
-    found = []
-    for _, folder in complete_checkpoints(run_uri):
-        loc = storage.resolve(folder)
-        found.append((ray.train.Checkpoint(path=loc.path, filesystem=loc.fs), read_record(folder).get("metrics") or {}))
-    return found
+    return [(ray.train.Checkpoint(path=(loc := storage.resolve(folder)).path, filesystem=loc.fs), metrics)
+            for _, folder, metrics in scored_checkpoints(run_uri)]
 
 
 def _latest_checkpoint(result: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:

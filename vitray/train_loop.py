@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from vitray import storage, tracking
-from vitray.checkpoints import (STATE_FILE, complete_checkpoints, keep_best_and_newest, load_state, save_state,
-                                store_checkpoint, write_history)
+from vitray.checkpoints import (STATE_FILE, checkpoint_name, complete_checkpoints, keep_best_and_newest, load_state,
+                                save_state, store_checkpoint, write_history)
 from vitray.data import batches as windows
 from vitray.progress import send
 
@@ -246,7 +246,7 @@ def _report(cfg: dict[str, Any], state: _Run, row: dict[str, Any], val: dict[str
         write_history(cfg["history_uri"], history)
         if not cfg["in_process"]:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name=f"epoch-{epoch:04d}")
+                             checkpoint_dir_name=checkpoint_name(epoch))
             return
         # Ray Train's local mode keeps no checkpoint: this process stores it where Train would.
         folder = storage.resolve(store_checkpoint(d, cfg["run_uri"], epoch))
