@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LABELS = ["Xminus", "Xplus", "Yminus", "Yplus", "passed"]
 TARGETS = {  # ratio: (comparison, target) from the benchmark issue
     "train_ray_vs_torch": (">=", 0.9),
+    "pretrain_ray_vs_torch": (">=", 0.9),  # the same bar for MAE pre-training
     "score_vs_forward": (">=", 0.6),
     "score_vs_naive": (">=", 3.0),
     "attention_overhead": ("<=", 1.3),
@@ -53,6 +54,7 @@ class Sizes:
     # Bare loop then Ray Train, alternating: train_ray_vs_torch is the median of the pairs'
     # ratios (one pair each way has read anything from 0.82 to 1.23 with no change to the loop).
     train_pairs: int = 3
+    pretrain_batch: int = 64  # vitray pretrain's default
 
 
 QUICK = Sizes(score_images=60, piece_rows=32, naive_images=30, train_images=300, train_epochs=2, forward_seconds=1.0,
@@ -266,15 +268,22 @@ def score_run(model_dir: str, images: str, out: str, attention: str, sizes: Size
     stamps: list[tuple[float, int]] = []
     started = time.perf_counter()
     with PeakMemory() as memory:
+        # On Ray whatever the size (a small run on no cluster would score in this process).
         manifest = score(ScoreConfig(model=model_dir, input=images, output=out, attention=attention,
-                                     batch_size=sizes.score_batch, piece_rows=sizes.piece_rows),
+                                     batch_size=sizes.score_batch, piece_rows=sizes.piece_rows, in_process_max=0),
                          progress=lambda state: stamps.append((time.perf_counter(), state["scored"])))
+    stamps = committed(stamps)
     return {"images": manifest["counts"]["scored"], "attention": attention, "batch_size": sizes.score_batch,
             # A small run commits too few pieces to time; only the large runs' rates are compared.
             "steady_images_per_s": round(steady_rate(stamps), 1) if len(stamps) >= 3 else None,
             "first_output_s": round(stamps[0][0] - started, 2), "scoring_s": manifest["scoring_s"],
             "manifest_images_per_s": manifest["images_per_s"], "pieces": manifest["pieces"],
             "peak_pss_mb": round(memory.peak / 2**20, 1)}
+
+
+def committed(stamps: list[tuple[float, int]]) -> list[tuple[float, int]]:
+    """The stamps of committed pieces: a run also reports its start, before any image is scored."""
+    return [(t, n) for t, n in stamps if n > 0]
 
 
 def steady_rate(stamps: list[tuple[float, int]]) -> float:
@@ -291,6 +300,46 @@ def steady_rate(stamps: list[tuple[float, int]]) -> float:
     return (n1 - n0) / (t1 - t0)
 
 
+def torch_pretrain_rate(sizes: Sizes, pixels: Any, threads: int, epochs: int) -> list[float]:
+    """Images/s per epoch of a bare PyTorch MAE loop doing what vitray's pre-training step does: the
+    same ViTMAEForPreTraining, AdamW groups and betas, schedule, random masks, clipping and batch size."""
+    import torch
+
+    from vitray.data.preprocess import normalize
+    from vitray.models import build_model
+    from vitray.pretrain import PretrainConfig, mae_config
+    from vitray.pretrain_loop import NO_DECAY, build_mae
+    from vitray.train_loop import make_scheduler
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        prep = build_model(sizes.model, LABELS, image_size=sizes.image_size, channels=3)[1]
+    model = build_mae(mae_config(PretrainConfig(data="", out="", model=sizes.model), prep))
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and not n.endswith(NO_DECAY)]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.ndim >= 2 and not n.endswith(NO_DECAY))]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=1e-3, betas=(0.9, 0.95))
+    scheduler = make_scheduler(optimizer, epochs * -(-len(pixels) // sizes.pretrain_batch), 0.1)
+    patches = model.vit.embeddings.patch_embeddings.num_patches
+    images = torch.from_numpy(pixels)
+    model.train()
+    rates = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for idx in torch.randperm(len(images)).split(sizes.pretrain_batch):
+            x = normalize(images[idx], prep.mean, prep.std)
+            loss = model(pixel_values=x, noise=torch.rand(len(x), patches)).loss.float()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            loss.item()
+        rates.append(len(images) / (time.perf_counter() - start))
+    return rates
+
+
 def ray_train_rate(sizes: Sizes, data: str, out: str) -> list[float]:
     """Images/s per epoch of `vitray train` (Ray Train, 1 worker) as its history.csv records them.
 
@@ -304,7 +353,19 @@ def ray_train_rate(sizes: Sizes, data: str, out: str) -> list[float]:
     shutil.rmtree(out, ignore_errors=True)
     result = train(TrainConfig(data=data, out=out, model=sizes.model, image_size=sizes.image_size,
                                epochs=sizes.train_epochs, batch_size=sizes.train_batch, workers=1,
-                               augment="none", class_weights="loss"))
+                               augment="none", class_weights="loss", in_process_max=0))
+    return [float(row["images_per_s"]) for row in result.history]
+
+
+def ray_pretrain_rate(sizes: Sizes, data: str, out: str) -> list[float]:
+    """Images/s per epoch of `vitray pretrain` (Ray Train, 1 worker) as its history.csv records them;
+    without augmentation, as the bare loop (the images come from Ray's object store)."""
+    from vitray.pretrain import PretrainConfig, pretrain
+
+    shutil.rmtree(out, ignore_errors=True)
+    result = pretrain(PretrainConfig(data=data, out=out, model=sizes.model, image_size=sizes.image_size,
+                                     epochs=sizes.train_epochs, batch_size=sizes.pretrain_batch, workers=1,
+                                     augment="none"))
     return [float(row["images_per_s"]) for row in result.history]
 
 
@@ -387,6 +448,21 @@ def scores_folder(choice: str, work: str) -> str:
     return os.path.join(choice, f"vitray-benchmark-scores-{os.getpid()}")
 
 
+def alternate(pairs: int, what: str, bare: Callable[[], list[float]], vitray: Callable[[], list[float]]) -> list[dict]:
+    """`pairs` alternating runs of a bare PyTorch loop and vitray's Ray Train loop, each a list of epoch
+    rates. The first epoch of either is warm-up (allocator, iterator start); each pair's ratio is
+    that of the best of the rest."""
+    out = []
+    for _ in range(pairs):
+        print(f"bare PyTorch {what} loop ...", flush=True)
+        torch_epochs = bare()
+        print(f"vitray {what} (Ray Train, 1 worker) ...", flush=True)
+        ray_epochs = vitray()
+        out.append({"ray_epochs": ray_epochs, "torch_epochs": [round(r, 1) for r in torch_epochs],
+                    "ratio": round(max(ray_epochs[1:]) / max(torch_epochs[1:]), 3)})
+    return out
+
+
 def cpu_benchmark(work: str, sizes: Sizes, scores: str) -> dict[str, Any]:
     """Every CPU figure and ratio; the plain-PyTorch side runs in this process, vitray's on the embedded Ray."""
     from vitray.runtime import RayOptions, init_ray
@@ -422,22 +498,18 @@ def cpu_benchmark(work: str, sizes: Sizes, scores: str) -> dict[str, Any]:
         shutil.rmtree(os.path.join(scores, name), ignore_errors=True)  # tmpfs is memory
     pair_ratios = [runs[f"none_large{s}"]["steady_images_per_s"] / runs[f"all_large{s}"]["steady_images_per_s"]
                    for s in suffixes]
-    train_pairs = []
-    for _ in range(sizes.train_pairs):
-        print("bare PyTorch training loop ...", flush=True)
-        torch_epochs = torch_train_rate(sizes, train_pixels, train_labels, train_threads, sizes.train_epochs)
-        print("vitray train (Ray Train, 1 worker) ...", flush=True)
-        ray_epochs = ray_train_rate(sizes, data["train"], os.path.join(work, "train-run"))
-        # The first epoch of either loop is warm-up (allocator, iterator start); the best of the rest counts.
-        train_pairs.append({"ray_epochs": ray_epochs, "torch_epochs": [round(r, 1) for r in torch_epochs],
-                            "ratio": round(max(ray_epochs[1:]) / max(torch_epochs[1:]), 3)})
-    ray_train = max(max(p["ray_epochs"][1:]) for p in train_pairs)
-    torch_train = max(max(p["torch_epochs"][1:]) for p in train_pairs)
+    train_pairs = alternate(sizes.train_pairs, "training", lambda: torch_train_rate(
+        sizes, train_pixels, train_labels, train_threads, sizes.train_epochs), lambda: ray_train_rate(
+        sizes, data["train"], os.path.join(work, "train-run")))
+    pretrain_pairs = alternate(sizes.train_pairs, "MAE pre-training", lambda: torch_pretrain_rate(
+        sizes, train_pixels, train_threads, sizes.train_epochs), lambda: ray_pretrain_rate(
+        sizes, data["train"], os.path.join(work, "pretrain-run")))
     # The best large run of each kind, as the forward pass is the best of its windows.
     none = max(runs[f"none_large{s}"]["steady_images_per_s"] for s in suffixes)
     full = max(runs[f"all_large{s}"]["steady_images_per_s"] for s in suffixes)
     ratios = {
         "train_ray_vs_torch": statistics.median(p["ratio"] for p in train_pairs),
+        "pretrain_ray_vs_torch": statistics.median(p["ratio"] for p in pretrain_pairs),
         "score_vs_forward": none / forward,
         "score_vs_naive": none / naive,
         "attention_overhead": statistics.median(pair_ratios),  # time per image with maps over time without
@@ -451,13 +523,20 @@ def cpu_benchmark(work: str, sizes: Sizes, scores: str) -> dict[str, Any]:
             "forward_images_per_s": round(forward, 1), "naive_images_per_s": round(naive, 1),
             "score_steady_images_per_s": {"none": round(none, 1), "all": round(full, 1)},
             "attention_overhead_pairs": [round(r, 3) for r in pair_ratios],
-            "score": runs, "train_ray_images_per_s": round(ray_train, 1),
-            "train_torch_images_per_s": round(torch_train, 1),
-            "train_pairs": train_pairs,
+            "score": runs, "train_pairs": train_pairs, "pretrain_pairs": pretrain_pairs,
         },
         "threads": {"score_and_forward_and_naive": score_threads, "train_both": train_threads},
         "scores_folder": scores, "file_create_ms": create_ms,
     }
+
+
+def pairs_detail(pairs: list[dict]) -> str:
+    """The best epoch rates of either loop over the pairs, and each pair's ratio."""
+    if not pairs:
+        return "not measured"
+    best = [max(max(p[side][1:]) for p in pairs) for side in ("ray_epochs", "torch_epochs")]
+    return f"best {best[0]:,.0f} / {best[1]:,.0f} img/s" + (
+        "; median of pairs " + ", ".join(f"{p['ratio']:.2f}" for p in pairs) if len(pairs) > 1 else "")
 
 
 def table(results: dict[str, Any]) -> str:
@@ -467,9 +546,8 @@ def table(results: dict[str, Any]) -> str:
     if "ratios" in cpu:
         f, runs, steady = cpu["figures"], cpu["figures"]["score"], cpu["figures"]["score_steady_images_per_s"]
         detail = {
-            "train_ray_vs_torch": f"best {f['train_ray_images_per_s']:,.0f} / {f['train_torch_images_per_s']:,.0f} img/s" + (
-                "; median of pairs " + ", ".join(f"{p['ratio']:.2f}" for p in f["train_pairs"])
-                if len(f.get("train_pairs", [])) > 1 else ""),
+            "train_ray_vs_torch": pairs_detail(f["train_pairs"]),
+            "pretrain_ray_vs_torch": pairs_detail(f.get("pretrain_pairs", [])),
             "score_vs_forward": f"{steady['none']:,.0f} / {f['forward_images_per_s']:,.0f} img/s",
             "score_vs_naive": f"{steady['none']:,.0f} / {f['naive_images_per_s']:,.0f} img/s",
             "attention_overhead": f"best {steady['none']:,.0f} / {steady['all']:,.0f} img/s (none / all)" + (
