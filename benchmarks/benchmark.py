@@ -1,10 +1,12 @@
 """Throughput of vitray's Ray paths against plain PyTorch, as ratios measured side by side in one run.
 
-`python benchmarks/benchmark.py --out DIR [--quick] [--gpu]` writes DIR/benchmark.json and prints a table.
+`python benchmarks/benchmark.py --out DIR [--quick] [--startup] [--gpu]` writes DIR/benchmark.json and prints a table.
 The model is the from-scratch preset that `vitray train` builds by default (vit-tiny, here on
 64 px synthetic inspection images), untrained: throughput does not depend on the weights.
 Every ratio compares two figures taken in this run, on this machine, with the same batch size
-and thread count. `--gpu` adds `benchmarks/gpu_benchmark.py`'s bf16 ViT-B/16 sweep when CUDA is there.
+and thread count. `--startup` adds `benchmarks/startup.py`'s start-up figures (small runs from the
+command to their exit, against plain scripts); `--gpu` adds `benchmarks/gpu_benchmark.py`'s bf16
+ViT-B/16 sweep when CUDA is there.
 """
 from __future__ import annotations
 
@@ -57,6 +59,10 @@ class Sizes:
     pretrain_batch: int = 64  # vitray pretrain's default
 
 
+# startup.py's scoring images, training images and rounds (a round runs every command once).
+STARTUP = (2000, 300, 2)
+STARTUP_QUICK = (200, 100, 1)
+STARTUP_TARGETS = {"score_exit": 1.5, "score_first_piece_s": 8.0, "explain": 2.0}  # from the start-up issue
 QUICK = Sizes(score_images=60, piece_rows=32, naive_images=30, train_images=300, train_epochs=2, forward_seconds=1.0,
               overhead_pairs=1, train_pairs=1)
 
@@ -222,7 +228,6 @@ def torch_train_rate(sizes: Sizes, pixels: Any, labels: Any, threads: int, epoch
     import numpy as np
     import torch
 
-    from vitray.data.preprocess import normalize
     from vitray.models import build_model
     from vitray.data.sampling import class_weights
     from vitray.train_loop import make_scheduler
@@ -239,19 +244,55 @@ def torch_train_rate(sizes: Sizes, pixels: Any, labels: Any, threads: int, epoch
     weights = torch.tensor(class_weights(np.bincount(labels, minlength=len(LABELS))), dtype=torch.float32)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=0.1)
     images, targets = torch.from_numpy(pixels), torch.from_numpy(labels).long()
+    return bare_epochs(model, prep, optimizer, scheduler, images, sizes.train_batch, epochs,
+                       lambda x, idx: loss_fn(model(pixel_values=x).logits.float(), targets[idx]))
+
+
+def torch_pretrain_rate(sizes: Sizes, pixels: Any, threads: int, epochs: int) -> list[float]:
+    """Images/s per epoch of a bare PyTorch MAE loop doing what vitray's pre-training step does: the
+    same ViTMAEForPreTraining, AdamW groups and betas, schedule, random masks, clipping and batch size."""
+    import torch
+
+    from vitray.models import build_model
+    from vitray.pretrain import PretrainConfig, mae_config
+    from vitray.pretrain_loop import NO_DECAY, build_mae
+    from vitray.train_loop import make_scheduler
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        prep = build_model(sizes.model, LABELS, image_size=sizes.image_size, channels=3)[1]
+    model = build_mae(mae_config(PretrainConfig(data="", out="", model=sizes.model), prep))
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and not n.endswith(NO_DECAY)]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.ndim >= 2 and not n.endswith(NO_DECAY))]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=1e-3, betas=(0.9, 0.95))
+    scheduler = make_scheduler(optimizer, epochs * -(-len(pixels) // sizes.pretrain_batch), 0.1)
+    patches = model.vit.embeddings.patch_embeddings.num_patches
+    return bare_epochs(model, prep, optimizer, scheduler, torch.from_numpy(pixels), sizes.pretrain_batch, epochs,
+                       lambda x, _: model(pixel_values=x, noise=torch.rand(len(x), patches)).loss.float())
+
+
+def bare_epochs(model: Any, prep: Any, optimizer: Any, scheduler: Any, images: Any, batch: int, epochs: int,
+                loss_of: Callable[[Any, Any], Any]) -> list[float]:
+    """Images/s per epoch of the bare loop: shuffled batches, normalised, `loss_of(x, indices)`, and
+    the step vitray's loops take (clipping, the schedule, the loss read back every step)."""
+    import torch
+
+    from vitray.data.preprocess import normalize
+
     model.train()
     rates = []
     for _ in range(epochs):
         start = time.perf_counter()
-        for idx in torch.randperm(len(images)).split(sizes.train_batch):
-            x = normalize(images[idx], prep.mean, prep.std)
-            loss = loss_fn(model(pixel_values=x).logits.float(), targets[idx])
+        for idx in torch.randperm(len(images)).split(batch):
+            loss = loss_of(normalize(images[idx], prep.mean, prep.std), idx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
-            loss.item()  # vitray's loop reads the loss every step too
+            loss.item()
         rates.append(len(images) / (time.perf_counter() - start))
     return rates
 
@@ -298,46 +339,6 @@ def steady_rate(stamps: list[tuple[float, int]]) -> float:
         raise RuntimeError(f"only {len(stamps)} pieces were committed: too few to time a steady rate "
                            "(score more images than --piece-rows times 3)")
     return (n1 - n0) / (t1 - t0)
-
-
-def torch_pretrain_rate(sizes: Sizes, pixels: Any, threads: int, epochs: int) -> list[float]:
-    """Images/s per epoch of a bare PyTorch MAE loop doing what vitray's pre-training step does: the
-    same ViTMAEForPreTraining, AdamW groups and betas, schedule, random masks, clipping and batch size."""
-    import torch
-
-    from vitray.data.preprocess import normalize
-    from vitray.models import build_model
-    from vitray.pretrain import PretrainConfig, mae_config
-    from vitray.pretrain_loop import NO_DECAY, build_mae
-    from vitray.train_loop import make_scheduler
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        prep = build_model(sizes.model, LABELS, image_size=sizes.image_size, channels=3)[1]
-    model = build_mae(mae_config(PretrainConfig(data="", out="", model=sizes.model), prep))
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and not n.endswith(NO_DECAY)]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.ndim >= 2 and not n.endswith(NO_DECAY))]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=1e-3, betas=(0.9, 0.95))
-    scheduler = make_scheduler(optimizer, epochs * -(-len(pixels) // sizes.pretrain_batch), 0.1)
-    patches = model.vit.embeddings.patch_embeddings.num_patches
-    images = torch.from_numpy(pixels)
-    model.train()
-    rates = []
-    for _ in range(epochs):
-        start = time.perf_counter()
-        for idx in torch.randperm(len(images)).split(sizes.pretrain_batch):
-            x = normalize(images[idx], prep.mean, prep.std)
-            loss = model(pixel_values=x, noise=torch.rand(len(x), patches)).loss.float()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            loss.item()
-        rates.append(len(images) / (time.perf_counter() - start))
-    return rates
 
 
 def ray_train_rate(sizes: Sizes, data: str, out: str) -> list[float]:
@@ -539,6 +540,29 @@ def pairs_detail(pairs: list[dict]) -> str:
         "; median of pairs " + ", ".join(f"{p['ratio']:.2f}" for p in pairs) if len(pairs) > 1 else "")
 
 
+def startup_table(up: dict[str, Any]) -> list[str]:
+    """startup.py's medians: each command's wall time against its plain script's, and the targets."""
+    lines = ["| start-up: from the command to its exit | vitray | plain script | ratio | target |", "|---|---|---|---|---|"]
+    if up.get("images"):
+        t = STARTUP_TARGETS
+        lines += [f"| `vitray score`, {up['images']:,} PNGs, in its own process | {up['vitray']['exit_s']:.1f} s "
+                  f"| {up['plain_s']:.1f} s | {up['ratio']:.2f} | <= {t['score_exit']} |",
+                  f"| the same, first committed piece | {up['vitray']['first_piece_s']:.1f} s | | "
+                  f"| <= {t['score_first_piece_s']:g} s |",
+                  f"| the same on an embedded Ray | {up['vitray_on_ray']['exit_s']:.1f} s | {up['plain_s']:.1f} s "
+                  f"| {up['ratio_on_ray']:.2f} | |",
+                  f"| `vitray explain`, 3 images | {up['explain_3_images']['vitray_s']:.1f} s "
+                  f"| {up['explain_3_images']['plain_s']:.1f} s | {up['explain_3_images']['ratio']:.2f} "
+                  f"| <= {t['explain']:g} |"]
+    if "train" in up:
+        train = up["train"]
+        lines += [f"| `vitray train`, {train['images']:,} images, 1 epoch, in its own process "
+                  f"| {train['vitray']['exit_s']:.1f} s | {train['plain']['exit_s']:.1f} s | {train['ratio']:.2f} | |",
+                  f"| the same on an embedded Ray | {train['on_ray']['exit_s']:.1f} s "
+                  f"| {train['plain']['exit_s']:.1f} s | {train['ratio_on_ray']:.2f} | |"]
+    return lines
+
+
 def table(results: dict[str, Any]) -> str:
     """The ratios, their targets and the figures they divide, as a Markdown table."""
     cpu = results.get("cpu", {})
@@ -566,6 +590,8 @@ def table(results: dict[str, Any]) -> str:
                          f"there, {create['work_folder']:.3f} ms under --out.")
     elif cpu:
         lines.append(f"CPU part: {cpu.get('skipped')}")
+    if "startup" in results:
+        lines += ["", *startup_table(results["startup"])]
     gpu = results.get("gpu")
     if gpu and "score" in gpu:
         lines += ["", f"GPU: {gpu['device']}, {gpu['model']}", "| batch | score, no maps | score, maps for all | train step |",
@@ -587,6 +613,8 @@ def main() -> int:
                         "its figures are too small to mean anything")
     parser.add_argument("--gpu", action="store_true", help="also run benchmarks/gpu_benchmark.py's sweep (needs CUDA)")
     parser.add_argument("--gpu-batch-sizes", default=None, help="for --gpu; default gpu_benchmark's")
+    parser.add_argument("--startup", action="store_true", help="also benchmarks/startup.py's start-up figures "
+                        "(fresh `vitray` processes against plain scripts; ~6 min, --quick: ~2)")
     parser.add_argument("--keep", action="store_true", help="keep the generated images, model and outputs")
     parser.add_argument("--scores-to", default="auto", metavar="auto|work|FOLDER",
                         help="where the score runs write: auto = /dev/shm when there is one (see scores_folder), "
@@ -601,6 +629,10 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     results: dict[str, Any] = environment(args, sizes)
     started = time.perf_counter()
+    if args.startup:  # first: fresh processes, before this one starts a Ray whose idle processes would weigh
+        import startup  # benchmarks/ is first on sys.path
+
+        results["startup"] = startup.measure(*STARTUP_QUICK if args.quick else STARTUP)
     try:
         import ray  # noqa: F401 - only to know whether the Ray side can run here
     except ImportError:

@@ -213,22 +213,17 @@ def explain_pair(images: str, model: str, root: str, n: int = 3) -> tuple[float,
     return ours, time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=2000, help="0: no scoring figures")
-    parser.add_argument("--train-images", type=int, default=300, help="0: no training figures")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+def measure(n_images: int = 2000, train_images: int = 300, rounds: int = 2) -> dict:
+    """Every start-up figure, the medians of `rounds` alternating rounds (0 images: that part is left out)."""
     with tempfile.TemporaryDirectory() as root:
-        if args.images:
-            images, model = make_inputs(root, args.images)
+        if n_images:
+            images, model = make_inputs(root, n_images)
         runs, on_ray, plain, explains = [], [], [], []
         trains: dict[str, list[dict[str, float]]] = {"vitray": [], "on_ray": [], "on_ray_poll_2s": [], "plain": []}
-        if args.train_images:
-            train_data, train_config = make_train_inputs(root, args.train_images)
-        for r in range(args.rounds):
-            if args.train_images:
+        if train_images:
+            train_data, train_config = make_train_inputs(root, train_images)
+        for r in range(rounds):
+            if train_images:
                 trains["vitray"].append(train_run(train_data, os.path.join(root, f"train-{r}")))
                 trains["on_ray"].append(train_run(train_data, os.path.join(root, f"ray-train-{r}"),
                                                   "--in-process-max", "0"))
@@ -236,7 +231,7 @@ def main() -> None:
                                                           "--in-process-max", "0", poll_s="2"))
                 trains["plain"].append(plain_train(train_data, train_config))
                 print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]}" for k, v in trains.items()), flush=True)
-            if not args.images:
+            if not n_images:
                 continue
             runs.append(vitray_run(images, model, os.path.join(root, f"scores-{r}")))
             on_ray.append(vitray_run(images, model, os.path.join(root, f"ray-{r}"), "--in-process-max", "0"))
@@ -244,8 +239,8 @@ def main() -> None:
             explains.append(explain_pair(images, model, root))
             print(f"round {r + 1}: vitray {runs[-1]}, on Ray {on_ray[-1]}, plain script {plain[-1]:.1f} s; "
                   f"explain on 3 images {explains[-1][0]:.1f} s, plain {explains[-1][1]:.1f} s", flush=True)
-    result: dict = {"images": args.images}
-    if args.images:
+    result: dict = {"images": n_images}
+    if n_images:
         median = {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
         median_ray = {k: round(statistics.median(r[k] for r in on_ray), 2) for k in on_ray[0]}
         plain_s = statistics.median(plain)
@@ -255,12 +250,23 @@ def main() -> None:
         ours, theirs = (statistics.median(e[i] for e in explains) for i in (0, 1))
         result["explain_3_images"] = {"vitray_s": round(ours, 2), "plain_s": round(theirs, 2),
                                       "ratio": round(ours / theirs, 2)}
-    if args.train_images:
+    if train_images:
         train = {k: {e: round(statistics.median(run[e] for run in v), 2) for e in v[0]} for k, v in trains.items()}
-        result["train"] = {"images": args.train_images, **train,
+        result["train"] = {"images": train_images, **train,
                            "ratio": round(train["vitray"]["exit_s"] / train["plain"]["exit_s"], 2),
                            "ratio_on_ray": round(train["on_ray"]["exit_s"] / train["plain"]["exit_s"], 2),
                            "poll_saving_s": round(train["on_ray_poll_2s"]["exit_s"] - train["on_ray"]["exit_s"], 2)}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000, help="0: no scoring figures")
+    parser.add_argument("--train-images", type=int, default=300, help="0: no training figures")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    result = measure(args.images, args.train_images, args.rounds)
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:

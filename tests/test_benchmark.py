@@ -143,3 +143,17 @@ def test_quality_takes_each_targets_min_and_mean_over_the_seeds() -> None:
     assert quality.TARGETS["digits"]["accuracy"] == "svm_accuracy"  # measured on the same split
     train, test = quality.digits_split(4)
     assert len(set(train) | set(test)) == len(train) + len(test) == 1797
+
+
+def test_table_shows_the_start_up_figures_against_their_plain_scripts_when_measured() -> None:
+    up = {"images": 2000, "vitray": {"first_piece_s": 4.4, "exit_s": 5.1}, "vitray_on_ray": {"exit_s": 26.6},
+          "plain_s": 5.7, "ratio": 0.89, "ratio_on_ray": 4.67,
+          "explain_3_images": {"vitray_s": 4.0, "plain_s": 4.6, "ratio": 0.87},
+          "train": {"images": 300, "vitray": {"exit_s": 6.6}, "on_ray": {"exit_s": 38.0}, "plain": {"exit_s": 4.9},
+                    "ratio": 1.35, "ratio_on_ray": 7.76}}
+    text = benchmark.table({"startup": up})
+    assert "| `vitray score`, 2,000 PNGs, in its own process | 5.1 s | 5.7 s | 0.89 | <= 1.5 |" in text
+    assert "| the same, first committed piece | 4.4 s | | | <= 8 s |" in text
+    assert "| `vitray explain`, 3 images | 4.0 s | 4.6 s | 0.87 | <= 2 |" in text
+    assert "| the same on an embedded Ray | 38.0 s | 4.9 s | 7.76 | |" in text
+    assert "start-up" not in benchmark.table({"cpu": {"skipped": "ray is not installed here"}})
