@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import types
 import time
 import uuid
 from dataclasses import dataclass
@@ -529,8 +530,13 @@ def test_where_a_training_runs(monkeypatch):
     def here(images: int, limit: int = 2000, **kw) -> bool:
         return trains_in_process(images, TrainConfig(data="d", out="o", **kw), limit)
 
+    ray = types.SimpleNamespace(is_initialized=lambda: False)  # whatever Ray this test process has
+    monkeypatch.setitem(sys.modules, "ray", ray)
     assert here(2000) and not here(2001) and not here(10, limit=0)
     assert not here(10, ray_address="auto")  # a cluster named: its workers train
+    ray.is_initialized = lambda: True  # the program calling vitray has started Ray: it trains there
+    assert not here(10)
+    ray.is_initialized = lambda: False
     assert not here(10, workers=2, gpus_per_worker=1)  # data-parallel over GPUs needs Ray's workers
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 from vitray.errors import VitrayError
@@ -57,12 +58,16 @@ IN_PROCESS_MAX = 2000  # images: a smaller run on no cluster is done without Ray
 def runs_in_process(images: int, limit: int, address: str | None, gpus_per_worker: float) -> bool:
     """Whether a run of `images` is done in this process rather than on Ray.
 
-    Only with no cluster named (no `--ray-address`, no RAY_ADDRESS), at most `limit` images
-    (0: never): starting Ray and its workers costs a few seconds, many times such a run. Both
-    engines take a GPU wherever they see one, so on a GPU machine asked for none, Ray (which
-    hides the GPUs from a worker asking for none) keeps the run on the CPU.
+    Only with no cluster named (no `--ray-address`, no RAY_ADDRESS, no Ray already started in
+    this process by the program calling vitray), at most `limit` images (0: never): starting
+    Ray and its workers costs a few seconds, many times such a run. Both engines take a GPU
+    wherever they see one, so on a GPU machine asked for none, Ray (which hides the GPUs from a
+    worker asking for none) keeps the run on the CPU.
     """
     if images > limit or address or os.environ.get("RAY_ADDRESS"):
+        return False
+    ray = sys.modules.get("ray")  # never imported here just to ask: that import costs a second
+    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
         return False
     if gpus_per_worker == 0:
         import torch
