@@ -241,8 +241,9 @@ def test_kaggle_csv_trains_directly(ray_session, tmp_path):
     assert config["num_channels"] == 1 and config["image_size"] == 28 and config["patch_size"] == 4
 
 
-def test_the_box_attention_weight_is_on_for_data_with_boxes_unless_given():
-    from vitray.train_config import BOX_ATTENTION
+def test_the_box_attention_weight_is_on_for_data_with_boxes_unless_given(tmp_path):
+    from vitray.models.specs import PRETRAINED_HERE
+    from vitray.train_config import BOX_ATTENTION, BOX_ATTENTION_PRETRAINED_HERE
     from vitray.train_data import box_attention_weight
 
     def weight(given, has_boxes, finetune="full"):
@@ -253,8 +254,17 @@ def test_the_box_attention_weight_is_on_for_data_with_boxes_unless_given():
     with pytest.raises(VitrayError, match="needs images with boxes"):
         weight(3.0, False)
     assert weight(None, True, "head") == 0.0 and weight(None, True, "lora:4") == BOX_ATTENTION
-    pretrained = TrainConfig(data="d", out="o", model="/models/mae-encoder")
-    assert box_attention_weight(pretrained, True) == 0.0  # opt-in for a pre-trained model
+    elsewhere = tmp_path / "hub-vit"  # a ViT pre-trained elsewhere: opt-in
+    elsewhere.mkdir()
+    (elsewhere / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    assert box_attention_weight(TrainConfig(data="d", out="o", model=str(elsewhere)), True) == 0.0
+    here = tmp_path / "mae-encoder"  # an encoder of `vitray pretrain`: the lighter weight
+    here.mkdir()
+    (here / "config.json").write_text(json.dumps({"model_type": "vit", PRETRAINED_HERE: {"method": "mae"}}))
+    assert 0 < BOX_ATTENTION_PRETRAINED_HERE < BOX_ATTENTION
+    assert box_attention_weight(TrainConfig(data="d", out="o", model=str(here)), True) == BOX_ATTENTION_PRETRAINED_HERE
+    assert box_attention_weight(TrainConfig(data="d", out="o", model=str(here)), False) == 0.0
+    assert box_attention_weight(TrainConfig(data="d", out="o", model=str(here), finetune="head"), True) == 0.0
     assert box_attention_weight(TrainConfig(data="d", out="o", model="vit-small"), True) == BOX_ATTENTION
     with pytest.raises(VitrayError, match="--finetune head trains only the classifier"):
         weight(1.0, True, "head")

@@ -13,6 +13,9 @@ EXPORTS = ("last", "best")
 # The weight of the box-attention term (vitray.localisation.box_attention_loss) when the training
 # data has boxes and --box-attention is not given: docs/attention-maps.md has the measurements.
 BOX_ATTENTION = 1.0
+# The same for an encoder `vitray pretrain` made: a lighter term moves its maps onto the part and
+# raised its fine-tuned macro-F1, where the full weight cost some (docs/pretrain.md).
+BOX_ATTENTION_PRETRAINED_HERE = 0.1
 
 
 @dataclass

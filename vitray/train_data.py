@@ -100,20 +100,23 @@ def load_training_data(config: TrainConfig, workers_flag: str = "--workers", tri
 
 
 def box_attention_weight(config: Any, has_boxes: bool) -> float:
-    """--box-attention, else BOX_ATTENTION for a from-scratch preset on data with boxes and 0 for
-    the rest; a weight the run cannot use is refused (data without boxes, `--finetune head`,
-    which trains no attention).
+    """--box-attention, else for data with boxes BOX_ATTENTION for a from-scratch preset,
+    BOX_ATTENTION_PRETRAINED_HERE for an encoder `vitray pretrain` made, and 0 for the rest; a
+    weight the run cannot use is refused (data without boxes, `--finetune head`, which trains
+    no attention).
 
-    Off by default for a pre-trained model: fine-tuning a vitray MAE encoder on 300 labelled
-    images, the term put the maps on the part but cost macro-F1 (docs/attention-maps.md).
+    Off by default for a model pre-trained elsewhere (a hub ViT): not measured there.
     """
-    from vitray.models.specs import PRESETS
-    from vitray.train_config import BOX_ATTENTION
+    from vitray.models.specs import PRESETS, pretrained_here
+    from vitray.train_config import BOX_ATTENTION, BOX_ATTENTION_PRETRAINED_HERE
 
     trains_attention = config.finetune != "head"
     if config.box_attention is None:
-        from_scratch = config.model is None or config.model in PRESETS
-        return BOX_ATTENTION if has_boxes and trains_attention and from_scratch else 0.0
+        if not (has_boxes and trains_attention):
+            return 0.0
+        if config.model is None or config.model in PRESETS:
+            return BOX_ATTENTION
+        return BOX_ATTENTION_PRETRAINED_HERE if pretrained_here(config.model) else 0.0
     if config.box_attention > 0 and not has_boxes:
         raise VitrayError(f"--box-attention needs images with boxes (a FRAMEimages parquet's `response`); "
                           f"{config.data} has none: leave it out or give 0")
