@@ -314,9 +314,11 @@ def score_run(model_dir: str, images: str, out: str, attention: str, sizes: Size
                                      batch_size=sizes.score_batch, piece_rows=sizes.piece_rows, in_process_max=0),
                          progress=lambda state: stamps.append((time.perf_counter(), state["scored"])))
     stamps = committed(stamps)
+    # A run that hands back too few pieces to time (--quick's) gets its manifest's end-to-end rate.
+    timed = len(stamps) >= 3
     return {"images": manifest["counts"]["scored"], "attention": attention, "batch_size": sizes.score_batch,
-            # A small run commits too few pieces to time; only the large runs' rates are compared.
-            "steady_images_per_s": round(steady_rate(stamps), 1) if len(stamps) >= 3 else None,
+            "steady_images_per_s": round(steady_rate(stamps) if timed else manifest["images_per_s"], 1),
+            "rate_from": "pieces" if timed else "manifest",
             "first_output_s": round(stamps[0][0] - started, 2), "scoring_s": manifest["scoring_s"],
             "manifest_images_per_s": manifest["images_per_s"], "pieces": manifest["pieces"],
             "peak_pss_mb": round(memory.peak / 2**20, 1)}
