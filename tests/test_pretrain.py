@@ -157,10 +157,10 @@ def test_pretraining_writes_every_output(pretrained):
     prep = json.loads((out / "model" / "preprocessor_config.json").read_text())
     assert prep["size"] == {"height": 32, "width": 32} and prep["image_mean"] == [0.5] * 3
     args = json.loads((out / "args.json").read_text())
-    assert args["epochs"] == EPOCHS and args["mae"]["mask_ratio"] == 0.75
+    assert args["epochs"] == EPOCHS and args["mae"]["mask_ratio"] == PretrainConfig.mask_ratio
     # The encoder says where it came from; train fine-tunes it at the rate it was pre-trained at.
     provenance = json.loads((out / "model" / "config.json").read_text())["vitray_pretrain"]
-    assert provenance == {"method": "mae", "epochs": EPOCHS, "mask_ratio": 0.75, "lr": 1e-3,
+    assert provenance == {"method": "mae", "epochs": EPOCHS, "mask_ratio": PretrainConfig.mask_ratio, "lr": 1e-3,
                           "images": provenance["images"]} and 0 < provenance["images"] < 48
     assert TrainConfig(data="d", out="o", model=str(out / "model")).resolved_lr() == 1e-3
 
@@ -239,7 +239,7 @@ def test_going_on_from_a_vit_into_s3_tracked(ray_session, line, tiny_model, s3_p
     first = run(1)
     client = MlflowClient(tracking_uri=tracked)
     (stored,) = client.search_runs([client.get_experiment_by_name("pretrain").experiment_id])
-    assert stored.info.status == "FINISHED" and stored.data.params["mask_ratio"] == "0.75"
+    assert stored.info.status == "FINISHED" and stored.data.params["mask_ratio"] == str(PretrainConfig.mask_ratio)
     assert 1 in {m.step for m in client.get_metric_history(stored.info.run_id, "val_loss")}  # rank 0's epoch 1
     artifacts = {a.path for a in client.list_artifacts(stored.info.run_id)}
     assert {"history.csv", "reconstructions.png", "model"} <= artifacts
