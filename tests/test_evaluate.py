@@ -147,6 +147,7 @@ def test_evaluate_scores_the_maps_against_the_boxes_of_the_data(ray_session, tin
     assert 0.0 <= where["pointing_game"] <= 1.0 and 0.0 <= where["energy_in_box"] <= 1.0
     # With no cluster named, so small a set is evaluated in this process, to the same figures.
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("vitray.runtime.ray_started", lambda: False)  # as a fresh `vitray` process
     monkeypatch.setattr("vitray.runtime.init_ray", lambda *a, **k: pytest.fail("Ray was started"))
     here = evaluate(tiny_model, str(data), str(tmp_path / "here"), batch_size=16)
     assert here["confusion_matrix"] == metrics["confusion_matrix"] and here["n"] == 40

@@ -416,6 +416,7 @@ def test_a_small_run_scores_in_this_process_and_commits_what_ray_commits(ray_ses
     relative = {**base, "model": os.path.relpath(tiny_model), "input": "zoo"}
     on_ray = score(ScoreConfig(output="ray", in_process_max=0, **relative))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # no cluster named: a small run stays in this process
+    monkeypatch.setattr("vitray.runtime.ray_started", lambda: False)  # as a fresh `vitray` process
     monkeypatch.setattr("vitray.runtime.init_ray", lambda *a, **k: pytest.fail("Ray was started"))
     here = score(ScoreConfig(output=str(tmp_path / "here"), **base))
     assert (on_ray["in_process"], here["in_process"]) == (False, True)

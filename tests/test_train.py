@@ -529,6 +529,7 @@ def without_ray(monkeypatch):
         raise AssertionError("a small training started Ray")
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("vitray.runtime.ray_started", lambda: False)  # as a fresh `vitray` process
     monkeypatch.setattr("vitray.runtime.init_ray", refuse)
 
 
@@ -546,7 +547,9 @@ def test_where_a_training_runs(monkeypatch):
     assert not here(10, ray_address="auto")  # a cluster named: its workers train
     ray.is_initialized = lambda: True  # the program calling vitray has started Ray: it trains there
     assert not here(10)
-    ray.is_initialized = lambda: False
+    monkeypatch.delitem(sys.modules, "ray")  # Ray never imported: not started
+    assert here(10)
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: False))
     assert not here(10, workers=2, gpus_per_worker=1)  # data-parallel over GPUs needs Ray's workers
 
 

@@ -64,16 +64,20 @@ def runs_in_process(images: int, limit: int, address: str | None, gpus_per_worke
     wherever they see one, so on a GPU machine asked for none, Ray (which hides the GPUs from a
     worker asking for none) keeps the run on the CPU.
     """
-    if images > limit or address or os.environ.get("RAY_ADDRESS"):
-        return False
-    ray = sys.modules.get("ray")  # never imported here just to ask: that import costs a second
-    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+    if images > limit or address or os.environ.get("RAY_ADDRESS") or ray_started():
         return False
     if gpus_per_worker == 0:
         import torch
 
         return not torch.cuda.is_available()
     return True
+
+
+def ray_started() -> bool:
+    """Whether this process is connected to a Ray already (a program calling vitray started it);
+    Ray is not imported just to ask: that import costs a second."""
+    ray = sys.modules.get("ray")
+    return ray is not None and bool(getattr(ray, "is_initialized", lambda: False)())
 
 
 def embedded_cpus() -> int:
