@@ -255,7 +255,7 @@ def torch_pretrain_rate(sizes: Sizes, pixels: Any, threads: int, epochs: int) ->
 
     from vitray.models import build_model
     from vitray.pretrain import PretrainConfig, mae_config
-    from vitray.pretrain_loop import NO_DECAY, build_mae
+    from vitray.pretrain_loop import build_mae, make_optimizer
     from vitray.train_loop import make_scheduler
 
     torch.set_num_threads(threads)
@@ -263,10 +263,7 @@ def torch_pretrain_rate(sizes: Sizes, pixels: Any, threads: int, epochs: int) ->
     with torch.device("meta"):
         prep = build_model(sizes.model, LABELS, image_size=sizes.image_size, channels=3)[1]
     model = build_mae(mae_config(PretrainConfig(data="", out="", model=sizes.model), prep))
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and not n.endswith(NO_DECAY)]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.ndim >= 2 and not n.endswith(NO_DECAY))]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=1e-3, betas=(0.9, 0.95))
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.05)
     scheduler = make_scheduler(optimizer, epochs * -(-len(pixels) // sizes.pretrain_batch), 0.1)
     patches = model.vit.embeddings.patch_embeddings.num_patches
     return bare_epochs(model, prep, optimizer, scheduler, torch.from_numpy(pixels), sizes.pretrain_batch, epochs,

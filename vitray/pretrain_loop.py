@@ -97,6 +97,19 @@ def build_mae(mae_config: dict[str, Any], start_from: str | None = None) -> Any:
     return model
 
 
+def make_optimizer(model: Any, lr: float, weight_decay: float) -> Any:
+    """MAE's AdamW (beta2 0.95: He et al. 2022, after Chen et al.'s iGPT), weight decay on the
+    trained matrices only: not on biases, norms, the learned tokens, nor the fixed positions."""
+    import torch
+
+    groups: dict[bool, list] = {True: [], False: []}  # decayed or not
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # not the fixed positions
+            groups[p.ndim >= 2 and not name.endswith(NO_DECAY)].append(p)
+    return torch.optim.AdamW([{"params": groups[True], "weight_decay": weight_decay},
+                              {"params": groups[False], "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
 def mask_generator(seed: int, epoch: int, rank: int) -> Any:
     """The generator of MAE's per-image random scores (the lowest `1 - mask_ratio` share of patches stays
     visible): seeded by the run, the epoch and the rank, so a resumed epoch masks as an unbroken one."""
@@ -122,13 +135,7 @@ def _set_up(cfg: dict[str, Any]) -> _Run:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
     # On the device before the optimizer exists, so that a restored optimizer state lands there too.
     model = build_mae(cfg["mae"], cfg["start_from"]).to(device)
-    groups: dict[bool, list] = {True: [], False: []}  # decayed or not
-    for name, p in model.named_parameters():
-        if p.requires_grad:  # not the fixed positions
-            groups[p.ndim >= 2 and not name.endswith(NO_DECAY)].append(p)
-    # MAE's AdamW: beta2 0.95 (He et al. 2022, after Chen et al.'s iGPT).
-    optimizer = torch.optim.AdamW([{"params": groups[True], "weight_decay": run["weight_decay"]},
-                                   {"params": groups[False], "weight_decay": 0.0}], lr=cfg["lr"], betas=(0.9, 0.95))
+    optimizer = make_optimizer(model, cfg["lr"], run["weight_decay"])
     world = context.get_world_size()
     steps = windows.steps_per_epoch(cfg["n_train"], world, cfg["batch_size"])
     return _Run(context.get_world_rank(), world, device, model, optimizer,
