@@ -224,7 +224,7 @@ def _wait_for_free_cpus(timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def test_kaggle_csv_trains_directly(ray_session, tmp_path):
+def test_kaggle_csv_trains_directly(without_ray, tmp_path):
     rng = np.random.default_rng(0)
     rows = []
     for i in range(120):
@@ -270,7 +270,7 @@ def test_the_box_attention_weight_is_on_for_data_with_boxes_unless_given(tmp_pat
         weight(1.0, True, "head")
 
 
-def test_the_box_attention_term_trains_on_the_boxes_of_a_parquet(ray_session, tmp_path):
+def test_the_box_attention_term_trains_on_the_boxes_of_a_parquet(without_ray, tmp_path):
     """Data with boxes trains with the term by default (recorded in args.json), boxes moved with the
     augmentation; --box-attention 0 turns it off; the exported model is a plain one."""
     from vitray.data import synth
@@ -585,7 +585,7 @@ def test_a_small_training_runs_here_without_ray_and_keeps_what_a_ray_run_keeps(w
 
 def test_ctrl_c_in_a_small_training_keeps_its_epochs_and_the_same_command_resumes(inspection, tmp_path):
     out = tmp_path / "here"
-    cmd = VITRAY + ["train", "--data", inspection, "--out", str(out), "--epochs", "40", "--batch-size", "16"]
+    cmd = VITRAY + ["train", "--data", inspection, "--out", str(out), "--epochs", "20", "--batch-size", "16"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     err = tmp_path / "stderr.log"
     with open(err, "w") as stderr:
@@ -597,11 +597,11 @@ def test_ctrl_c_in_a_small_training_keeps_its_epochs_and_the_same_command_resume
     match = re.fullmatch(r"vitray: interrupted after epoch (\d+); the same command resumes", last)
     assert match, stderr[-3000:]
     epoch = int(match.group(1))
-    assert 2 <= epoch == max(_complete_epochs(out / "train")) and epoch < 40
+    assert 2 <= epoch == max(_complete_epochs(out / "train")) and epoch < 20
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"resuming after epoch {epoch}" in rerun.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["resumed_after_epochs"] == [epoch] and metrics["exported_epoch"] == 40
-    assert [int(r["epoch"]) for r in _history(out / "history.csv")] == list(range(1, 41))
+    assert metrics["resumed_after_epochs"] == [epoch] and metrics["exported_epoch"] == 20
+    assert [int(r["epoch"]) for r in _history(out / "history.csv")] == list(range(1, 21))
