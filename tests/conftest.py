@@ -101,6 +101,17 @@ def ray_session(s3_plan: S3Plan) -> Iterator[str]:
         ray.shutdown()
 
 
+def as_a_fresh_process_without_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From here on this test stands for a fresh `vitray` process with no cluster named (the session's
+    Ray, connected in the pytest process, is not the program's), and starting Ray fails the test."""
+    def refuse(*args, **kwargs):
+        pytest.fail("Ray was started")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("vitray.runtime.ray_started", lambda: False)
+    monkeypatch.setattr("vitray.runtime.init_ray", refuse)
+
+
 def synth_folder(tmp_path_factory: pytest.TempPathFactory, name: str, n: int, size: int, seed: int,
                  passed_fraction: float) -> str:
     """A small `vitray synth` image folder for training tests."""

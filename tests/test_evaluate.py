@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import as_a_fresh_process_without_ray
 from vitray import storage
 from vitray.errors import VitrayError
 from vitray.evaluate import classification_metrics, format_report, plot_confusion, plot_curves
@@ -146,9 +147,7 @@ def test_evaluate_scores_the_maps_against_the_boxes_of_the_data(ray_session, tin
     assert where["method"] == "rollout" and where["images"] == defects  # every defect image, whatever predicted
     assert 0.0 <= where["pointing_game"] <= 1.0 and 0.0 <= where["energy_in_box"] <= 1.0
     # With no cluster named, so small a set is evaluated in this process, to the same figures.
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr("vitray.runtime.ray_started", lambda: False)  # as a fresh `vitray` process
-    monkeypatch.setattr("vitray.runtime.init_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    as_a_fresh_process_without_ray(monkeypatch)
     here = evaluate(tiny_model, str(data), str(tmp_path / "here"), batch_size=16)
     assert here["confusion_matrix"] == metrics["confusion_matrix"] and here["n"] == 40
     assert here["localization"] == pytest.approx(where, abs=1e-4)

@@ -18,7 +18,7 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
-from conftest import INSPECTION_LABELS, save_tiny_vit
+from conftest import INSPECTION_LABELS, as_a_fresh_process_without_ray, save_tiny_vit
 from vitray import storage
 from vitray.cli import main
 from vitray.data import synth
@@ -415,9 +415,7 @@ def test_a_small_run_scores_in_this_process_and_commits_what_ray_commits(ray_ses
     monkeypatch.chdir(tmp_path)
     relative = {**base, "model": os.path.relpath(tiny_model), "input": "zoo"}
     on_ray = score(ScoreConfig(output="ray", in_process_max=0, **relative))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # no cluster named: a small run stays in this process
-    monkeypatch.setattr("vitray.runtime.ray_started", lambda: False)  # as a fresh `vitray` process
-    monkeypatch.setattr("vitray.runtime.init_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    as_a_fresh_process_without_ray(monkeypatch)  # no cluster named: a small run stays in this process
     here = score(ScoreConfig(output=str(tmp_path / "here"), **base))
     assert (on_ray["in_process"], here["in_process"]) == (False, True)
     assert here["counts"] == on_ray["counts"] and here["pieces"] == 9  # 57 rows (4 of them errors) by 7

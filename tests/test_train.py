@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import S3_BUCKET, synth_folder
+from conftest import S3_BUCKET, as_a_fresh_process_without_ray, synth_folder
 from procs import ray_workers
 from vitray import storage
 from vitray.errors import VitrayError
@@ -525,12 +525,7 @@ def test_ctrl_c_then_a_killed_driver_and_the_same_command_finishes_in_one_tracke
 @pytest.fixture
 def without_ray(monkeypatch):
     """No cluster named, and starting Ray fails the test: a small training must not need it."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a small training started Ray")
-
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr("vitray.runtime.ray_started", lambda: False)  # as a fresh `vitray` process
-    monkeypatch.setattr("vitray.runtime.init_ray", refuse)
+    as_a_fresh_process_without_ray(monkeypatch)
 
 
 def test_where_a_training_runs(monkeypatch):
