@@ -214,11 +214,21 @@ def test_runtime_envs_carry_the_malloc_settings() -> None:
         assert read_yaml(JOBS / name)["env_vars"] == MALLOC_ENV, name
 
 
-def test_pip_runtime_env_lists_the_project_dependencies() -> None:
+def test_pip_runtime_env_lists_the_project_dependencies_at_the_locked_releases() -> None:
+    import re
     import tomllib
 
+    from vitray.versions import canonical, locked_versions
+
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    wanted = [d for d in project["dependencies"] if not d.startswith("ray")]  # the cluster runs Ray already
+    locked = locked_versions(str(REPO / "requirements.lock"))
+    wanted = []
+    for requirement in project["dependencies"]:
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)
+        if name == "torch":  # the cluster's own build (CUDA or not), in the project's range
+            wanted.append(requirement)
+        elif not name.startswith("ray"):  # the cluster runs Ray already
+            wanted.append(f"{name}=={locked[canonical(name)]}")
     assert read_yaml(JOBS / "runtime_env_pip.yaml")["pip"] == wanted
     assert "pip" not in read_yaml(JOBS / "runtime_env.yaml"), "the cluster image has the dependencies"
 

@@ -8,6 +8,7 @@ written, in the user's cache folder), so the terminal shows one line and the log
 from __future__ import annotations
 
 import errno
+import importlib.metadata
 import os
 import re
 import tempfile
@@ -15,9 +16,10 @@ import time
 import traceback
 from typing import Iterator
 
-from vitray import storage
+from vitray import storage, versions
 
 _ERROR_LINE = re.compile(r"^[\w.]+(Error|Exception|Interrupt)\b")
+_SITE_PACKAGE = re.compile(r"[/\\](?:site|dist)-packages[/\\]([A-Za-z0-9_]+)")
 
 
 def causes(exc: BaseException) -> Iterator[BaseException]:
@@ -55,7 +57,22 @@ def describe(exc: BaseException, where: str) -> str:
             shown = storage.describe_error(where, Exception(line.strip()))
             if "cannot reach the S3 endpoint" in shown or "access denied" in shown:
                 return shown[:400]
-    return f"{where}: {innermost_line(exc)}"
+    return f"{where}: {innermost_line(exc)}{library_note(chain)}"
+
+
+def library_note(chain: list[BaseException]) -> str:
+    """A note naming the installed library, where the failure came from one at another release than the lock's."""
+    names: list[str] = []
+    for e in chain:
+        for frame in traceback.extract_tb(e.__traceback__):
+            match = _SITE_PACKAGE.search(frame.filename)
+            if match and match.group(1) not in names:
+                names.append(match.group(1))
+    if not names:
+        return ""
+    distributions = importlib.metadata.packages_distributions()
+    # The innermost library first: that is where the failure was raised.
+    return versions.version_note(*(d for n in reversed(names) for d in distributions.get(n, [n])[:1]))
 
 
 def innermost_line(exc: BaseException) -> str:

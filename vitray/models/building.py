@@ -19,10 +19,16 @@ from vitray import storage
 from vitray.errors import VitrayError
 from vitray.models.preprocessing import CONFIG_FILE, Preprocessing, square_side
 from vitray.models.specs import DEFAULT_PRESET, PRESETS, source_kind
+from vitray.versions import MODEL_LIBRARIES, version_note
 
 # Per-shard "Loading weights" / "Writing model shards" bars, once per actor and export, are noise
 # in a batch job's log (and interleave across Ray workers).
 hf_logging.disable_progress_bar()
+
+# transformers 5.25 replaces layers by kernels fetched from the Hugging Face Hub while loading,
+# unless told not to. A batch job on an offline cluster cannot fetch them, and a model should
+# compute the same on every node whatever the Hub serves that day: vitray loads without them.
+OFFLINE_LOAD: dict[str, Any] = {"use_kernels": False}
 
 MAX_PATCH = 16
 MIN_GRID = 7
@@ -235,11 +241,13 @@ def vit_config_dict(source: str, display: str) -> dict:
 
 def _from_pretrained(source: str, display: str, attn_implementation: str, **kwargs: Any) -> ViTForImageClassification:
     try:
-        return ViTForImageClassification.from_pretrained(source, attn_implementation=attn_implementation, **kwargs)
+        return ViTForImageClassification.from_pretrained(source, attn_implementation=attn_implementation,
+                                                         **OFFLINE_LOAD, **kwargs)
     except OSError as exc:
         raise _hub_error(display, exc) from None
     except (ValueError, RuntimeError) as exc:
-        raise VitrayError(f"{display}: cannot load the model: {first_line(exc)}") from None
+        raise VitrayError(f"{display}: cannot load the model: {first_line(exc)}"
+                          f"{version_note(*MODEL_LIBRARIES)}") from None
 
 
 def local_model_dir(uri: str) -> str:
