@@ -56,3 +56,21 @@ def ray_workers(*titles: str) -> list[int]:
         if title.startswith(titles):
             pids.append(proc.pid)
     return pids
+
+
+_DEFAULT_SIGNALS = ("import os, signal, sys\n"
+                    "for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):\n"
+                    "    signal.signal(sig, signal.SIG_DFL)\n"
+                    "os.execvp(sys.argv[1], sys.argv[1:])\n")
+
+
+def with_default_signals(cmd: list[str]) -> list[str]:
+    """`cmd`, started with SIGINT, SIGTERM and SIGHUP at their defaults, however the test run was started.
+
+    A runner that starts its jobs in the background (a script's `cmd &`) hands them SIGINT
+    ignored, and a process inherits that: vitray rightly honours it, so a test that stops a
+    child with a signal must first put the signal back. exec keeps a default disposition.
+    """
+    import sys
+
+    return [sys.executable, "-c", _DEFAULT_SIGNALS, *cmd]

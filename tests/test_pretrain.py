@@ -133,8 +133,9 @@ def test_a_killed_worker_resumes_from_its_checkpoint(pretrained, line):
     assert pretrained.result.resumed_after_epochs[0] >= 2
     assert [int(r["epoch"]) for r in _history(pretrained.out / "history.csv")] == list(range(1, EPOCHS + 1))
     # A shorter run into the same out would export another run's encoder: refused in one line.
-    with pytest.raises(VitrayError, match=f"holds a pre-training run of {EPOCHS} epochs; give --epochs {EPOCHS}"):
-        pretrain(PretrainConfig(data=line["unlabelled"], out=str(pretrained.out), epochs=2))
+    with pytest.raises(VitrayError, match=f"holds a run begun with --epochs {EPOCHS}; this command gives 2, which a "
+                                          "resume cannot change"):
+        pretrain(PretrainConfig(data=line["unlabelled"], out=str(pretrained.out), epochs=2, workers=2, batch_size=8))
 
 
 def test_pretraining_writes_every_output(pretrained):
@@ -309,3 +310,38 @@ def test_the_command_line_refuses_bad_usage_in_one_line(capsys, tmp_path):
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vitray")]
         assert len(err) == 1 and err[0].startswith("vitray: error:") and needle in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_sigterm_stops_a_pretraining_on_ray_in_one_line_and_releases_its_output(ray_session, line, tmp_path):
+    """`ray job stop` or a cron's timeout (SIGTERM) stops a pre-training as Ctrl-C does: exit 143, one line."""
+    import re
+    import subprocess
+    import sys
+
+    from procs import with_default_signals
+
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "vitray.cli", "pretrain", "--data", line["unlabelled"], "--out", str(out),
+           "--epochs", "30", "--batch-size", "8"]
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(with_default_signals(cmd), stdout=subprocess.DEVNULL, stderr=stderr,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "pretrain" / "epoch-0002" / "checkpoint.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    ours = [x for x in text.splitlines() if x.startswith("vitray:")]
+    assert code == 143 and len(ours) == 1, text[-3000:]
+    match = re.fullmatch(r"vitray: stopped by SIGTERM after epoch (\d+); the same command resumes", ours[0])
+    assert match and 2 <= int(match.group(1)) < 30, ours[0]
+    assert not (out / "_lease.json").exists()  # released: the same command may start at once
+    assert json.loads((out / "pretrain" / "options.json").read_text())["epochs"] == 30

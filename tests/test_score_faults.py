@@ -13,20 +13,21 @@ from pathlib import Path
 
 import pytest
 
-from procs import ray_workers
+from procs import ray_workers, with_default_signals
 from test_score import noise_pngs, predictions_table
 from vitray.cli import main
 from vitray.score import ScoreConfig, attention_key, read_errors, recover, score
 
 
 def run_cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "vitray.cli", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen(with_default_signals([sys.executable, "-m", "vitray.cli", *args]), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, **kwargs)
 
 
 def errors_of(stderr: str) -> list[str]:
     """vitray's closing lines (its warnings, such as a lease taken over, are not counted)."""
-    return [line for line in stderr.splitlines() if line.startswith(("vitray: error:", "vitray: interrupted"))]
+    return [line for line in stderr.splitlines()
+            if line.startswith(("vitray: error:", "vitray: interrupted", "vitray: stopped by"))]
 
 
 def test_overlay_keys_are_one_per_id_and_always_legal_names():
@@ -144,7 +145,11 @@ def test_a_full_disk_is_one_line_and_the_rerun_finishes_exactly_once(ray_session
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
-def test_ctrl_c_stops_scoring_with_130_and_the_rerun_finishes(ray_session, tiny_model, tmp_path):
+@pytest.mark.parametrize("sig,code,words", [(signal.SIGINT, 130, "interrupted"),
+                                            (signal.SIGTERM, 143, "stopped by SIGTERM")])
+def test_a_stop_signal_ends_scoring_with_its_code_and_the_rerun_finishes(ray_session, tiny_model, tmp_path, sig,
+                                                                         code, words):
+    """Ctrl-C, and SIGTERM (`ray job stop`, Kubernetes, a cron's timeout), stop a run on Ray in one line."""
     data, out = tmp_path / "night", tmp_path / "out"
     names = [f"{i:04d}.png" for i in range(400)]
     noise_pngs(data, names)
@@ -173,8 +178,8 @@ def test_ctrl_c_stops_scoring_with_130_and_the_rerun_finishes(ray_session, tiny_
         assert frozen, "no scoring process found"
         committed = len(list((out / "predictions").glob("part-*.parquet")))
         time.sleep(1.0)  # the driver's loop takes in what was delivered before the freeze
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=60)
+        proc.send_signal(sig)
+        exit_code = proc.wait(timeout=60)
     finally:
         for pid in frozen:
             try:
@@ -187,9 +192,9 @@ def test_ctrl_c_stops_scoring_with_130_and_the_rerun_finishes(ray_session, tiny_
     stderr = "".join(lines)
     assert committed < len(names) // 4, "the run was not mid-way when it was frozen"
 
-    assert code == 130, stderr
+    assert exit_code == code, stderr
     lines = errors_of(stderr)
-    assert len(lines) == 1 and lines[0].startswith("vitray: interrupted;") and "same command" in lines[0], stderr
+    assert len(lines) == 1 and lines[0].startswith(f"vitray: {words};") and "same command" in lines[0], stderr
     assert "Traceback" not in stderr and not (out / "_lease.json").exists()
     manifests = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
     assert [m["status"] for m in manifests] == ["interrupted"]

@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 
 from conftest import S3_BUCKET, as_a_fresh_process_without_ray, synth_folder
-from procs import ray_workers
+from procs import ray_workers, with_default_signals
 from vitray import storage
 from vitray.errors import VitrayError
 from vitray.data.sampling import class_weights, stratified_split
@@ -451,12 +451,13 @@ def _wait_for_epoch(proc: subprocess.Popen, run, epoch: int, timeout: float = 30
     assert max(_complete_epochs(run), default=0) >= epoch, f"training never checkpointed epoch {epoch}"
 
 
-def _ctrl_c_after_epoch(cmd: list[str], run, epoch: int, **popen) -> tuple[int, float]:
-    """Start `cmd`, press Ctrl-C once `run` holds epoch's checkpoint; its exit code and how long it took to stop."""
-    proc = subprocess.Popen(cmd, start_new_session=True, **popen)
+def _stop_after_epoch(cmd: list[str], run, epoch: int, sig: int = signal.SIGINT, **popen) -> tuple[int, float]:
+    """Start `cmd`, send `sig` to its group once `run` holds epoch's checkpoint (SIGINT: what Ctrl-C in a terminal
+    does); its exit code and how long it took to stop."""
+    proc = subprocess.Popen(with_default_signals(cmd), start_new_session=True, **popen)
     try:
         _wait_for_epoch(proc, run, epoch)
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        os.killpg(proc.pid, sig)
         start = time.monotonic()
         proc.wait(timeout=60)
         return proc.returncode, time.monotonic() - start
@@ -466,10 +467,11 @@ def _ctrl_c_after_epoch(cmd: list[str], run, epoch: int, **popen) -> tuple[int, 
             proc.wait()
 
 
-def test_ctrl_c_then_a_killed_driver_and_the_same_command_finishes_in_one_tracked_run(ray_session, inspection,
-                                                                                      tmp_path):
-    """Ctrl-C exits 130 in one line; the rerun resumes, its driver is killed outright; the third run
-    finishes, and MLflow (a local store) holds one run that went on through all three."""
+def test_sigterm_then_a_killed_driver_and_the_same_command_finishes_in_one_tracked_run(ray_session, inspection,
+                                                                                       tmp_path):
+    """SIGTERM (`ray job stop`, Kubernetes, systemd) stops a run on Ray as Ctrl-C does: exit 143 in one line;
+    the rerun resumes, its driver is killed outright (its lease is taken over at once: its process is gone);
+    the third run finishes, and MLflow (a local store) holds one run that went on through all three."""
     out = tmp_path / "ctrl-c"
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = VITRAY + ["train", "--data", inspection, "--out", str(out), "--epochs", "8", "--batch-size", "32",
@@ -477,13 +479,14 @@ def test_ctrl_c_then_a_killed_driver_and_the_same_command_finishes_in_one_tracke
     log, err = tmp_path / "stdout.log", tmp_path / "stderr.log"  # files, not pipes: Ray's output could fill a pipe
     # In tmp_path: MLflow puts a SQLite store's artifacts in ./mlruns.
     with open(log, "w") as stdout, open(err, "w") as stderr:
-        code, stopped_in = _ctrl_c_after_epoch(cmd, out / "train", 2, stdout=stdout, stderr=stderr, cwd=tmp_path)
+        code, stopped_in = _stop_after_epoch(cmd, out / "train", 2, signal.SIGTERM, stdout=stdout, stderr=stderr,
+                                             cwd=tmp_path)
     stderr = err.read_text()
-    assert code == 130, stderr[-3000:]
+    assert code == 143, stderr[-3000:]
     assert stopped_in < 30
     ours = [line for line in stderr.splitlines() if line.startswith("vitray:")]
     assert len(ours) == 1 and stderr.strip().splitlines()[-1] == ours[0], stderr[-3000:]
-    match = re.fullmatch(r"vitray: interrupted after epoch (\d+); the same command resumes", ours[0])
+    match = re.fullmatch(r"vitray: stopped by SIGTERM after epoch (\d+); the same command resumes", ours[0])
     assert match, ours[0]
     epoch = int(match.group(1))
     assert epoch >= 2 and epoch == max(_complete_epochs(out / "train"))  # the newest complete checkpoint
@@ -501,6 +504,7 @@ def test_ctrl_c_then_a_killed_driver_and_the_same_command_finishes_in_one_tracke
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "took over the lease" in rerun.stderr and "whose process has ended" in rerun.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     first, second = metrics["resumed_after_epochs"]
     assert first == epoch and epoch < second < 8, metrics["resumed_after_epochs"]
@@ -578,18 +582,22 @@ def test_a_small_training_runs_here_without_ray_and_keeps_what_a_ray_run_keeps(w
     assert {"model/model.safetensors", "metrics.json", "train/epoch-0004/state.pt"} <= names
 
 
-def test_ctrl_c_in_a_small_training_keeps_its_epochs_and_the_same_command_resumes(inspection, tmp_path):
+@pytest.mark.parametrize("sig,code,words", [(signal.SIGINT, 130, "interrupted"),
+                                            (signal.SIGHUP, 129, "stopped by SIGHUP")])
+def test_a_stopped_small_training_keeps_its_epochs_and_the_same_command_resumes(inspection, tmp_path, sig, code,
+                                                                                 words):
     out = tmp_path / "here"
     cmd = VITRAY + ["train", "--data", inspection, "--out", str(out), "--epochs", "20", "--batch-size", "16"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     err = tmp_path / "stderr.log"
     with open(err, "w") as stderr:
-        code, _ = _ctrl_c_after_epoch(cmd, out / "train", 2, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+        exit_code, _ = _stop_after_epoch(cmd, out / "train", 2, sig, stdout=subprocess.DEVNULL, stderr=stderr,
+                                         env=env)
     stderr = err.read_text()
-    assert code == 130, stderr[-3000:]
+    assert exit_code == code, stderr[-3000:]
     assert "in this process" in stderr
     last = stderr.strip().splitlines()[-1]
-    match = re.fullmatch(r"vitray: interrupted after epoch (\d+); the same command resumes", last)
+    match = re.fullmatch(rf"vitray: {words} after epoch (\d+); the same command resumes", last)
     assert match, stderr[-3000:]
     epoch = int(match.group(1))
     assert 2 <= epoch == max(_complete_epochs(out / "train")) and epoch < 20

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from conftest import synth_folder
+from procs import with_default_signals
 from vitray import storage
 from vitray.errors import VitrayError
 from vitray.train import TrainConfig
@@ -243,7 +244,8 @@ def test_asha_search_on_s3_writes_trials_plot_and_the_best_model(ray_session, ti
 
 
 @pytest.mark.slow
-def test_an_interrupted_search_resumes_its_trials_from_their_checkpoints(ray_session, tiny, tmp_path, capsys):
+def test_a_search_stopped_by_sigterm_resumes_its_trials_from_their_checkpoints(ray_session, tiny, tmp_path, capsys):
+    """SIGTERM (`ray job stop`, a cron's timeout) stops a search as Ctrl-C does, with exit 143 and one line."""
     import torch
 
     from vitray.cli import main
@@ -253,9 +255,9 @@ def test_an_interrupted_search_resumes_its_trials_from_their_checkpoints(ray_ses
             "--scheduler", "fifo", "--batch-size", "32"]
     log = tmp_path / "first.log"  # a file, not a pipe: Ray's chatter would fill a pipe and stall the driver
     with open(log, "w") as sink:
-        proc = subprocess.Popen(VITRAY + argv, stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(with_default_signals(VITRAY + argv), stdout=sink, stderr=subprocess.STDOUT)
     try:
-        # Ctrl-C once Ray Train has registered the first epoch's checkpoint.
+        # SIGTERM once Ray Train has registered the first epoch's checkpoint.
         deadline, snapshot = time.time() + 300, None
         while snapshot is None and time.time() < deadline and proc.poll() is None:
             for found in out.glob("trials/*/train/checkpoint_manager_snapshot.json"):
@@ -265,15 +267,15 @@ def test_an_interrupted_search_resumes_its_trials_from_their_checkpoints(ray_ses
                     pass
             time.sleep(0.5)
         assert snapshot is not None, "the trial never checkpointed its first epoch"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     output = log.read_text()
-    assert proc.returncode == 130, output[-3000:]
+    assert proc.returncode == 143, output[-3000:]
     ours = [line for line in output.splitlines() if line.startswith("vitray:")]
-    assert len(ours) == 1 and re.fullmatch(r"vitray: search interrupted with 1/1 trials unfinished; "
+    assert len(ours) == 1 and re.fullmatch(r"vitray: search stopped by SIGTERM( with 1/1 trials unfinished)?; "
                                            r"the same command resumes", ours[0]), output[-3000:]
     assert not (out / "trials.csv").exists()
     run = snapshot.parent

@@ -69,16 +69,16 @@ def test_a_failing_model_load_names_the_library_release(tmp_path, monkeypatch):
 
 
 def test_an_unexpected_failure_inside_a_library_names_its_release(monkeypatch):
-    import numpy
+    import yaml
 
     from vitray.faults import describe
 
-    monkeypatch.setattr(versions, "locked_versions", lambda path=versions.LOCK_FILE: {"numpy": "0.0.1"})
+    monkeypatch.setattr(versions, "locked_versions", lambda path=versions.LOCK_FILE: {"pyyaml": "0.0.1"})
     try:
-        numpy.zeros(-1)
-    except ValueError as exc:
+        yaml.safe_load("[unclosed")
+    except yaml.YAMLError as exc:
         line = describe(exc, "out")
-    assert line.startswith("out: ValueError: ") and f"numpy {numpy.__version__} is installed" in line
+    assert line.startswith("out: ") and f"(PyYAML {yaml.__version__} is installed, vitray was tested on 0.0.1" in line
 
 
 def test_no_model_is_described_or_loaded_through_a_device_map():

@@ -7,7 +7,9 @@ on the ETag of our last write; local disk: under `flock`), and deleted at the en
 second run gets one line naming the holder and the lease's age (exit 2). A lease not
 renewed for `stale_s` belongs to a run that is gone (killed, its machine lost): it is
 taken over by the same compare-and-swap, so two runs that both find it stale cannot both
-win. A run that finds its lease taken over stops before committing anything more.
+win; so, at once, is a lease whose holder ran on this host and whose process has ended (a
+SIGKILL, an out-of-memory kill). A run that finds its lease taken over stops before
+committing anything more.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class _LocalStore:
     def __init__(self, folder: str) -> None:
         self.folder = folder
         self.path = os.path.join(folder, LEASE_NAME)
+        self.made_folder = not os.path.exists(folder)  # a run refused early leaves no folder behind
 
     def _write_temp(self, record: dict[str, Any]) -> str:
         os.makedirs(self.folder, exist_ok=True)
@@ -99,6 +102,12 @@ class _LocalStore:
         with self._locked() as current:
             if current is not None and current[1] == _text_of(expected):
                 os.remove(self.path)
+        if self.made_folder and sorted(os.listdir(self.folder)) == ["_lease.lock"]:
+            try:
+                os.remove(os.path.join(self.folder, "_lease.lock"))
+                os.rmdir(self.folder)
+            except OSError:  # another run came in meanwhile: its files stay
+                pass
 
 
 class _S3Store:
@@ -165,6 +174,38 @@ class _S3Store:
                 self.client.delete_object(Bucket=self.bucket, Key=self.key)
 
 
+def process_started(pid: int) -> str | None:
+    """When process `pid` started, in the kernel's clock ticks since boot (Linux); None elsewhere or if gone.
+
+    With the pid, it names one process: a pid the kernel has since given to another process
+    has another start time.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]  # field 22, counted after the command name
+
+
+def holder_gone(holder: dict[str, Any]) -> bool:
+    """Whether the lease's holder ran on this host and its process has ended (then the lease is taken at once).
+
+    A holder on another host, or one whose record does not say, is judged by its heartbeat alone.
+    """
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    started = holder.get("pid_started")
+    return started is not None and process_started(pid) not in (None, started)
+
+
 def _parse(text: str, modified: float) -> dict[str, Any]:
     """The lease's record; an unreadable one (a write cut short) counts as renewed when last modified."""
     try:
@@ -201,7 +242,7 @@ class Lease:
 
     def _record(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                "heartbeat": time.time(), "stale_after_s": self.stale_s}
+                "pid_started": process_started(os.getpid()), "heartbeat": time.time(), "stale_after_s": self.stale_s}
 
     def acquire(self) -> "Lease":
         loc = storage.resolve(self.output)
@@ -217,7 +258,8 @@ class Lease:
                 continue
             holder, seen = current
             age = time.time() - float(holder["heartbeat"])
-            if age < self.stale_s:
+            gone = holder_gone(holder)
+            if age < self.stale_s and not gone:
                 raise VitrayError(
                     f"{self.output} is in use by run {holder.get('run_id')} on {holder.get('host')} "
                     f"(pid {holder.get('pid')}), whose lease was renewed {max(0.0, age):.0f} s ago; one run "
@@ -226,9 +268,10 @@ class Lease:
             token = self._call(self._store.swap, seen, record)
             if token is not None:
                 self._held = _Held(record, token)
-                self.took_over = {**holder, "silent_s": round(age, 1)}
-                log.warning("took over the lease of run %s (host %s, pid %s), not renewed for %.0f s",
-                            holder.get("run_id"), holder.get("host"), holder.get("pid"), age)
+                self.took_over = {**holder, "silent_s": round(age, 1), "holder_gone": gone}
+                log.warning("took over the lease of run %s (host %s, pid %s), %s", holder.get("run_id"),
+                            holder.get("host"), holder.get("pid"),
+                            "whose process has ended" if gone else f"not renewed for {age:.0f} s")
                 break
         else:
             raise VitrayError(f"{self.output}: could not take the output's lease (other runs keep changing it)")

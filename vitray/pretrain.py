@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from vitray import storage
+from vitray import runs, storage
 from vitray.errors import VitrayError
-from vitray.train import TrainingProgress
+from vitray.train import TrainingProgress, check_outside_data
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class PretrainConfig:
     seed: int = 0
     mlflow: str | None = None  # MLflow tracking URI (else $MLFLOW_TRACKING_URI; neither: untracked)
     mlflow_experiment: str | None = None  # default "vitray"
+    fresh: bool = False  # discard the checkpoints under `out` and start from the first epoch
     ray_address: str | None = None
     shared_fs: bool = False  # a local --out that every node of a multi-node cluster mounts
     max_failures: int = 3  # worker failures a run recovers from (from its newest checkpoint)
@@ -85,6 +86,9 @@ class PretrainConfig:
             from vitray.models.specs import source_kind
 
             source_kind(self.model)  # a preset, an existing folder, an s3:// prefix or a hub id
+        from vitray.runtime import check_address
+
+        check_address(self.ray_address)
 
 
 def config_fields() -> list[str]:
@@ -115,28 +119,37 @@ class PretrainingData:
 def pretrain(config: PretrainConfig) -> PretrainResult:
     """Pre-train end to end; outputs land under `config.out`.
 
-    Re-running with the same `out` after a crash or Ctrl-C resumes from the newest complete
-    checkpoint; a run already done only writes its outputs again. Ctrl-C raises a VitrayError
-    with exit code 130 that says after which epoch.
+    Re-running with the same `out` after a crash, Ctrl-C, SIGTERM or SIGHUP resumes from the
+    newest complete checkpoint, with the options the run began with (vitray.runs); a run already
+    done only writes its outputs again. A stop raises a VitrayError with the signal's exit code
+    that says after which epoch. One run per output, by the output's lease.
     """
-    from vitray import tracking
-    from vitray.checkpoints import check_resume, prune_checkpoints
     from vitray.models.specs import portable
-    from vitray.train import fit, interrupted
 
     config.check()
     # Ray's workers run in other folders than the driver: every local path they get is absolute.
     config = replace(config, data=storage.absolute(config.data), out=storage.absolute(config.out),
                      model=portable(config.model))
     storage.check_output(config.out, "--out")
+    check_outside_data(config.out, config.data)
+    with runs.held(config.out):
+        return _pretrain(config)
+
+
+def _pretrain(config: PretrainConfig) -> PretrainResult:
+    from vitray import tracking
+    from vitray.checkpoints import check_resume, prune_checkpoints
+    from vitray.train import fit, interrupted
+
     run = storage.join(config.out, RUN_NAME)
     tracked, status = None, "FAILED"
     try:
+        if config.fresh:
+            runs.discard(run)
         done = check_resume(run)
-        if done > config.epochs:
-            raise VitrayError(f"{config.out} holds a pre-training run of {done} epochs; give --epochs {done} or "
-                              f"more to go on with it, or another --out")
-        data = load_pretraining_data(config)
+        runs.check_options(config.out, run, asdict(config), done > 0)
+        data = load_pretraining_data(config)  # refuses data of less than a batch per worker
+        runs.record_options(run, asdict(config), done > 0)
         tracked = tracking.start(tracking.resolve(config.mlflow, config.mlflow_experiment),
                                  name=f"pretrain {storage.resolve(config.out).uri}", params=asdict(config),
                                  resume=done > 0)

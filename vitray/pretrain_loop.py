@@ -8,7 +8,6 @@ run's seed, the epoch and the rank so that a resumed run masks as an unbroken on
 """
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 import time
@@ -20,8 +19,8 @@ import numpy as np
 from vitray.checkpoints import checkpoint_name, save_state, write_history
 from vitray.data import batches as windows
 from vitray.progress import send
-from vitray.train_loop import (PROGRESS_EVERY_S, _all_reduce, _batches, _restore, _tensor, make_scheduler,
-                               track_epoch)
+from vitray.train_loop import (PROGRESS_EVERY_S, all_reduce, check_trained, make_scheduler, quiet_train_reports,
+                               restore_state, to_tensor, track_epoch, worker_batches)
 
 HISTORY_COLUMNS = ("epoch", "loss", "val_loss", "lr", "images_per_s")
 VAL_BATCH = 256
@@ -31,7 +30,7 @@ NO_DECAY = ("cls_token", "mask_token")
 
 @dataclass
 class _Run:
-    """One worker's pre-training objects (among them what `vitray.train_loop._restore` and `_batches` use)."""
+    """One worker's pre-training objects (among them what `vitray.train_loop.restore_state` and `worker_batches` use)."""
 
     rank: int
     world: int
@@ -52,11 +51,12 @@ def pretrain_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray.train
 
     state = _set_up(cfg)
-    done, history, resumes = _restore(cfg, state)
+    done, history, resumes = restore_state(cfg, state)
     shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "val")}
     for epoch in range(done + 1, cfg["run"]["epochs"] + 1):
         images, loss_sum, seconds = _pretrain_epoch(cfg, state, shards["train"], epoch)
-        counts = _all_reduce(_tensor([images, loss_sum, seconds], state.device)).tolist()
+        counts = all_reduce(to_tensor([images, loss_sum, seconds], state.device)).tolist()
+        check_trained(counts[0], epoch)
         row = {"epoch": epoch, "loss": round(counts[1] / max(1.0, counts[0]), 6),
                "val_loss": _val_loss(state, shards["val"], cfg), "lr": float(state.scheduler.get_last_lr()[0]),
                # The group's rate: every image over the workers' mean time (train's figure too).
@@ -122,12 +122,9 @@ def _set_up(cfg: dict[str, Any]) -> _Run:
     import ray.train
     import ray.train.torch
     import torch
-    from ray.train.v2._internal.execution import context as train_context
 
     run = cfg["run"]
-    # Ray Train logs each report at INFO; the driver's epoch line says what matters.
-    for name in (train_context.__file__, "ray.train"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_train_reports()
     context = ray.train.get_context()
     torch.manual_seed(run["seed"])
     device = ray.train.torch.get_device()
@@ -154,7 +151,7 @@ def _pretrain_epoch(cfg: dict[str, Any], state: _Run, shard: Any, epoch: int) ->
     tell = _progress(cfg, state, epoch, started)
     masks = mask_generator(cfg["run"]["seed"], epoch, state.rank)
     images, loss_sum = 0, 0.0
-    for step, (batch, _, _) in enumerate(_batches(cfg, state, shard, epoch), start=1):
+    for step, (batch, _, _) in enumerate(worker_batches(cfg, state, shard, epoch), start=1):
         x = normalize(batch, cfg["mean"], cfg["std"])
         loss_sum += _step(state, x, torch.rand(len(x), state.patches, generator=masks).to(state.device)) * len(x)
         images += len(x)
@@ -210,7 +207,7 @@ def _val_loss(state: _Run, shard: Any, cfg: dict[str, Any]) -> float:
             with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=state.amp):
                 loss = state.model(pixel_values=x, noise=scores).loss.float()
             totals += torch.stack([loss.double() * len(x), totals.new_tensor(float(len(x)))])
-    loss_sum, count = _all_reduce(totals).tolist()
+    loss_sum, count = all_reduce(totals).tolist()
     return round(loss_sum / max(1.0, count), 6)
 
 

@@ -52,6 +52,60 @@ class RayOptions:
     dashboard: bool = True
 
 
+# How long joining a named cluster may wait for something to answer at its address: a head
+# that is starting answers within seconds; an address where nothing listens otherwise keeps
+# ray.init retrying for minutes.
+CONNECT_S = 30.0
+CONNECT_ENV = "VITRAY_CONNECT_TIMEOUT_S"  # another bound, in seconds
+ADDRESS_ENV = "RAY_ADDRESS"
+_HOST_PORT = re.compile(r"^(?:ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})$")
+
+
+def check_address(address: str | None, where: str = "--ray-address") -> None:
+    """Refuse (exit 2) an address ray.init cannot take, before any work: HOST:PORT, ray://HOST:PORT, auto or local."""
+    if address is None or address.strip() in ("auto", "local"):
+        return
+    text = address.strip()
+    if text.startswith(("http://", "https://")):
+        raise VitrayError(f"{where} {address!r} is the job API's address (`ray job submit --address`); a run joins "
+                          "the cluster at HOST:PORT of its head (port 6379) or ray://HOST:10001")
+    match = _HOST_PORT.match(text)
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        raise VitrayError(f"{where} {address!r} is not a Ray address: use HOST:PORT (the head's port, 6379 by "
+                          "default), ray://HOST:PORT, or auto")
+
+
+def wait_reachable(address: str, budget_s: float | None = None) -> None:
+    """Wait until something listens at the address's HOST:PORT, at most `budget_s`; else one line, exit 1."""
+    import socket
+    import time
+
+    if budget_s is None:
+        try:
+            budget_s = float(os.environ.get(CONNECT_ENV, CONNECT_S))
+        except ValueError:
+            raise VitrayError(f"${CONNECT_ENV} must be a number of seconds, got {os.environ[CONNECT_ENV]!r}") from None
+
+    match = _HOST_PORT.match(address.strip())
+    if match is None:  # auto: Ray finds the cluster itself
+        return
+    host, port = match.group(1).strip("[]"), int(match.group(2))
+    deadline = time.monotonic() + budget_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(5.0, max(0.5, budget_s))):
+                return
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            if time.monotonic() >= deadline:
+                raise VitrayError(
+                    f"cannot reach a Ray cluster at {address}: nothing answered at {host}:{port} for "
+                    f"{budget_s:.0f} s ({reason}); check that the head runs (`ray status --address {host}:{port}` "
+                    f"on a node) and the address, or leave {ADDRESS_ENV} and --ray-address unset to run on an "
+                    "embedded Ray", exit_code=1) from None
+            time.sleep(1.0)
+
+
 IN_PROCESS_MAX = 2000  # images: a smaller run on no cluster is done without Ray (score, evaluate)
 
 
@@ -182,6 +236,7 @@ def init_ray(options: RayOptions | None = None) -> None:
     """Connect to Ray once per process; a no-op when already connected."""
     options = options or RayOptions()
     address = options.address or os.environ.get("RAY_ADDRESS")
+    check_address(address, "--ray-address" if options.address else f"${ADDRESS_ENV}")
     loopback = not address or _is_loopback(address)
     if loopback:
         # Ray otherwise takes the machine's outward address as the node address and
@@ -196,20 +251,27 @@ def init_ray(options: RayOptions | None = None) -> None:
     if loopback:
         # Ray reads the variable when it is first imported: if the caller imported ray
         # before this, set what the variable would have set.
-        from ray._private import ray_constants
+        try:  # a private constant: a release that moves it leaves the variable's own effect
+            from ray._private import ray_constants
 
-        ray_constants.ENABLE_RAY_CLUSTER = False
+            ray_constants.ENABLE_RAY_CLUSTER = False
+        except ImportError:
+            pass
     env_vars = _worker_env(options.quiet)
     log_level = logging.WARNING if options.quiet else logging.INFO
     # Quiet, the workers' own output (Ray's and PyTorch's chatter) stays in Ray's log files;
     # their errors still reach the driver as exceptions, and their progress through vitray.progress.
     if address:
+        wait_reachable(address)
         try:
             ray.init(address=address, logging_level=log_level, log_to_driver=not options.quiet)
         except (ConnectionError, RuntimeError, ray.exceptions.RayError) as exc:
             raise VitrayError(_join_failure(address, exc)) from exc
     else:
         _start_embedded(options, env_vars, log_level)
+    from vitray.interrupts import handle_stop_signals
+
+    handle_stop_signals()  # ray.init put in a SIGTERM handler that exits on the spot: stop as Ctrl-C does
     if options.quiet:
         filter_benign_stderr()
     import ray.data

@@ -332,6 +332,28 @@ def check_output(uri: str, what: str = "--out") -> None:
         raise VitrayError(f"{what} {uri}: {folder} is not writable")
 
 
+def real_location(uri: str) -> tuple[str, str]:
+    """Where a URI really is: ("s3", bucket/key) or ("local", the path with every link resolved).
+
+    A path that does not exist yet is resolved through its nearest existing folder, so an output
+    about to be made under a link is placed where the link leads.
+    """
+    loc = resolve(uri)
+    if loc.is_s3:
+        return "s3", loc.path.rstrip("/")
+    path, tail = os.path.abspath(loc.path), []
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path, part = os.path.split(path)
+        tail.insert(0, part)
+    return "local", os.path.join(os.path.realpath(path), *tail)
+
+
+def same_or_inside(inner: str, outer: str) -> bool:
+    """Whether `inner` is the same place as `outer` or inside it, by real location (links resolved)."""
+    (kind_in, path_in), (kind_out, path_out) = real_location(inner), real_location(outer)
+    return kind_in == kind_out and _inside(path_in, path_out)
+
+
 def relative(root: Location, path: str) -> str:
     """The path of a file relative to a root location, with `/` separators."""
     return posixpath.relpath(path, root.path)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from vitray import storage
+from vitray import runs, storage
 from vitray.checkpoints import (CHECKPOINTS_KEPT, RECORD_FILE, STATE_FILE, check_resume, complete_checkpoints,
                                 load_state, prune_checkpoints, scored_checkpoints, write_history)
 from vitray.data.preprocess import AugmentConfig
@@ -47,20 +47,33 @@ class TrainResult:
 def train(config: TrainConfig) -> TrainResult:
     """Run a training job end to end; outputs land under `config.out`.
 
-    Re-running with the same `out` after a crash or Ctrl-C resumes from the newest complete
-    checkpoint; Ctrl-C raises a VitrayError with exit code 130 that says after which epoch.
+    Re-running with the same `out` after a crash, Ctrl-C, SIGTERM or SIGHUP resumes from the newest
+    complete checkpoint (with the options the run began with: vitray.runs); a stop raises a
+    VitrayError with the signal's exit code (130, 143, 129) that says after which epoch. One run
+    per output: a second one on the same `out` is refused while the first holds its lease.
     """
-    from vitray import tracking
-
     config.check()
     config = config.located()
     storage.check_output(config.out, "--out")
+    check_outside_data(config.out, config.data, config.val)
     config = replace(config, lr=config.resolved_lr())  # the rule reads the model's config once, here
+    with runs.held(config.out):
+        return _train(config)
+
+
+def _train(config: TrainConfig) -> TrainResult:
+    from vitray import tracking
+
     run = storage.join(config.out, RUN_NAME)
     tracked = None
     try:
+        if config.fresh:
+            runs.discard(run)
         resuming = check_resume(run) > 0
+        runs.check_options(config.out, run, asdict(config), resuming)
         data = load_training_data(config, in_process_max=config.in_process_max)
+        check_steps(data.n_train, config.workers, config.batch_size)
+        runs.record_options(run, asdict(config), resuming)
         config = replace(config, box_attention=data.box_attention)  # resolved for the data, as recorded
         # A resumed training goes on in the MLflow run it began (found by its name: the --out it writes).
         tracked = tracking.start(tracking.resolve(config.mlflow, config.mlflow_experiment),
@@ -79,6 +92,23 @@ def train(config: TrainConfig) -> TrainResult:
         prune_checkpoints(result, run)
     track_outputs(tracked, done)
     return done
+
+
+def check_outside_data(out: str, *inputs: str | None) -> None:
+    """Refuse an output inside (or at) the data it reads, by real location: the next run would read its files."""
+    for given in inputs:
+        if given is not None and storage.same_or_inside(out, given):
+            raise VitrayError(f"--out {out} is inside the data {given}: the next run would read its outputs as "
+                              "data; give an --out outside it")
+
+
+def check_steps(n_train: int, workers: int, batch_size: int) -> None:
+    """Refuse a training in which a worker would take no step: fewer images per worker than a batch."""
+    per_worker = n_train // max(1, workers)
+    if per_worker < batch_size:
+        raise VitrayError(f"the training split has {n_train} images, {per_worker} per worker, fewer than "
+                          f"--batch-size {batch_size}: no step could be taken; give --batch-size "
+                          f"{max(1, per_worker)} or less, fewer --workers, or more data")
 
 
 def track_outputs(tracked: Any, result: TrainResult) -> None:
@@ -144,11 +174,13 @@ class TrainingProgress:
 
 
 def interrupted(run_uri: str) -> VitrayError:
-    """The one line of a Ctrl-C (exit 130): the epoch that the same command resumes after."""
+    """The one line of a stopped run (Ctrl-C: exit 130; SIGTERM: 143; SIGHUP: 129): the epoch it resumes after."""
+    from vitray.interrupts import stop_error
+
     saved = complete_checkpoints(run_uri)
     if not saved:
-        return VitrayError("interrupted before the first checkpoint; the same command starts again", exit_code=130)
-    return VitrayError(f"interrupted after epoch {saved[0][0]}; the same command resumes", exit_code=130)
+        return stop_error("{stopped} before the first checkpoint; the same command starts again")
+    return stop_error(f"{{stopped}} after epoch {saved[0][0]}; the same command resumes")
 
 
 def loop_config(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
@@ -248,7 +280,11 @@ def fit(trainer: Any) -> Any:
     trainer._register_sigint_handler = hold
     try:
         return trainer.fit()
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if isinstance(exc, SystemExit) and exc.code in (signal.SIGTERM, signal.SIGHUP):
+            from vitray.interrupts import note
+
+            note(int(exc.code))  # Ray's own SIGTERM handler exits with the signal's number
         for controller in controllers:
             try:  # aborting ends the controller actor: an actor error is its normal answer
                 ray.get(controller.abort.remote(), timeout=ABORT_S)

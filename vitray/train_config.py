@@ -53,6 +53,7 @@ class TrainConfig:
     in_process_max: int = IN_PROCESS_MAX
     mlflow: str | None = None  # MLflow tracking URI (else $MLFLOW_TRACKING_URI; neither: untracked)
     mlflow_experiment: str | None = None  # default "vitray"
+    fresh: bool = False  # discard the checkpoints under `out` and start from the first epoch
 
     def located(self) -> "TrainConfig":
         """The same config with local paths absolute: Ray's workers run in other folders than the driver."""
@@ -85,9 +86,18 @@ class TrainConfig:
             raise VitrayError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
         if self.box_attention is not None and not 0.0 <= self.box_attention <= 100.0:
             raise VitrayError(f"--box-attention must be between 0 and 100, got {self.box_attention}")
+        if self.weight_decay < 0 or self.grad_clip <= 0 or self.max_failures < 0:
+            raise VitrayError("weight_decay and max_failures cannot be negative, grad_clip must be above 0 "
+                              f"(got {self.weight_decay}, {self.max_failures}, {self.grad_clip})")
+        if not 0.0 <= self.warmup_fraction < 1.0 or not 0.0 <= self.label_smoothing < 1.0:
+            raise VitrayError("warmup_fraction and label_smoothing must be in [0, 1), got "
+                              f"{self.warmup_fraction} and {self.label_smoothing}")
         if self.image_size is not None and self.image_size < 4:
             raise VitrayError(f"--image-size must be at least 4, got {self.image_size}")
         parse_finetune(self.finetune)
+        from vitray.runtime import check_address
+
+        check_address(self.ray_address)
 
     def resolved_lr(self) -> float:
         """--lr, else the rule: 1e-4 for full fine-tuning of a model pre-trained elsewhere (the rate for

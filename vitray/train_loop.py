@@ -50,18 +50,46 @@ class _Run:
     box_grid: tuple[int, int] | None  # the patch grid when the box-attention term is on
 
 
+def quiet_train_reports() -> None:
+    """Ray Train logs every report (the whole metrics dict) at INFO; the epoch line rank 0 sends says what matters.
+
+    Train V2 logs it under a logger named after the file of its execution context, a private
+    module: found by name without importing it, so a release that moves it only brings the
+    reports back to the log.
+    """
+    import importlib.util
+
+    names = ["ray.train"]
+    try:
+        spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.origin:
+        names.append(spec.origin)
+    for name in names:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def check_trained(images: float, epoch: int) -> None:
+    """An epoch in which no worker took a step fails the run: its model would be reported and exported as trained."""
+    if images <= 0:
+        raise RuntimeError(f"epoch {epoch} took no training step: each worker holds fewer images than a batch "
+                           "(lower --batch-size or --workers)")
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Ray Train's per-worker function: set up, restore, then train, validate and checkpoint each epoch."""
     import ray.train
 
     run = cfg["run"]
     state = _set_up(cfg)
-    start_epoch, history, resumes = _restore(cfg, state)
+    start_epoch, history, resumes = restore_state(cfg, state)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch + 1, run["epochs"] + 1):
         seen, loss_sum, elapsed = _train_epoch(cfg, state, train_shard, epoch)
-        totals = _all_reduce(_tensor([seen, loss_sum, elapsed], state.device))
+        totals = all_reduce(to_tensor([seen, loss_sum, elapsed], state.device))
+        check_trained(float(totals[0]), epoch)
         val = _validate(state.model, val_shard, cfg, state.device, state.amp)
         row = {
             "epoch": epoch,
@@ -86,12 +114,7 @@ def _set_up(cfg: dict[str, Any]) -> _Run:
     from vitray.models import apply_finetune, build_model
 
     run = cfg["run"]
-    # Ray Train logs every report (the whole metrics dict) at INFO under a logger named
-    # after its file; the epoch line that rank 0 sends says what matters.
-    from ray.train.v2._internal.execution import context as train_context
-
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    quiet_train_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(run["seed"])
@@ -140,7 +163,7 @@ def parameter_groups(model: Any, lr: float, weight_decay: float, layer_decay: fl
     return [groups[key] for key in sorted(groups)]
 
 
-def _restore(cfg: dict[str, Any], state: _Run) -> tuple[int, list[dict], list[int]]:
+def restore_state(cfg: dict[str, Any], state: _Run) -> tuple[int, list[dict], list[int]]:
     """Resume from the newest complete checkpoint (newer than ray.train.get_checkpoint() after a Ctrl-C)."""
     import ray.train
     import ray.train.torch
@@ -163,7 +186,7 @@ def _restore(cfg: dict[str, Any], state: _Run) -> tuple[int, list[dict], list[in
     return start_epoch, history, resumes
 
 
-def _batches(cfg: dict[str, Any], state: Any, shard: Any, epoch: int,
+def worker_batches(cfg: dict[str, Any], state: Any, shard: Any, epoch: int,
              box_grid: tuple[int, int] | None = None) -> Any:
     """This worker's training batches of an epoch: windows of rows balanced, augmented and cut into steps:
     (images, labels, each image's box overlaps with the `box_grid` patches, or None without it).
@@ -200,7 +223,7 @@ def _train_epoch(cfg: dict[str, Any], state: _Run, shard: Any, epoch: int) -> tu
     state.model.train()
     started = last_sent = time.perf_counter()
     seen, loss_sum, step = 0, 0.0, 0
-    for images, y, overlap in _batches(cfg, state, shard, epoch, state.box_grid):
+    for images, y, overlap in worker_batches(cfg, state, shard, epoch, state.box_grid):
         x = normalize(images, cfg["mean"], cfg["std"])
         with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=state.amp):
             out = state.model(pixel_values=x, output_attentions=overlap is not None)
@@ -268,13 +291,13 @@ def track_epoch(cfg: dict[str, Any], row: dict[str, Any], recall: dict[str, floa
                              {**row, **{f"val_recall_{k}": v for k, v in (recall or {}).items()}}, step=row["epoch"])
 
 
-def _tensor(values: list[float], device: Any) -> Any:
+def to_tensor(values: list[float], device: Any) -> Any:
     import torch
 
     return torch.tensor(values, dtype=torch.float64, device=device)
 
 
-def _all_reduce(t: Any) -> Any:
+def all_reduce(t: Any) -> Any:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -304,7 +327,7 @@ def _validate(model: Any, val_data: Any, cfg: dict[str, Any], device: Any, amp: 
             counts += torch.bincount(y * k + logits.argmax(-1), minlength=k * k).to(torch.float64)
             loss[0] += torch.nn.functional.cross_entropy(logits, y, reduction="sum").double()
             loss[1] += len(y)
-    counts, loss = _all_reduce(counts).cpu().numpy(), _all_reduce(loss).cpu().numpy()
+    counts, loss = all_reduce(counts).cpu().numpy(), all_reduce(loss).cpu().numpy()
     metrics = metrics_from_confusion(counts.reshape(k, k).astype(np.int64), cfg["labels"])
     metrics["loss"] = round(float(loss[0] / max(1.0, loss[1])), 6)
     return metrics

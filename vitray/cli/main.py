@@ -18,6 +18,8 @@ from vitray.cli.scoring import add_explain, add_score
 from vitray.cli.search import add_tune
 from vitray.cli.training import add_evaluate, add_params, add_train
 from vitray.errors import VitrayError
+from vitray.interrupts import STOP_EXIT_CODES, handle_stop_signals, stop_exit_code, stopped
+from vitray.interrupts import reset as reset_stops
 
 COMMANDS: list[Callable[[Any], None]] = [add_synth, add_pretrain, add_train, add_evaluate, add_params,
                                            add_tune, add_score, add_explain, add_export]
@@ -48,18 +50,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     setup_logging(args.verbose)
     try:
+        if hasattr(args, "ray_address"):  # a malformed address is a usage error, before any work
+            from vitray.runtime import ADDRESS_ENV, check_address
+
+            check_address(args.ray_address) if args.ray_address else \
+                check_address(os.environ.get(ADDRESS_ENV), f"${ADDRESS_ENV}")
+    except VitrayError as exc:
+        sys.stderr.write(f"vitray: error: {exc}\n")
+        return exc.exit_code
+    reset_stops()
+    handle_stop_signals()  # SIGTERM and SIGHUP stop a run as Ctrl-C does
+    try:
         return int(args.func(args) or 0)
     except VitrayError as exc:
-        if exc.exit_code == 130:
+        if exc.exit_code in STOP_EXIT_CODES:
             sys.stderr.write(f"vitray: {exc}\n")
-            return 130
+            return exc.exit_code
         if exc.exit_code != 2 and exc.__cause__ is not None:  # a run that failed: keep its traceback
             return failed(args, exc, str(exc), exc.exit_code)
         sys.stderr.write(f"vitray: error: {exc}\n")
         return exc.exit_code
     except KeyboardInterrupt:
-        sys.stderr.write("vitray: interrupted\n")
-        return 130
+        sys.stderr.write(f"vitray: {stopped()}\n")
+        return stop_exit_code()
     except Exception as exc:  # noqa: BLE001 - anything else is one line here, the traceback in a log
         from vitray.faults import describe
 

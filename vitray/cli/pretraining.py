@@ -9,8 +9,6 @@ from vitray.cli.training import tracking_options
 
 
 def add_pretrain(sub: Any) -> None:
-    from dataclasses import fields
-
     from vitray.pretrain import FORMATS, PretrainConfig
 
     d = lambda name: option_default(PretrainConfig, name)  # noqa: E731
@@ -34,10 +32,13 @@ def add_pretrain(sub: Any) -> None:
     p.add_argument("--augment", choices=("auto", "none"), help="auto: small shifts and lighting (default auto)")
     p.add_argument("--val-fraction", type=fraction, help=f"share held out (default {d('val_fraction')})")
     p.add_argument("--seed", type=int, help=f"(default {d('seed')})")
+    p.add_argument("--fresh", action="store_true", default=None,
+                   help="discard the checkpoints under --out and start from the first epoch (a resume keeps "
+                        "the options the run began with)")
     tracking_options(p)
     ray_options(p)
     # A config may also set the recipe's fields that have no flag (norm_pix_loss, weight_decay, ...).
-    p.set_defaults(func=run_pretrain, config_extra=[f.name for f in fields(PretrainConfig)])
+    p.set_defaults(func=run_pretrain, config_extra=PretrainConfig)
 
 
 def pretrain_config(args: argparse.Namespace) -> Any:

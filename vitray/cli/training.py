@@ -9,8 +9,6 @@ from vitray.runtime import IN_PROCESS_MAX
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
-    from dataclasses import fields
-
     from vitray.train_config import TrainConfig
 
     d = lambda name: option_default(TrainConfig, name)  # noqa: E731
@@ -46,7 +44,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     tracking_options(p)
     ray_options(p)
     # A config may also set the recipe's fields that have no flag (weight_decay, label_smoothing, ...).
-    p.set_defaults(config_extra=[f.name for f in fields(TrainConfig)])
+    p.set_defaults(config_extra=TrainConfig)
 
 
 def tracking_options(p: argparse.ArgumentParser) -> None:
@@ -71,6 +69,9 @@ def add_train(sub: Any) -> None:
                    help="with no Ray cluster given, a data set of at most N images trains in this process (Ray "
                         "Train's local mode), without starting Ray; 0: always on Ray (default "
                         f"{IN_PROCESS_MAX})")
+    p.add_argument("--fresh", action="store_true", default=None,
+                   help="discard the checkpoints under --out and start from the first epoch (a resume keeps "
+                        "the options the run began with)")
     p.set_defaults(func=run_train)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from typing import Any
 
@@ -45,12 +46,16 @@ def decode_image(data: bytes) -> np.ndarray:
                 # The header alone tells the size: refuse before decoding any pixels.
                 if img.width * img.height > MAX_IMAGE_PIXELS:
                     raise ImageError("too-large", f"{img.width}x{img.height} pixels is over the limit of "
-                                                  f"{MAX_IMAGE_PIXELS} (a decompression bomb?)")
+                                                  f"{MAX_IMAGE_PIXELS:,} (a decompression bomb?)")
                 img.seek(0)
                 img.load()
                 return _to_array(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError("too-large", str(exc).splitlines()[0][:200]) from None
+        # PIL refuses the largest images while opening them, in its own words and with its own limit.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)):,} pixels" if found else "the image"
+        raise ImageError("too-large", f"{size} is over the limit of {MAX_IMAGE_PIXELS:,} "
+                                      "(a decompression bomb?)") from None
     except UnidentifiedImageError:
         raise ImageError("not-an-image", "not a readable image file") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

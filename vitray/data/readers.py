@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -25,14 +26,29 @@ READ_BLOCK = 64  # read tasks (image files, table parts) per block of a Ray Data
 def _empty_batch() -> dict[str, list]:
     # Encoded files fill `data`; CSV rows arrive as pixels in `image`. Only the
     # filled one becomes a column (an all-null column would turn into NaNs).
-    return {"id": [], "path": [], "label": [], "bbox": [], "data": [], "image": []}
+    return {"id": [], "path": [], "label": [], "bbox": [], "data": [], "image": [], "read_error": []}
+
+
+def unreadable(path: str, exc: OSError) -> str:
+    """What kept a listed file from being read, in words."""
+    if isinstance(exc, FileNotFoundError):
+        if os.path.islink(path):
+            return "cannot read the file: a broken link (its target does not exist)"
+        return "the file is gone (deleted or moved after the input was listed)"
+    if isinstance(exc, PermissionError):
+        return "cannot read the file: no permission"
+    if isinstance(exc, IsADirectoryError):
+        return "cannot read the file: it is a folder"
+    return f"cannot read the file: {exc.strerror or str(exc).splitlines()[0][:200] or type(exc).__name__}"
 
 
 def _read_task(task: dict[str, Any], fs: pafs.FileSystem, keep: frozenset[str] | None) -> dict[str, list]:
     """Encoded bytes (or, for CSV, pixels) of the images one task covers."""
     out = _empty_batch()
 
-    def add(id_: str, path: str, label: int, bbox: tuple, data: bytes | None, image: np.ndarray | None) -> None:
+    def add(id_: str, path: str, label: int, bbox: tuple, data: bytes | None, image: np.ndarray | None,
+            unread: str | None = None) -> None:
+        out["read_error"].append(unread)
         out["id"].append(id_)
         out["path"].append(path)
         out["label"].append(label)
@@ -47,9 +63,10 @@ def _read_task(task: dict[str, Any], fs: pafs.FileSystem, keep: frozenset[str] |
         try:
             with fs.open_input_stream(task["path"]) as f:
                 data = f.read()
-        except OSError:
-            data = None  # recorded as an unreadable image by the decoder
-        add(task["id"], task["path"], task["label"], NO_BOX, data, None)
+            unread = None
+        except OSError as exc:
+            data, unread = None, unreadable(task["path"], exc)  # recorded as an unreadable image by the decoder
+        add(task["id"], task["path"], task["label"], NO_BOX, data, None, unread)
     elif kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -129,6 +146,8 @@ def _as_columns(out: dict[str, list]) -> dict[str, Any]:
         columns["image"] = _objects(out["image"])
     else:
         columns["data"] = _objects(out["data"])
+        if any(v is not None for v in out["read_error"]):
+            columns["read_error"] = _objects(out["read_error"])
     return columns
 
 
@@ -181,15 +200,18 @@ def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = _objects(list(batch["image"]))
     else:
         images = np.full(n, None, dtype=object)
+        reasons = batch.get("read_error")
         for i, data in enumerate(batch["data"]):
             if not isinstance(data, (bytes, bytearray, memoryview)):  # None (Arrow may hand it over as NaN)
-                kinds[i], messages[i] = "unreadable", "cannot read the file (a broken link, or no permission)"
+                reason = reasons[i] if reasons is not None else None
+                kinds[i] = "unreadable"
+                messages[i] = reason if isinstance(reason, str) else "cannot read the file"
                 continue
             try:
                 images[i] = decode_image(data)
             except ImageError as exc:
                 kinds[i], messages[i] = exc.kind, str(exc)
-    out = {k: v for k, v in batch.items() if k not in ("data", "image")}
+    out = {k: v for k, v in batch.items() if k not in ("data", "image", "read_error")}
     out.update(image=images, error_kind=kinds, error=messages)
     return out
 

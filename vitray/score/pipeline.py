@@ -29,6 +29,7 @@ from vitray import storage
 from vitray.errors import VitrayError
 from vitray.explain import check_map_options  # imports torch only when used
 from vitray.inference import ATTENTION_MODES
+from vitray.interrupts import STOP_EXIT_CODES, Interrupts, stop_error
 from vitray.lease import STALE_S, Lease
 from vitray.runtime import IN_PROCESS_MAX, runs_in_process
 from vitray.score.outputs import PiecePlan, committed_ids, read_predictions, record_bad_names, recover, write_piece
@@ -161,8 +162,7 @@ def _check_input(config: ScoreConfig) -> Any:
     if config.submission and source.format != "csv":
         raise VitrayError("--submission needs digit-recognizer CSV input (pixel0..pixel783); "
                           f"{config.input} is {source.format}")
-    inp, out = storage.resolve(config.input), storage.resolve(config.output)
-    if type(inp.fs) is type(out.fs) and (out.path + "/").startswith(inp.path.rstrip("/") + "/"):
+    if storage.same_or_inside(config.output, config.input):  # by real location: a link into the input counts
         raise VitrayError(f"--output {config.output} is inside --input {config.input}: "
                           "its overlays would be scored by the next run")
     storage.check_output(config.output, "--output")
@@ -232,15 +232,15 @@ def score(config: ScoreConfig, progress: Callable[[dict[str, int]], None] | None
     try:
         return _finish(config, manifest, source, totals, skipped, scoring_s, time.perf_counter() - wall_start)
     except KeyboardInterrupt:  # every image is committed; only the summary is left to write
-        failure = VitrayError("interrupted while writing the run's summary; every image is scored and committed; "
-                              "the same command writes the summary", exit_code=130)
+        failure = stop_error("{stopped} while writing the run's summary; every image is scored and committed; "
+                             "the same command writes the summary")
         _record_end(runs, manifest, failure)
         raise failure from None
 
 
 def _record_end(runs_uri: str, manifest: dict[str, Any], failure: VitrayError, **extra: Any) -> None:
     """The manifest of a run that ended early: interrupted (exit 130) or failed, and why; best effort."""
-    manifest.update(status="interrupted" if failure.exit_code == 130 else "failed", finished=_now(),
+    manifest.update(status="interrupted" if failure.exit_code in STOP_EXIT_CODES else "failed", finished=_now(),
                     failure=str(failure), **extra)
     try:
         storage.write_json(runs_uri, manifest)
@@ -323,7 +323,6 @@ def _ids_base(input_uri: str) -> str:
 
 def _run(config: ScoreConfig, source: Any, remaining: list[str], model: str | bytes, prep: Any, plan: PiecePlan,
          totals: _Totals, lease: Lease, progress: Callable[[dict[str, int]], None] | None, skipped: int) -> None:
-    from vitray.interrupts import Interrupts
 
     if totals.in_process:
         batches = _in_process(config, source, remaining, model, prep, plan)
@@ -353,7 +352,7 @@ def _failure(exc: BaseException, out: str, totals: _Totals) -> VitrayError:
     kept = f"the {totals.scored} images committed by this run are kept" if totals.scored else \
         "the images committed before are kept"
     if isinstance(exc, KeyboardInterrupt):
-        return VitrayError(f"interrupted; {kept}; the same command scores the rest", exit_code=130)
+        return stop_error(f"{{stopped}}; {kept}; the same command scores the rest")
     if isinstance(exc, VitrayError):
         return exc
     return VitrayError(f"{describe(exc, out)}; {kept}; rerun the same command to score the rest", exit_code=1)

@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 from vitray import storage, tracking
 from vitray.errors import VitrayError
-from vitray.train import TrainResult
+from vitray.interrupts import STOP_EXIT_CODES, stop_error
+from vitray.train import TrainResult, check_steps
 from vitray.train_config import TrainConfig
 from vitray.train_data import TrainingData
 from vitray.tune.results import TrialSummary, export_best, fmt, plot_search, summarize, write_trials_csv
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT = "tune"  # the Tune experiment folder under OUT
 SEARCH_RECORD = "search.json"
-INTERRUPTED = "{what}; the same command resumes"  # the line of a Ctrl-C (exit 130)
+INTERRUPTED = "{what}; the same command resumes"  # after "interrupted" (Ctrl-C) or "stopped by SIGTERM"
 # ASHA keeps the best 1/REDUCTION of the trials at each rung; 2 rather than Tune's 4 because
 # vitray searches are small (tens of trials) and noisy early epochs should not decide alone.
 REDUCTION = 2
@@ -45,16 +46,22 @@ def search(config: SearchConfig) -> SearchResult:
     """Run (or resume) a search end to end; outputs land under `config.base.out`.
 
     A re-run with the same `out` restores the Tune experiment: finished trials stay finished,
-    interrupted or failed ones resume from their newest complete Ray Train checkpoint. Ctrl-C
-    raises a VitrayError with exit code 130.
+    interrupted or failed ones resume from their newest complete Ray Train checkpoint. Ctrl-C,
+    SIGTERM and SIGHUP raise a VitrayError with the signal's exit code (130, 143, 129). One search
+    per output, by the output's lease.
     """
+    from vitray import runs
+    from vitray.train import check_outside_data
+
     config.check()
     config = dataclasses.replace(config, base=config.base.located())
     storage.check_output(config.base.out, "--out")
+    check_outside_data(config.base.out, config.base.data, config.base.val)
     try:
-        return _search(config)
+        with runs.held(config.base.out):
+            return _search(config)
     except KeyboardInterrupt:
-        raise VitrayError(INTERRUPTED.format(what="search interrupted"), exit_code=130) from None
+        raise stop_error(INTERRUPTED.format(what="search {stopped}")) from None
 
 
 def _search(config: SearchConfig) -> SearchResult:
@@ -69,6 +76,8 @@ def _search(config: SearchConfig) -> SearchResult:
     experiment = out.child(EXPERIMENT)
     resumed = _check_resume(config, experiment)
     data = load_training_data(config.base, workers_flag="--workers-per-trial", trial_cpus=TRIAL_CPU)
+    batch = spaces["batch_size"].largest if "batch_size" in spaces else config.base.batch_size
+    check_steps(data.n_train, config.base.workers, int(batch))
     # One MLflow run for the search (a resumed search goes on in its own); each trial a child run under it.
     search_run = tracking.start(tracking.resolve(config.base.mlflow, config.base.mlflow_experiment),
                                 name=f"search {out.uri}", params=_flat(config.record()), resume=resumed)
@@ -78,8 +87,8 @@ def _search(config: SearchConfig) -> SearchResult:
         grid = _tuner(config, spaces, out, experiment, resumed, trainable).fit()
         unfinished = unfinished_trials(experiment)
         if unfinished:
-            raise VitrayError(INTERRUPTED.format(what=f"search interrupted with {unfinished}/{len(grid)} trials "
-                                                      f"unfinished"), exit_code=130)
+            raise stop_error(INTERRUPTED.format(what=f"search {{stopped}} with {unfinished}/{len(grid)} trials "
+                                                     "unfinished"))
         trials = summarize(grid, config)
         write_trials_csv(storage.join(out.uri, "trials.csv"), trials, list(spaces), config.metric)
         plot_search(trials, config.metric, storage.join(out.uri, "tune.png"))
@@ -90,7 +99,7 @@ def _search(config: SearchConfig) -> SearchResult:
         best = ranked[0]
         model = export_best(config, best, data)
     except BaseException as exc:
-        stopped = isinstance(exc, KeyboardInterrupt) or getattr(exc, "exit_code", None) == 130
+        stopped = isinstance(exc, KeyboardInterrupt) or getattr(exc, "exit_code", None) in STOP_EXIT_CODES
         tracking.end(search_run, "KILLED" if stopped else "FAILED")
         raise
     tracking.log_metrics(search_run, {f"best_{config.metric}": best.best, "trials": len(trials)})
