@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from vitray.data import scenes, synth
+from vitray.data.scenes import LOOKS, draw_scenes, render_novel
 from vitray.errors import VitrayError
 
 
@@ -187,3 +189,35 @@ def test_bad_arguments_raise_one_line(tmp_path, kwargs, words):
 def test_bad_write_arguments_raise(tmp_path, kwargs, words):
     with pytest.raises(VitrayError, match=words):
         synth.write(str(tmp_path / "out"), 10, **kwargs)
+
+
+@pytest.mark.parametrize("style", ["synth", "alt"])
+def test_novel_defects_are_drawn_on_seated_parts_with_the_defects_box(style):
+    samples = list(synth.generate(60, passed_fraction=0.2, size=64, seed=5, style=style, defects="novel"))
+    counts = {c: sum(s.label == c for s in samples) for c in synth.NOVEL_CLASSES}
+    assert counts == synth.class_counts(60, 0.2, synth.NOVEL_CLASSES) and counts["passed"] == 12
+    for sample in samples:
+        x1, y1, x2, y2 = sample.bbox
+        assert 0 <= x1 < x2 <= 64 and 0 <= y1 < y2 <= 64, sample
+    # Each kind changes the scene where its box says, compared with the same scene drawn without it.
+    rng = np.random.default_rng(1)
+    look = LOOKS[style]
+    kinds = list(synth.NOVEL_DEFECTS)
+    geometry = draw_scenes(np.zeros((len(kinds), 2)), 64, look, np.random.default_rng(2))
+    with_defects, boxes = render_novel(geometry, kinds, 64, look, np.random.default_rng(3))
+    without, _ = render_novel(geometry, [""] * len(kinds), 64, look, np.random.default_rng(3))
+    for kind, a, b, (x1, y1, x2, y2) in zip(kinds, with_defects, without, boxes):
+        changed = np.abs(a.astype(int) - b.astype(int)).sum(-1) > 40
+        inside = changed[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))].sum()
+        assert changed.sum() > 0 and inside / changed.sum() > 0.6, kind
+
+
+def test_novel_defects_are_written_with_their_own_class_names(tmp_path):
+    summary = synth.write(str(tmp_path / "novel"), n=12, passed_fraction=0.25, size=32, seed=1, defects="novel")
+    assert summary["label_names"] == sorted(synth.NOVEL_CLASSES) and summary["defects"] == "novel"
+    table = pq.read_table(next((tmp_path / "novel").glob("*.parquet")))
+    names = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]["label"]["names"]
+    assert names == sorted(synth.NOVEL_CLASSES)
+    assert {names[i] for i in table.column("label").to_pylist()} <= set(synth.NOVEL_CLASSES)
+    with pytest.raises(VitrayError, match="unknown defects 'odd'"):
+        synth.write(str(tmp_path / "odd"), n=4, defects="odd")

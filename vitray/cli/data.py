@@ -20,6 +20,10 @@ def add_synth(sub: Any) -> None:
     p.add_argument("--format", choices=("parquet", "imagefolder"), default="parquet")
     p.add_argument("--style", choices=("synth", "alt"), default="synth",
                    help="renderer: 'alt' draws the same task differently (for evaluation)")
+    p.add_argument("--defects", choices=("shifted", "novel"), default="shifted",
+                   help="shifted: the inspection classes; novel: seated parts with defects no training sees "
+                        "(scratch, empty, foreign, chipped, second), for measuring, never for training "
+                        "(default shifted)")
     p.set_defaults(func=run_synth)
 
 
@@ -27,8 +31,12 @@ def run_synth(args: argparse.Namespace) -> int:
     from vitray.data import synth
 
     summary = synth.write(args.out, n=args.n, passed_fraction=args.passed_fraction, size=args.size,
-                          seed=args.seed, fmt=args.format, style=args.style)
+                          seed=args.seed, fmt=args.format, style=args.style, defects=args.defects)
     counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
     print(f"wrote {summary['n']} images ({counts}) as {args.format} to {args.out}")
-    print(f"next: vitray train --data {args.out} --out RUN")
+    if args.defects == "novel":
+        print(f"next: vitray score --model MODEL --input {args.out} --output SCORES "
+              "(novel defects are for measuring a model, never for training one)")
+    else:
+        print(f"next: vitray train --data {args.out} --out RUN")
     return 0

@@ -208,6 +208,127 @@ def render(sc: Scenes, size: int, look: Look, rng: np.random.Generator) -> np.nd
     return _light_and_sensor(look, canvas, img, size, rng)
 
 
+# Defects no training sees: for measuring how a line's model meets what nobody labelled.
+NOVEL_DEFECTS = ("scratch", "empty", "foreign", "chipped", "second")
+
+
+def render_novel(sc: Scenes, kinds: list[str], size: int, look: Look,
+                 rng: np.random.Generator) -> tuple[np.ndarray, list[list[float]]]:
+    """Images of seated parts, each with a defect of its kind (NOVEL_DEFECTS), and each defect's box.
+
+    scratch: a thin line across the part's metal; empty: the seat without its part; foreign: a
+    small dark or bright object on the part or in the seat; chipped: a corner of the part broken
+    off; second: another part lying across the housing beside the seat.
+    """
+    canvas = _canvas(sc, size, look, rng)
+    # The defects draw from a stream of their own: the scene's light and noise stay as without them.
+    defect_rng = np.random.default_rng(rng.integers(2**63))
+    img = _paint_housing(sc, look, canvas)
+    kinds_arr = np.array(kinds)
+    present = kinds_arr != "empty"
+    if present.any():  # the empty seats keep the housing alone
+        img = np.where(_per_image(present) > 0, _paint_part(sc, look, canvas, img.copy(), rng), img)
+    masks = np.zeros((len(kinds), 1, size, size), np.float32)
+    masks[~present] = _cover(_sdf_box(canvas.u, canvas.v, 0, 0, _per_image(sc.seat[:, 0]),
+                                      _per_image(sc.seat[:, 1]), look.seat_round * canvas.unit))[~present]
+    for kind, paint in (("scratch", _scratch), ("foreign", _foreign), ("chipped", _chipped), ("second", _second)):
+        chosen = kinds_arr == kind
+        if chosen.any():
+            img, masks = paint(sc, look, canvas, img, masks, chosen, defect_rng)
+    boxes = [_mask_box(m[0]) for m in masks]
+    return _light_and_sensor(look, canvas, img, size, rng), boxes
+
+
+def _mask_box(mask: np.ndarray) -> list[float]:
+    rows, cols = np.nonzero(mask > 0.5)
+    if len(rows) == 0:
+        rows, cols = np.nonzero(mask > 0)
+    if len(rows) == 0:
+        return [0.0, 0.0, float(mask.shape[1]), float(mask.shape[0])]
+    return [float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)]
+
+
+def _part_shape(sc: Scenes, look: Look, c: _Canvas) -> tuple[np.ndarray, ...]:
+    ou, ov = _per_image(sc.offset[:, 0]), _per_image(sc.offset[:, 1])
+    pu, pv = _per_image(sc.part[:, 0]), _per_image(sc.part[:, 1])
+    outer = _cover(_sdf_box(c.u, c.v, ou, ov, pu, pv, look.part_round * c.unit))
+    hole = _cover(_sdf_box(c.u, c.v, ou, ov, pu * look.hole[0], pv * look.hole[1], look.hole_round * c.unit))
+    return ou, ov, pu, pv, outer * (1 - hole)
+
+
+def _scratch(sc, look, c, img, masks, chosen, rng):
+    """A line one to two pixels wide (at 64 px) across the part's metal, brighter or darker than it."""
+    b = len(img)
+    ou, ov, pu, pv, metal = _part_shape(sc, look, c)
+    angle = _per_image(rng.uniform(0, np.pi, b))
+    au, av = np.cos(angle), np.sin(angle)
+    cu = ou + pu * _per_image(rng.uniform(-0.4, 0.4, b))
+    cv = ov + pv * _per_image(rng.uniform(-0.4, 0.4, b))
+    along = (c.u - cu) * au + (c.v - cv) * av
+    across = -(c.u - cu) * av + (c.v - cv) * au
+    half = pu * _per_image(rng.uniform(0.6, 1.0, b))
+    width = c.unit * _per_image(rng.uniform(0.6, 1.1, b))
+    line = _cover(np.maximum(np.abs(across) - width, np.abs(along) - half)) * metal
+    tone = _per_image(np.where(rng.uniform(size=b) < 0.5, 0.25, 1.6))
+    return _apply(img, masks, chosen, line, img * tone)
+
+
+def _foreign(sc, look, c, img, masks, chosen, rng):
+    """A small object (a screw head, a chip of plastic) on the part or in the seat, with its shadow."""
+    b = len(img)
+    su, sv = _per_image(sc.seat[:, 0]), _per_image(sc.seat[:, 1])
+    cu, cv = su * _per_image(rng.uniform(-0.7, 0.7, b)), sv * _per_image(rng.uniform(-0.7, 0.7, b))
+    radius = c.unit * _per_image(rng.uniform(1.5, 3.0, b))
+    stretch = _per_image(rng.uniform(0.6, 1.0, b))
+    distance = np.sqrt(((c.u - cu) / stretch) ** 2 + (c.v - cv) ** 2) - radius
+    blob = _cover(distance)
+    img = img * (1 - 0.4 * _per_image(chosen) * _cover(np.sqrt(((c.u - cu - c.drop * c.lu) / stretch) ** 2
+                                                                + (c.v - cv - c.drop * c.lv) ** 2) - radius,
+                                                        2 * c.unit))
+    colour = np.where(rng.uniform(size=(b, 1, 1, 1)) < 0.5, rng.uniform(0.03, 0.15, (b, 3, 1, 1)),
+                      rng.uniform(0.75, 0.95, (b, 3, 1, 1))).astype(np.float32)
+    return _apply(img, masks, chosen, blob, colour * (1 + 0.1 * c.grain))
+
+
+def _chipped(sc, look, c, img, masks, chosen, rng):
+    """A corner of the part broken off: the seat's floor shows where the metal was."""
+    b = len(img)
+    ou, ov, pu, pv, metal = _part_shape(sc, look, c)
+    corner_u = ou + pu * _per_image(rng.choice([-1.0, 1.0], b))
+    corner_v = ov + pv * _per_image(rng.choice([-1.0, 1.0], b))
+    reach = c.unit * _per_image(rng.uniform(4.0, 7.0, b))
+    gone = _cover(np.abs(c.u - corner_u) + np.abs(c.v - corner_v) - reach) * metal
+    floor = c.colours[2] * (1 + 0.05 * c.grain)
+    return _apply(img, masks, chosen, gone, floor)
+
+
+def _second(sc, look, c, img, masks, chosen, rng):
+    """Another part lying across the housing beside the seat, turned and with its own shadow."""
+    b = len(img)
+    pu, pv = _per_image(sc.part[:, 0]), _per_image(sc.part[:, 1])
+    side = _per_image(rng.choice([-1.0, 1.0], b))
+    hu = _per_image(sc.housing[:, 0])
+    cu = side * (hu - pu * _per_image(rng.uniform(0.2, 0.6, b)))
+    cv = _per_image(sc.housing[:, 1]) * _per_image(rng.uniform(-0.4, 0.4, b))
+    turn = _per_image(rng.uniform(0.3, 1.2, b))
+    du, dv = c.u - cu, c.v - cv
+    ru, rv = np.cos(turn) * du + np.sin(turn) * dv, -np.sin(turn) * du + np.cos(turn) * dv
+    outer = _cover(_sdf_box(ru, rv, 0, 0, pu, pv, look.part_round * c.unit))
+    hole = _cover(_sdf_box(ru, rv, 0, 0, pu * look.hole[0], pv * look.hole[1], look.hole_round * c.unit))
+    part = outer * (1 - hole)
+    metal = c.colours[3] * (0.8 + 0.05 * c.metal_grain)
+    return _apply(img, masks, chosen, part, metal)
+
+
+def _apply(img: np.ndarray, masks: np.ndarray, chosen: np.ndarray, cover: np.ndarray,
+           paint: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Paint `paint` over `img` where `cover` is, for the chosen scenes; their masks are the cover."""
+    weight = cover * _per_image(chosen)
+    img = img + weight * (paint - img)
+    masks = np.where(_per_image(chosen) > 0, np.maximum(masks, cover), masks)
+    return img, masks
+
+
 def _canvas(sc: Scenes, size: int, look: Look, rng: np.random.Generator) -> _Canvas:
     b = len(sc.angle)
     grid = np.arange(size, dtype=np.float32) + 0.5

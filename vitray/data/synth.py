@@ -17,13 +17,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vitray import storage
-from vitray.data.scenes import LOOKS, Look, draw_scenes, part_boxes, render, seat_boxes
+from vitray.data.scenes import LOOKS, NOVEL_DEFECTS, Look, draw_scenes, part_boxes, render, render_novel, seat_boxes
 from vitray.errors import VitrayError
 from vitray.png import encode
 
 CLASSES: tuple[str, ...] = ("passed", "Xplus", "Xminus", "Yplus", "Yminus")
 # The parquet `label` column is a ClassLabel whose ids index the sorted names, as `datasets` sorts them.
 LABEL_NAMES: tuple[str, ...] = tuple(sorted(CLASSES))
+# `--defects novel`: seated parts with defects no training sees (a scratch, an empty seat, ...),
+# for measuring what a line's model does with them; never for training.
+DEFECTS: tuple[str, ...] = ("shifted", "novel")
+NOVEL_CLASSES: tuple[str, ...] = ("passed", *NOVEL_DEFECTS)
 STYLES: tuple[str, ...] = ("synth", "alt")
 FORMATS: tuple[str, ...] = ("parquet", "imagefolder")
 MIN_SIZE = 16
@@ -35,19 +39,21 @@ RECORD = ".synth.json"
 _DIRECTION = {"passed": (0, 0), "Xplus": (1, 0), "Xminus": (-1, 0), "Yplus": (0, 1), "Yminus": (0, -1)}
 _PIXELS_PER_BATCH = 1 << 20  # keeps a batch's float arrays to a few tens of MB at any size
 
-_HF_FEATURES = {
-    "image": {"_type": "Image"},
-    "label": {"_type": "ClassLabel", "names": list(LABEL_NAMES)},
-    "response": {"_type": "Value", "dtype": "string"},
-}
-_SCHEMA = pa.schema(
-    [
-        ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-        ("label", pa.int64()),
-        ("response", pa.string()),
-    ],
-    metadata={"huggingface": json.dumps({"info": {"features": _HF_FEATURES}})},
-)
+def _schema(names: tuple[str, ...]) -> pa.Schema:
+    """The Hugging Face image layout, its `label` a ClassLabel of `names`."""
+    features = {
+        "image": {"_type": "Image"},
+        "label": {"_type": "ClassLabel", "names": list(names)},
+        "response": {"_type": "Value", "dtype": "string"},
+    }
+    return pa.schema(
+        [
+            ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+            ("label", pa.int64()),
+            ("response", pa.string()),
+        ],
+        metadata={"huggingface": json.dumps({"info": {"features": features}})},
+    )
 
 
 @dataclass(frozen=True)
@@ -55,30 +61,36 @@ class Sample:
     """One rendered image with its class and the box of the part (x1, y1, x2, y2, pixels)."""
 
     image: np.ndarray  # HxWx3 uint8
-    label: str  # one of CLASSES
-    bbox: tuple[float, float, float, float]  # the part
+    label: str  # one of CLASSES (NOVEL_CLASSES for novel defects)
+    bbox: tuple[float, float, float, float]  # the part (a novel defect's own box)
     seat: tuple[float, float, float, float] | None = None  # the seat cutout, where the part belongs
 
 
-def class_counts(n: int, passed_fraction: float) -> dict[str, int]:
+def class_counts(n: int, passed_fraction: float, classes: tuple[str, ...] = CLASSES) -> dict[str, int]:
     """Images per class: round(n * fraction) passed (at least one for a fraction above 0), the
-    defect classes share the rest equally (the first ones in CLASSES take the remainder)."""
+    defect classes share the rest equally (the first ones in `classes` take the remainder)."""
     passed = min(n, round(n * passed_fraction))
     if passed_fraction > 0 and passed == 0:
         passed = 1  # a fraction above zero asks for passed parts: never silently none
     rest = n - passed
     counts = {"passed": passed}
-    for i, name in enumerate(CLASSES[1:]):
-        counts[name] = rest // 4 + (1 if i < rest % 4 else 0)
+    kinds = len(classes) - 1
+    for i, name in enumerate(classes[1:]):
+        counts[name] = rest // kinds + (1 if i < rest % kinds else 0)
     return counts
 
 
+def classes_of(defects: str) -> tuple[str, ...]:
+    return NOVEL_CLASSES if defects == "novel" else CLASSES
+
+
 def generate(
-    n: int, passed_fraction: float = 0.02, size: int = 64, seed: int = 0, style: str = "synth"
+    n: int, passed_fraction: float = 0.02, size: int = 64, seed: int = 0, style: str = "synth",
+    defects: str = "shifted",
 ) -> Iterator[Sample]:
     """Render n samples in a shuffled order; the same arguments give the same images."""
-    _check(n, passed_fraction, size, seed, style)
-    return _samples(n, passed_fraction, size, seed, LOOKS[style])
+    _check(n, passed_fraction, size, seed, style, defects)
+    return _samples(n, passed_fraction, size, seed, LOOKS[style], defects)
 
 
 def write(
@@ -90,13 +102,15 @@ def write(
     fmt: str = "parquet",
     style: str = "synth",
     shard_rows: int = 1000,
+    defects: str = "shifted",
 ) -> dict:
     """Render a data set to OUT (local path, file:// or s3://) and return a summary of it.
 
     parquet: OUT/data-0000i-of-0000K.parquet in the Hugging Face image layout; imagefolder:
     OUT/<class>/<index>.png. Both leave OUT/.synth.json with the arguments and class counts.
+    `defects`: "shifted" (the inspection classes) or "novel" (passed, and defects no training sees).
     """
-    _check(n, passed_fraction, size, seed, style)
+    _check(n, passed_fraction, size, seed, style, defects)
     if fmt not in FORMATS:
         raise VitrayError(f"synth: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     if not _whole(shard_rows, 1):
@@ -107,9 +121,10 @@ def write(
         # Old shards or images would silently join the new set when it is read back.
         raise VitrayError(f"synth: {root.uri} already holds files; write into a new or empty folder")
 
-    samples = _samples(n, passed_fraction, size, seed, LOOKS[style])
+    samples = _samples(n, passed_fraction, size, seed, LOOKS[style], defects)
+    names = tuple(sorted(classes_of(defects)))
     if fmt == "parquet":
-        files = _write_parquet(root, samples, n, shard_rows)
+        files = _write_parquet(root, samples, n, shard_rows, names)
     else:
         files = _write_imagefolder(root, samples)
     record = {
@@ -121,8 +136,9 @@ def write(
         "style": style,
         "format": fmt,
         "shard_rows": shard_rows if fmt == "parquet" else None,
-        "counts": class_counts(n, passed_fraction),
-        "label_names": list(LABEL_NAMES),
+        "defects": defects,
+        "counts": class_counts(n, passed_fraction, classes_of(defects)),
+        "label_names": list(names),
     }
     # No output path or time in the record, so that the same seed writes byte-identical files.
     storage.write_json(storage.join(root.uri, RECORD), record)
@@ -136,7 +152,9 @@ def _whole(value: object, least: int) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
 
 
-def _check(n: int, passed_fraction: float, size: int, seed: int, style: str) -> None:
+def _check(n: int, passed_fraction: float, size: int, seed: int, style: str, defects: str = "shifted") -> None:
+    if defects not in DEFECTS:
+        raise VitrayError(f"synth: unknown defects {defects!r} (choose from {', '.join(DEFECTS)})")
     if not _whole(n, 1):
         raise VitrayError(f"synth: n must be a whole number of at least 1, got {n!r}")
     if not isinstance(passed_fraction, numbers.Real) or not 0 <= passed_fraction <= 1:
@@ -152,22 +170,31 @@ def _check(n: int, passed_fraction: float, size: int, seed: int, style: str) -> 
 # --- sampling --------------------------------------------------------------------------------
 
 
-def _samples(n: int, passed_fraction: float, size: int, seed: int, look: Look) -> Iterator[Sample]:
-    counts = class_counts(n, passed_fraction)
-    labels = np.repeat(np.arange(len(CLASSES)), [counts[c] for c in CLASSES])
+def _samples(n: int, passed_fraction: float, size: int, seed: int, look: Look,
+             defects: str = "shifted") -> Iterator[Sample]:
+    classes = classes_of(defects)
+    counts = class_counts(n, passed_fraction, classes)
+    labels = np.repeat(np.arange(len(classes)), [counts[c] for c in classes])
     labels = np.random.default_rng(seed).permutation(labels)
     batch = max(1, _PIXELS_PER_BATCH // (size * size))
     for k, start in enumerate(range(0, n, batch)):
         # One generator per batch, derived from the seed, keeps batches independent of each other.
         rng = np.random.default_rng([seed, k])
         ids = labels[start : start + batch]
-        direction = np.array([_DIRECTION[CLASSES[i]] for i in ids], dtype=float).reshape(len(ids), 2)
-        scenes = draw_scenes(direction, size, look, rng)
-        images = render(scenes, size, look, rng)
+        names = [classes[i] for i in ids]
+        if defects == "novel":  # every part seated; the defect is drawn on the scene
+            scenes = draw_scenes(np.zeros((len(ids), 2)), size, look, rng)
+            images, defect_boxes = render_novel(scenes, [c if c != "passed" else "" for c in names], size, look,
+                                                rng)
+        else:
+            direction = np.array([_DIRECTION[c] for c in names], dtype=float).reshape(len(ids), 2)
+            scenes = draw_scenes(direction, size, look, rng)
+            images, defect_boxes = render(scenes, size, look, rng), None
         boxes = part_boxes(scenes, size)
         seats = seat_boxes(scenes, size)
-        for i, label_id in enumerate(ids):
-            yield Sample(images[i], CLASSES[label_id], tuple(boxes[i]), tuple(seats[i]))
+        for i, name in enumerate(names):
+            box = boxes[i] if defect_boxes is None or name == "passed" else defect_boxes[i]
+            yield Sample(images[i], name, tuple(box), tuple(seats[i]))
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -178,7 +205,9 @@ def _response(sample: Sample) -> str:
     return repr({"bboxes": [list(sample.bbox)], "labels": [sample.label]})
 
 
-def _write_parquet(root: storage.Location, samples: Iterator[Sample], n: int, shard_rows: int) -> int:
+def _write_parquet(root: storage.Location, samples: Iterator[Sample], n: int, shard_rows: int,
+                   names: tuple[str, ...] = LABEL_NAMES) -> int:
+    schema = _schema(names)
     shards = math.ceil(n / shard_rows)
     for k in range(shards):
         rows = list(itertools.islice(samples, shard_rows))
@@ -186,11 +215,11 @@ def _write_parquet(root: storage.Location, samples: Iterator[Sample], n: int, sh
         image = pa.StructArray.from_arrays(
             [pa.array([encode(r.image) for r in rows], pa.binary()),
              pa.array([f"{first + i:05d}.png" for i in range(len(rows))], pa.string())],
-            fields=list(_SCHEMA.field("image").type),
+            fields=list(schema.field("image").type),
         )
-        label = pa.array([LABEL_NAMES.index(r.label) for r in rows], pa.int64())
+        label = pa.array([names.index(r.label) for r in rows], pa.int64())
         response = pa.array([_response(r) for r in rows], pa.string())
-        table = pa.Table.from_arrays([image, label, response], schema=_SCHEMA)
+        table = pa.Table.from_arrays([image, label, response], schema=schema)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         storage.write_bytes(root.child(f"data-{k:05d}-of-{shards:05d}.parquet").uri, sink.getvalue().to_pybytes())
