@@ -29,6 +29,9 @@ class PredictOptions:
     method: str = "rollout"
     head_fusion: str = "mean"
     discard_ratio: float = 0.0
+    # The logits and the classifier's input (the [CLS] embedding) too: what calibration and the
+    # decisions work from (vitray.decisions).
+    features: bool = False
 
 
 def model_info(model_uri: str) -> tuple[list[str], Any]:
@@ -101,6 +104,7 @@ class _Stage:
     options: PredictOptions
     labels: list[str]
     grid: tuple[int, int]
+    embedding_size: int
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error_kind"] == "" if "error_kind" in batch else np.ones(len(batch["image"]), dtype=bool)
@@ -117,10 +121,18 @@ class _Stage:
         out["score"] = np.full(n, np.nan, dtype=np.float32)
         out["probs"] = np.full((n, len(self.labels)), np.nan, dtype=np.float32)
         out["attention"] = np.full((n, cells), np.nan, dtype=np.float32)
+        keys = ["pred", "score", "probs", "attention"]
         if ok.any():
             part = self._predict({k: v[ok] for k, v in batch.items()})
-            for key in ("pred", "score", "probs", "attention"):
+            for key in ("logits", "embedding"):
+                if key in part:
+                    out[key] = np.full((n, part[key].shape[1]), np.nan, dtype=np.float32)
+                    keys.append(key)
+            for key in keys:
                 out[key][ok] = part[key]
+        elif self.options.features:
+            out["logits"] = np.full((n, len(self.labels)), np.nan, dtype=np.float32)
+            out["embedding"] = np.full((n, self.embedding_size), np.nan, dtype=np.float32)
         return out
 
     def _predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -161,6 +173,11 @@ class Predictor(_Stage):
         self.negative = self.labels.index(NEGATIVE_LABEL) if NEGATIVE_LABEL in self.labels else None
         patch = self.model.config.patch_size
         self.grid = (self.prep.size // patch, self.prep.size // patch)
+        self.embedding_size = int(self.model.config.hidden_size)
+        self._embeddings: list[Any] = []
+        if options.features:  # the classifier's input, whichever path (SDPA, maps, chunks) ran the model
+            self.model.classifier.register_forward_hook(
+                lambda module, inputs, output: self._embeddings.append(inputs[0].detach()))
 
     def _predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -170,6 +187,7 @@ class Predictor(_Stage):
 
         images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device, non_blocking=True)
         x = normalize(images, self.prep.mean, self.prep.std)
+        self._embeddings.clear()
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             if self.one_pass:
                 maps, logits = attention_maps(self.model, x, "rollout", self.options.head_fusion,
@@ -185,6 +203,9 @@ class Predictor(_Stage):
         out["pred"] = pred.cpu().numpy().astype(np.int64)
         out["score"] = score.cpu().numpy().astype(np.float32)
         out["probs"] = probs.cpu().numpy().astype(np.float32)
+        if self.options.features:
+            out["logits"] = logits.cpu().numpy().astype(np.float32)
+            out["embedding"] = torch.cat(self._embeddings).float().cpu().numpy()[:len(logits)]
         out["attention"] = (maps.reshape(len(maps), -1).float().cpu().numpy() if self.one_pass
                             else self._maps(x, out["pred"]))
         return out

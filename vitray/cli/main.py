@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 from vitray import __version__
 from vitray.cli.config import configurable, merge_config
 from vitray.cli.data import add_synth
+from vitray.cli.deciding import add_calibrate
 from vitray.cli.deploy import add_export
 from vitray.cli.logs import failed, output_of, setup_logging
 from vitray.cli.options import Parser
@@ -22,7 +23,8 @@ from vitray.interrupts import STOP_EXIT_CODES, handle_stop_signals, stop_exit_co
 from vitray.interrupts import reset as reset_stops
 
 COMMANDS: list[Callable[[Any], None]] = [add_synth, add_pretrain, add_train, add_evaluate, add_params,
-                                           add_tune, add_score, add_explain, add_export]
+                                           add_tune, add_calibrate, add_score, add_explain,
+                                           add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,165 @@
+"""Decisions: calibrated scores, thresholds with their bounds, unknown images and drift, `vitray calibrate`."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from vitray.decisions import calibration as cal
+from vitray.decisions.drift import NightSample, Reference, compare, psi
+from vitray.decisions.ood import Gaussians, auroc, conformal_threshold, energy
+from vitray.decisions.policy import REASONS, Policy, load_policy
+from vitray.errors import VitrayError
+
+
+def _scores(rng, n, defect_share=0.8):
+    is_defect = rng.uniform(size=n) < defect_share
+    return np.where(is_defect, rng.beta(6, 1.2, n), rng.beta(1.2, 6, n)), is_defect
+
+
+def test_temperature_scaling_recovers_an_overconfident_models_temperature():
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(size=(4000, 5)) * 2
+    labels = np.array([rng.choice(5, p=p) for p in cal.softmax(true_logits)])
+    t = cal.fit_temperature(true_logits * 3, labels)  # three times too sharp
+    assert t == pytest.approx(3, rel=0.1)
+    before = cal.expected_calibration_error(cal.softmax(true_logits * 3), labels)
+    after = cal.expected_calibration_error(cal.softmax(true_logits * 3, t), labels)
+    assert after < 0.03 < before
+
+
+def test_the_escape_and_false_reject_rates_hold_on_fresh_images_at_the_stated_confidence():
+    """Over many calibration draws, a fresh set's escape rate exceeds the target in at most ~5% of them."""
+    rng = np.random.default_rng(1)
+    over_escape = over_reject = 0
+    draws = 60
+    for _ in range(draws):
+        score, defect = _scores(rng, 3000)
+        t = cal.choose_thresholds(score, defect, 0.01, 0.05, 0.95)
+        assert t.ok is not None and t.ng is not None
+        fresh, fresh_defect = _scores(rng, 60000)
+        measured = cal.rates(fresh, fresh_defect, t)
+        over_escape += measured["escape"]["rate"] > 0.01
+        over_reject += measured["false_reject"]["rate"] > 0.05
+    assert over_escape <= 0.1 * draws and over_reject <= 0.1 * draws
+
+
+def test_too_few_defective_images_set_no_ok_threshold_and_decide_nothing_ok():
+    rng = np.random.default_rng(2)
+    score, defect = _scores(rng, 300)  # ~240 defective: an escape rate of 0.005 cannot be bounded
+    t = cal.choose_thresholds(score, defect, 0.005, 0.05, 0.95)
+    assert t.ok is None
+    assert "ok" not in set(cal.decide_scores(score, t))
+    assert cal.upper_bound(0, 598, 0.95) < 0.005 < cal.upper_bound(0, 597, 0.95)
+
+
+def test_the_ood_scores_separate_unknown_images_and_the_threshold_keeps_its_rate():
+    rng = np.random.default_rng(3)
+    means = rng.normal(size=(5, 24)) * 3
+    labels = rng.integers(0, 5, 3000)
+    inside = means[labels] + rng.normal(size=(3000, 24))
+    outside = rng.normal(size=(500, 24)) * 3 + 6
+    gaussians = Gaussians.fit(inside[:1500], labels[:1500])
+    assert auroc(gaussians.score(inside[1500:]), gaussians.score(outside)) > 0.99
+    tau = conformal_threshold(gaussians.score(inside[1500:2500]), 0.02)
+    assert np.mean(gaussians.score(inside[2500:]) > tau) < 0.05
+    assert conformal_threshold(np.arange(10.0), 0.01) == float("inf")  # too few to set a 1% quantile
+    assert energy(np.array([[10.0, 0, 0], [1.0, 1, 1]]))[0] < energy(np.array([[10.0, 0, 0], [1.0, 1, 1]]))[1]
+
+
+def test_drift_raises_the_alarm_for_a_shifted_night_and_rarely_for_a_stable_one():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3000, 32))
+    reference = Reference.fit(x, rng.uniform(size=3000), seed=0)
+    alarms = 0
+    for seed in range(20):
+        night = NightSample(seed=seed)
+        night.add(reference.project(rng.normal(size=(1000, 32))), rng.uniform(size=1000))
+        alarms += compare(reference, night)["drifted"]
+    assert alarms <= 1
+    shifted = NightSample()
+    moved = rng.normal(size=(1000, 32))
+    moved[:, :4] += 0.4  # the images as a whole moved a little, along a few features
+    shifted.add(reference.project(moved), rng.uniform(size=1000))
+    result = compare(reference, shifted)
+    assert result["drifted"] and result["p_value"] < 0.01
+    # A night larger than the sample keeps a uniform sample of bounded size.
+    big = NightSample(size=100)
+    big.add(reference.project(rng.normal(size=(5000, 32))), rng.uniform(size=5000))
+    assert big.seen == 5000 and len(big.scores) == 100
+    assert psi(np.linspace(0, 1, 1000), np.linspace(0, 1, 1000)) < 0.01 < psi(np.linspace(0, 1, 1000),
+                                                                                 np.linspace(0.5, 1, 1000))
+
+
+def _policy(ok=0.2, ng=0.8, ood_threshold=50.0) -> Policy:
+    rng = np.random.default_rng(5)
+    emb = rng.normal(size=(200, 8))
+    labels = ["Xminus", "Xplus", "passed"]
+    record = {"temperature": 1.0, "labels": labels, "ok_class": "passed", "thresholds": {"ok": ok, "ng": ng},
+              "ood": {"method": "mahalanobis", "threshold": ood_threshold}}
+    return Policy(record, Gaussians.fit(emb, rng.integers(0, 3, 200)), Reference.fit(emb, rng.uniform(size=200)))
+
+
+def test_a_policy_decides_ok_ng_and_review_with_its_reasons(tmp_path):
+    policy = _policy()
+    logits = np.array([[0.0, 0.0, 5.0], [5.0, 0.0, 0.0], [0.0, 0.0, 0.3], [0.0, 0.0, 5.0]])
+    embeddings = np.zeros((4, 8))
+    embeddings[3] = 40.0  # far from every class
+    out = policy.apply(logits, embeddings)
+    assert list(out["decision"]) == ["ok", "ng", "review", "review"]
+    assert list(out["reason"]) == [REASONS["ok"], REASONS["ng"], REASONS["between"], REASONS["unlike"]]
+    assert out["probs_calibrated"].shape == (4, 3) and out["drift_projection"].shape == (4, 8)
+    policy.save(str(tmp_path))
+    again = load_policy(str(tmp_path), ["Xminus", "Xplus", "passed"])
+    assert list(again.apply(logits, embeddings)["decision"]) == list(out["decision"])
+    assert load_policy(str(tmp_path / "none"), ["a"]) is None
+    with pytest.raises(VitrayError, match="calibration was made for the labels"):
+        load_policy(str(tmp_path), ["a", "b", "c"])
+
+
+def test_calibrate_writes_the_calibration_into_the_model_and_out(tiny_model, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from vitray.cli import main
+    from vitray.data import synth
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a small set: calibrated in this process
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    synth.write(str(tmp_path / "val"), n=240, size=32, seed=3, passed_fraction=0.3)
+    out = tmp_path / "cal"
+    assert main(["calibrate", "--model", str(model), "--data", str(tmp_path / "val"), "--out", str(out),
+                 "--false-reject-rate", "0.2"]) == 0
+    record = json.loads((out / "calibration.json").read_text())
+    assert record == json.loads((model / "calibration.json").read_text())
+    assert (model / "calibration.safetensors").is_file() and (out / "reliability.png").is_file()
+    assert record["n"]["images"] == 240 and record["n"]["fit"] + record["n"]["held_out"] == 240
+    assert record["ece"]["after"] <= record["ece"]["before"]
+    assert record["thresholds"]["ok"] is None and "no OK threshold" in record["notes"][0]
+    assert set(record["measured"]) == {"escape", "false_reject", "review"}
+    assert "OK at or below" in capsys.readouterr().out
+    policy = load_policy(str(model), record["labels"])
+    assert policy.temperature == pytest.approx(record["temperature"])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--escape-rate", "0"], "--escape-rate must be between 0 and 1"),
+    (["--ok-class", "good"], "--ok-class 'good' is not one of the model's classes"),
+    (["--ood-method", "knn"], "invalid choice"),
+])
+def test_calibrate_refuses_bad_options_in_one_line(args, needle, tiny_model, tmp_path, capsys, monkeypatch):
+    from vitray.cli import main
+    from vitray.data import synth
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    synth.write(str(tmp_path / "val"), n=20, size=32, seed=3, passed_fraction=0.3)
+    try:
+        code = main(["calibrate", "--model", tiny_model, "--data", str(tmp_path / "val"), "--out",
+                     str(tmp_path / "o"), *args])
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vitray")]
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not os.path.exists(os.path.join(tiny_model, "calibration.json"))
