@@ -252,7 +252,8 @@ def test_recovery_after_a_kill_at_each_step_of_the_commit(where, tmp_path, reque
         assert found["temp_files"] == 1
         assert not any(name.startswith(".") for _, _, names in os.walk(out) for name in names)
     assert committed_ids(out) == {"a.png", "b.png"}
-    assert recover(out) == {"pending_dropped": 0, "pending_undone": 0, "temp_files": 0, "unrecoverable": 0}
+    assert recover(out) == {"pending_dropped": 0, "pending_undone": 0, "temp_files": 0, "unrecoverable": 0,
+                            "compactions_finished": 0, "compactions_undone": 0}
 
 
 def _session_processes(sid: int) -> list[int]:

@@ -2,7 +2,8 @@
 
 OUT holds `predictions/` (Parquet, one row per scored image), `errors/` (Parquet rows of
 images that could not be used), `attention/<key>.png` overlays, `runs/<run_id>.json`
-manifests, `_lease.json` (`vitray.lease`) and, while a piece is on its way, `_pending/`.
+manifests, `_lease.json` (`vitray.lease`) and, while work is on its way, `_pending/` and
+`_compacting/`.
 
 Commit protocol (what makes a rerun score only what is missing, and a kill harmless):
   A piece is one batch of the writer stage, named `<run_id>-<hash of its ids>`, so a Ray
@@ -12,12 +13,19 @@ Commit protocol (what makes a rerun score only what is missing, and a kill harml
     3. the commit: `predictions/part-<piece>.parquet`, written as one whole object
        (`storage.put`: a single PUT on S3; a hidden temp file, fsync'd, renamed locally);
     4. `_pending/<piece>.json` is deleted.
-  A row is committed iff it is in a file under predictions/, and `pyarrow.dataset` (which
-  skips names starting with `.` or `_`) shows exactly the committed rows, each id once.
-  Only the run holding OUT's lease commits or recovers. Recovery after a killed run: a
-  pending piece whose predictions file exists lost only its marker (dropped); one without
-  it is deleted with its PNGs; stale local temp files are removed; an entry that cannot be
-  cleaned is reported and left, never blocking the run.
+  A row is committed iff it is in a committed predictions file (`prediction_files`), each
+  id once. Only the run holding OUT's lease commits, compacts or recovers. Recovery after a
+  killed run: a pending piece whose predictions file exists lost only its marker (dropped);
+  one without it is deleted with its PNGs; stale local temp files are removed; an entry
+  that cannot be cleaned is reported and left, never blocking the run.
+
+Compaction (`vitray.score.compaction`) then rewrites a run's pieces into files of up to
+`COMPACT_ROWS` rows, `predictions/run=<run_id>/part-<hash of its pieces>.parquet`, sorted
+by id: `_compacting/<target>.json` names the target and its pieces, the target is written
+whole, the pieces are deleted, the marker is deleted. While a marker is there, the
+committed files are the target once it exists (its pieces are not counted), else the
+pieces; recovery finishes the deletes or deletes the target. Outputs whose pieces were
+never compacted read the same way.
 """
 from __future__ import annotations
 
@@ -81,12 +89,45 @@ def _key_segment(part: str) -> str:
     return text.encode("utf-8", "replace")[:KEY_SEGMENT_BYTES].decode("utf-8", "ignore") or "_"
 
 
+PREDICTIONS = "predictions"
+COMPACTING = "_compacting"
+RUN_FOLDER = "run="
+COMPACT_ROWS = 50_000  # rows per compacted predictions file: tens of MB with maps
+
+
+def prediction_files(output: str) -> tuple[storage.Location, list[str]]:
+    """`predictions/` of OUT and the paths of its committed files (see the module docstring).
+
+    One listing of `predictions/` and one of `_compacting/` (empty but while a compaction
+    runs or after one was killed), whatever the output's history.
+    """
+    root = storage.resolve(output)
+    loc = root.child(PREDICTIONS)
+    files = [f.path for f in storage.list_files(loc.uri, recursive=True)
+             if f.path.endswith(".parquet") and _visible_under(loc.path, f.path)]
+    hidden: set[str] = set()
+    present = {storage.relative(loc, f) for f in files}
+    for marker in compaction_markers(root).values():
+        targets, sources = marker.get("targets", []), marker.get("sources", [])
+        hidden.update(sources if all(t in present for t in targets) else targets)
+    return loc, [f for f in files if storage.relative(loc, f) not in hidden]
+
+
+def compaction_markers(root: storage.Location) -> dict[str, dict]:
+    """The `_compacting/*.json` markers of OUT by path (a marker is written whole, so each parses)."""
+    markers = {}
+    for info in _list(root.child(COMPACTING)):
+        if info.path.endswith(".json") and _visible(info.path):
+            with root.fs.open_input_stream(info.path) as f:
+                markers[info.path] = json.loads(f.read())
+    return markers
+
+
 def read_predictions(output: str) -> Any:
     """The committed predictions under OUT as a `pyarrow.dataset.Dataset` (empty when none)."""
     import pyarrow.dataset as pads
 
-    loc = storage.resolve(storage.join(output, "predictions"))
-    files = [f.path for f in _list(loc) if _visible(f.path) and f.path.endswith(".parquet")]
+    loc, files = prediction_files(output)
     return pads.dataset(files, schema=PREDICTIONS_SCHEMA, filesystem=loc.fs, format="parquet")
 
 
@@ -100,16 +141,21 @@ def read_errors(output: str) -> Any:
 
 
 def committed_ids(output: str) -> set[str]:
-    """Ids already committed under OUT (read from the `id` column only)."""
-    ids: set[str] = set()
-    for batch in read_predictions(output).to_batches(columns=["id"]):
-        ids.update(batch.column(0).to_pylist())
-    return ids
+    """Ids committed under OUT, as a Python set: for small outputs and tests.
+
+    Planning a run uses `vitray.score.planning.committed_among`, which never holds them all.
+    """
+    return set(read_predictions(output).to_table(columns=["id"]).column(0).to_pylist())
 
 
 def _visible(path: str) -> bool:
     # The same rule as pyarrow.dataset's discovery: hidden and `_` names are not data.
     return not posixpath.basename(path).startswith((".", "_"))
+
+
+def _visible_under(folder: str, path: str) -> bool:
+    """No part of the path below `folder` is hidden (temp files, markers)."""
+    return not any(part.startswith((".", "_")) for part in posixpath.relpath(path, folder).split("/"))
 
 
 def _list(loc: storage.Location) -> list[pafs.FileInfo]:
@@ -147,14 +193,28 @@ def recover(output: str, run_id: str | None = None) -> dict[str, int]:
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             found["unrecoverable"] += 1
             log.warning("could not clean up %s: %s", info.path, str(exc).splitlines()[0] if str(exc) else exc)
+    from vitray.score.compaction import recover_compactions
+
+    found.update(recover_compactions(root))
     if not root.is_s3:
-        for folder in ("_pending", "predictions", "errors", "runs"):
+        for folder in ("_pending", "errors", "runs"):
             found["temp_files"] += storage.remove_temps(root.child(folder).path)
+        found["temp_files"] += _remove_temps_below(root.child(PREDICTIONS).path)
     return found
 
 
+def _remove_temps_below(folder: str) -> int:
+    """`storage.put`'s temp files left by a kill in `predictions/` and its run folders."""
+    removed = storage.remove_temps(folder)
+    if os.path.isdir(folder):
+        for entry in os.scandir(folder):
+            if entry.is_dir(follow_symlinks=False):
+                removed += storage.remove_temps(entry.path)
+    return removed
+
+
 def _recover_piece(root: storage.Location, marker: str, piece: str) -> str:
-    if root.fs.get_file_info(root.child("predictions", f"part-{piece}.parquet").path).type == pafs.FileType.File:
+    if _piece_committed(root, piece):
         storage.delete(storage.Location(root.fs, marker, marker))
         return "pending_dropped"  # committed; only the marker's delete was lost
     with root.fs.open_input_stream(marker) as f:
@@ -241,21 +301,17 @@ def _write_overlays(root: storage.Location, images: np.ndarray, maps: np.ndarray
 
 def _write_errors(root: storage.Location, piece: str, plan: PiecePlan, ids: list[str], batch: dict[str, np.ndarray],
                   bad: np.ndarray) -> None:
-    import pyarrow.parquet as pq
-
     errors = pa.table({"path": [_input_uri(plan.input_base, ids[i]) for i in bad],
                        "error": [str(batch["error_kind"][i]) for i in bad],
                        "message": [str(batch["error"][i]) for i in bad],
                        "run_id": [plan.run_id] * len(bad)}, schema=ERRORS_SCHEMA)
-    storage.put(root.child("errors", f"part-{piece}.parquet"), _parquet_bytes(errors, pq), durable=True)
+    storage.put(root.child("errors", f"part-{piece}.parquet"), parquet_bytes(errors), durable=True)
 
 
 def _commit_predictions(root: storage.Location, piece: str, plan: PiecePlan, ids: list[str], labels: list[str],
                         batch: dict[str, np.ndarray], maps: np.ndarray, has_map: np.ndarray, pngs: dict[int, str],
                         good: np.ndarray) -> None:
     """The commit: once this file is in place, these ids are done."""
-    import pyarrow.parquet as pq
-
     rows, cols = plan.grid
     table = pa.table({
         "id": [ids[i] for i in good],
@@ -269,7 +325,7 @@ def _commit_predictions(root: storage.Location, piece: str, plan: PiecePlan, ids
         "model": [plan.model] * len(good),
         "run_id": [plan.run_id] * len(good),
     }, schema=PREDICTIONS_SCHEMA)
-    storage.put(root.child("predictions", f"part-{piece}.parquet"), _parquet_bytes(table, pq), durable=True)
+    storage.put(root.child("predictions", f"part-{piece}.parquet"), parquet_bytes(table), durable=True)
 
 
 def _check_lease(root: storage.Location, run_id: str) -> None:
@@ -296,9 +352,26 @@ def _float_lists(values: np.ndarray, valid: np.ndarray | None = None) -> pa.Arra
     return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(values).ravel()), mask=mask)
 
 
-def _parquet_bytes(table: pa.Table, pq: Any) -> bytes:
+def _piece_committed(root: storage.Location, piece: str) -> bool:
+    # A piece with a pending marker is never compacted (`compaction.flat_pieces`): its file is where it was.
+    return root.fs.get_file_info(root.child(PREDICTIONS, f"part-{piece}.parquet").path).type == pafs.FileType.File
+
+
+def piece_run_id(name: str) -> str | None:
+    """The run that committed a piece file `part-<run_id>-<16 hex>.parquet`; None for other names."""
+    stem = name[len("part-"):-len(".parquet")] if name.startswith("part-") and name.endswith(".parquet") else ""
+    run_id, _, digest = stem.rpartition("-")
+    if not run_id or len(digest) != 16 or any(c not in "0123456789abcdef" for c in digest):
+        return None
+    return run_id
+
+
+def parquet_bytes(table: pa.Table, row_group_rows: int | None = None) -> bytes:
+    """A table as the bytes of one zstd Parquet file (written whole with `storage.put`)."""
+    import pyarrow.parquet as pq
+
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", row_group_size=row_group_rows)
     return sink.getvalue().to_pybytes()
 
 
@@ -327,12 +400,10 @@ def record_bad_names(out: str, run_id: str, source: Any) -> None:
     """Files whose names cannot be ids (not valid UTF-8) become error rows of their own kind, each run."""
     if not source.bad_names:
         return
-    import pyarrow.parquet as pq
-
     n = len(source.bad_names)
     table = pa.table({"path": source.bad_names, "error": ["bad-name"] * n,
                       "message": ["the file name is not valid UTF-8; rename the file to score it"] * n,
                       "run_id": [run_id] * n}, schema=ERRORS_SCHEMA)
     root = storage.resolve(out)
-    storage.put(root.child("errors", f"part-{run_id}-names.parquet"), _parquet_bytes(table, pq), durable=True)
+    storage.put(root.child("errors", f"part-{run_id}-names.parquet"), parquet_bytes(table), durable=True)
     log.warning("%d file(s) with names that are not valid UTF-8 recorded in %s", n, storage.join(out, "errors"))

@@ -32,7 +32,9 @@ from vitray.inference import ATTENTION_MODES
 from vitray.interrupts import STOP_EXIT_CODES, Interrupts, stop_error
 from vitray.lease import STALE_S, Lease
 from vitray.runtime import IN_PROCESS_MAX, runs_in_process
-from vitray.score.outputs import PiecePlan, committed_ids, read_predictions, record_bad_names, recover, write_piece
+from vitray.score.compaction import compact
+from vitray.score.outputs import PiecePlan, read_predictions, record_bad_names, recover, write_piece
+from vitray.score.planning import plan_run
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ class ScoreConfig:
     batch_size: int = 256
     workers: int = 1  # inference actors, each loads the model once
     gpus_per_worker: float = 0.0
-    piece_rows: int = 512  # rows per committed file; a kill loses at most the pieces in flight
+    piece_rows: int = 512  # rows per committed piece (a kill loses at most the pieces in flight); compacted after
     submission: str | None = None  # Kaggle ImageId,Label CSV (digit-recognizer CSV input only)
     max_error_rate: float = 1.0  # fail the run (exit 1) above this share of undecodable images
     lease_timeout: float = STALE_S  # seconds without a heartbeat after which OUT's lease is taken over
@@ -225,6 +227,8 @@ def score(config: ScoreConfig, progress: Callable[[dict[str, int]], None] | None
             skipped, scoring_s = _score_remaining(config, source, PiecePlan(
                 out, run_id, manifest["model"], tuple(labels), grid, _ids_base(config.input)), model, prep,
                 totals, lease, progress)
+            lease.check()
+            manifest["compacted"] = compact(out)  # this run's pieces, and any a killed run left
         except BaseException as exc:
             failure = _failure(exc, out, totals)
             _record_end(runs, manifest, failure, counts={"scored": totals.scored, "errors": totals.errors})
@@ -252,9 +256,8 @@ def _score_remaining(config: ScoreConfig, source: Any, plan: PiecePlan, model: s
                      lease: Lease, progress: Callable[[dict[str, int]], None] | None) -> tuple[int, float]:
     """Score the ids not yet committed: (how many were committed before, seconds the scoring took)."""
     record_bad_names(plan.output, plan.run_id, source)
-    done = committed_ids(plan.output)
-    remaining = [i for i in source.ids if i not in done]
-    skipped = len(source) - len(remaining)
+    planned = plan_run(plan.output, source.ids)
+    remaining, skipped = planned.remaining, planned.skipped
     totals.in_process = bool(remaining) and runs_in_process(len(remaining), config.in_process_max, config.ray_address,
                                                             config.gpus_per_worker)
     log.info("%s images in %s, %s already scored in %s: %s to score%s", f"{len(source):,}", config.input,

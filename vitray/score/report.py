@@ -2,7 +2,9 @@
 
 One self-contained page (inline CSS and SVG, thumbnails as data URIs, full overlays by
 relative links), so it opens from a local folder or an object store; every name is escaped.
-The committed rows are streamed, so the page costs the same memory for any number of images.
+Counts and histograms are computed in Arrow over three columns, a batch at a time, and
+the gallery reads only the newest runs: the page costs the same memory for any number of
+images, and its time grows with the rows by a few columns' scan (docs/scale.md).
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from vitray import storage
 from vitray.inference import NEGATIVE_LABEL
@@ -45,33 +49,16 @@ class ReportData:
 
 
 def gather(output: str, gallery_size: int = 48, error_rows: int = 200) -> ReportData:
-    """Stream the committed rows of OUT into counts and the few rows the page lists."""
-    from vitray.score.outputs import read_errors, read_predictions
+    """Counts and histograms over every committed row (three columns, in Arrow), the gallery
+    from the newest runs only, and the newest error rows."""
+    from vitray.score.outputs import read_errors
 
     data = ReportData(storage.resolve(output).uri)
     data.runs = _runs(output)
-    edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
-    gallery: list[tuple] = []  # a min-heap: the newest runs' most confident defects stay
-    columns = ["id", "path", "label", "score", "attention_png", "run_id"]
-    for batch in read_predictions(output).to_batches(columns=columns):
-        cols = {name: batch.column(name).to_pylist() for name in columns}
-        for image_id, path, label, score, png, run_id in zip(*(cols[c] for c in columns)):
-            data.labels[label] += 1
-            data.run_labels.setdefault(run_id, Counter())[label] += 1
-            if label != NEGATIVE_LABEL:
-                data.defects += 1
-                if png:
-                    item = (run_id, float(score), image_id, label, png, path)
-                    if len(gallery) < gallery_size:
-                        heapq.heappush(gallery, item)
-                    elif item > gallery[0]:
-                        heapq.heapreplace(gallery, item)
-        scores = np.asarray(cols["score"], dtype=np.float64)
-        labels = np.asarray(cols["label"], dtype=object)
-        for label in set(cols["label"]):
-            counts, _ = np.histogram(scores[labels == label], bins=edges)
-            data.histogram[label] = data.histogram.get(label, np.zeros(HIST_BINS, np.int64)) + counts
-    data.gallery = sorted(gallery, reverse=True)
+    predictions = _predictions(output)
+    for batch in predictions.to_batches(columns=["label", "score", "run_id"]):
+        _count(data, batch)
+    data.gallery = _gallery(predictions, sorted(data.run_labels, reverse=True), gallery_size)
     newest: list[tuple] = []
     for batch in read_errors(output).to_batches():
         rows = zip(*(batch.column(c).to_pylist() for c in ("run_id", "path", "error", "message")))
@@ -84,6 +71,74 @@ def gather(output: str, gallery_size: int = 48, error_rows: int = 200) -> Report
                 heapq.heapreplace(newest, row)
     data.error_rows = sorted(newest, reverse=True)
     return data
+
+
+def _predictions(output: str) -> Any:
+    """The committed rows, with `label` and `run_id` read as dictionaries (a few values each)."""
+    import pyarrow.dataset as pads
+
+    from vitray.score.outputs import PREDICTIONS_SCHEMA, prediction_files
+
+    loc, files = prediction_files(output)
+    schema = PREDICTIONS_SCHEMA
+    for name in ("label", "run_id"):
+        schema = schema.set(schema.get_field_index(name), pa.field(name, pa.dictionary(pa.int32(), pa.string())))
+    fmt = pads.ParquetFileFormat(read_options=pads.ParquetReadOptions(dictionary_columns=["label", "run_id"]))
+    return pads.dataset(files, schema=schema, filesystem=loc.fs, format=fmt)
+
+
+def _codes(column: Any) -> tuple[np.ndarray, list[str]]:
+    """A dictionary column as (codes, values); any other column is encoded first."""
+    if not pa.types.is_dictionary(column.type):
+        column = pc.dictionary_encode(column)
+    return column.indices.to_numpy(zero_copy_only=False).astype(np.int64), column.dictionary.to_pylist()
+
+
+def _count(data: ReportData, batch: Any) -> None:
+    """One batch's labels per run, defects and score histogram per label, in whole arrays."""
+    labels, label_names = _codes(batch.column("label"))
+    runs, run_names = _codes(batch.column("run_id"))
+    width = len(label_names)
+    per_run = np.bincount(runs * width + labels, minlength=len(run_names) * width)
+    for cell in np.flatnonzero(per_run):
+        run, label = divmod(int(cell), width)
+        count = int(per_run[cell])
+        data.run_labels.setdefault(run_names[run], Counter())[label_names[label]] += count
+        data.labels[label_names[label]] += count
+    scores = batch.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+    bins = np.clip(np.floor(scores * HIST_BINS), 0, HIST_BINS - 1).astype(np.int64)
+    per_label = np.bincount(labels * HIST_BINS + bins, minlength=width * HIST_BINS).reshape(width, HIST_BINS)
+    for label, name in enumerate(label_names):
+        if per_label[label].any():
+            data.histogram[name] = data.histogram.get(name, np.zeros(HIST_BINS, np.int64)) + per_label[label]
+        if name != NEGATIVE_LABEL:
+            data.defects += int(per_label[label].sum())
+
+
+def _gallery(predictions: Any, run_ids: list[str], size: int) -> list[tuple]:
+    """The newest runs' most confident defects with an overlay: (run_id, score, id, label, png key, path).
+
+    Runs are read newest first and only until the gallery is full; a run's files are found
+    by their `run_id` statistics, so the other runs' rows are not read.
+    """
+    import pyarrow.dataset as pads
+
+    columns = ["id", "path", "label", "score", "attention_png"]
+    gallery: list[tuple] = []
+    for run_id in run_ids:
+        if len(gallery) >= size:
+            break
+        wanted = ((pads.field("run_id") == run_id) & (pads.field("label") != NEGATIVE_LABEL)
+                  & pads.field("attention_png").is_valid())
+        table = predictions.to_table(columns=columns, filter=wanted)
+        if not table.num_rows:
+            continue
+        top = table.take(pc.select_k_unstable(table, size - len(gallery), [("score", "descending"),
+                                                                             ("id", "descending")]))
+        rows = [(run_id, float(r["score"]), r["id"], str(r["label"]), r["attention_png"], r["path"])
+                for r in top.to_pylist()]
+        gallery += sorted(rows, reverse=True)
+    return gallery
 
 
 def _runs(output: str) -> list[dict]:

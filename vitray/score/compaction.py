@@ -1,0 +1,146 @@
+"""Compaction: a run's committed pieces rewritten into few large predictions files.
+
+Pieces are small (one writer batch each) so that a kill loses little; readers (the
+report, `pyarrow.dataset`, DuckDB, Spark) want few files. After its pieces commit, a run
+rewrites every piece left under `predictions/` into `predictions/run=<run_id>/` files of
+up to `COMPACT_ROWS` rows, sorted by id (so a file's id range is narrow and planning skips
+it by its statistics). The steps and what a kill at each leaves are in
+`vitray.score.outputs`; `recover_compactions` finishes or undoes a killed compaction.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import posixpath
+from dataclasses import dataclass
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from vitray import storage
+from vitray.score.outputs import (
+    COMPACT_ROWS,
+    COMPACTING,
+    PREDICTIONS,
+    PREDICTIONS_SCHEMA,
+    RUN_FOLDER,
+    compaction_markers,
+    parquet_bytes,
+    piece_run_id,
+)
+
+log = logging.getLogger(__name__)
+
+ROW_GROUP_ROWS = 10_000  # a compacted file's row groups: the unit planning skips by id range
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """One target file and the pieces it replaces (names relative to `predictions/`)."""
+
+    run_id: str
+    sources: tuple[str, ...]
+
+    @property
+    def target(self) -> str:
+        # Named from its pieces: a compaction redone after a kill rewrites the same name.
+        digest = hashlib.sha1("\n".join(sorted(self.sources)).encode()).hexdigest()[:16]
+        return f"{RUN_FOLDER}{self.run_id}/part-{digest}.parquet"
+
+    @property
+    def marker(self) -> str:
+        return f"{posixpath.basename(self.target)[:-len('.parquet')]}.json"
+
+    def record(self) -> dict:
+        return {"run_id": self.run_id, "sources": list(self.sources), "targets": [self.target]}
+
+
+def flat_pieces(root: storage.Location) -> dict[str, list[str]]:
+    """Committed pieces directly under `predictions/`, by run, sorted by name.
+
+    Pieces whose `_pending/` marker is still there are left where recovery expects them.
+    """
+    pending = {posixpath.basename(i.path)[:-len(".json")]
+               for i in storage.list_files(root.child("_pending").uri, recursive=False)}
+    runs: dict[str, list[str]] = {}
+    for info in storage.list_files(root.child(PREDICTIONS).uri, recursive=False):
+        name = posixpath.basename(info.path)
+        run_id = piece_run_id(name)
+        if run_id and name[len("part-"):-len(".parquet")] not in pending:
+            runs.setdefault(run_id, []).append(name)
+    return {run: sorted(names) for run, names in sorted(runs.items())}
+
+
+def compact(output: str, rows_per_file: int = COMPACT_ROWS) -> dict[str, int]:
+    """Rewrite every piece under OUT's `predictions/` into its run's large files; what was done.
+
+    Called by the run holding OUT's lease, after its own pieces have committed (and after
+    `recover`, so other runs' pieces are settled too).
+    """
+    root = storage.resolve(output)
+    done = {"pieces": 0, "files": 0, "rows": 0}
+    for run_id, names in flat_pieces(root).items():
+        for compaction, table in _groups(root, run_id, names, rows_per_file):
+            apply(root, compaction, table)
+            done["pieces"] += len(compaction.sources)
+            done["files"] += 1
+            done["rows"] += table.num_rows
+    return done
+
+
+def _groups(root: storage.Location, run_id: str, names: list[str],
+            rows_per_file: int) -> Iterator[tuple[Compaction, pa.Table]]:
+    """Consecutive pieces of one run read into tables of about `rows_per_file` rows (never more,
+    unless one piece alone is larger)."""
+    import pyarrow.parquet as pq
+
+    folder = root.child(PREDICTIONS)
+    held: list[pa.Table] = []
+    sources: list[str] = []
+    rows = 0
+    for name in names:
+        table = pq.read_table(folder.child(name).path, filesystem=root.fs, schema=PREDICTIONS_SCHEMA)
+        if held and rows + table.num_rows > rows_per_file:
+            yield Compaction(run_id, tuple(sources)), pa.concat_tables(held)
+            held, sources, rows = [], [], 0
+        held.append(table)
+        sources.append(name)
+        rows += table.num_rows
+    if held:
+        yield Compaction(run_id, tuple(sources)), pa.concat_tables(held)
+
+
+def apply(root: storage.Location, compaction: Compaction, table: pa.Table) -> None:
+    """The four steps: marker, target written whole, pieces deleted, marker deleted."""
+    predictions = root.child(PREDICTIONS)
+    marker = root.child(COMPACTING, compaction.marker)
+    storage.put(marker, _json(compaction.record()))
+    storage.put(predictions.child(*compaction.target.split("/")),
+                parquet_bytes(table.sort_by("id"), ROW_GROUP_ROWS), durable=True)
+    for name in compaction.sources:
+        storage.delete(predictions.child(name))
+    storage.delete(marker)
+
+
+def recover_compactions(root: storage.Location) -> dict[str, int]:
+    """Finish (target whole: delete its pieces) or undo (no target: delete it) killed compactions."""
+    found = {"compactions_finished": 0, "compactions_undone": 0}
+    predictions = root.child(PREDICTIONS)
+    for path, record in compaction_markers(root).items():
+        targets = [predictions.child(*t.split("/")) for t in record.get("targets", [])]
+        whole = all(root.fs.get_file_info(t.path).type == pafs.FileType.File for t in targets)
+        doomed = [predictions.child(s) for s in record.get("sources", [])] if whole else targets
+        for loc in doomed:
+            storage.delete(loc)
+            if not root.is_s3:
+                storage.remove_temps(posixpath.dirname(loc.path), posixpath.basename(loc.path))
+        storage.delete(storage.Location(root.fs, path, path))
+        found["compactions_finished" if whole else "compactions_undone"] += 1
+        log.info("%s a killed compaction of %s", "finished" if whole else "undid", record.get("run_id"))
+    return found
+
+
+def _json(record: dict) -> bytes:
+    return json.dumps(record).encode()
