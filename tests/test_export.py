@@ -62,9 +62,11 @@ def test_the_graph_takes_any_batch_size_and_carries_its_preprocessing(tiny_model
 
     session = ort.InferenceSession(exported, providers=["CPUExecutionProvider"])
     for n in (1, 7):
-        probs, maps = session.run(None, {"images": _images(n)})
-        assert probs.shape == (n, 5) and maps.shape == (n, 64)
+        probs, maps, logits, embedding = session.run(None, {"images": _images(n)})
+        assert probs.shape == (n, 5) and maps.shape == (n, 64) and embedding.shape == (n, 32)
         assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        assert np.allclose(e / e.sum(axis=1, keepdims=True), probs, atol=1e-5)
     meta = read_metadata(exported)
     assert meta["labels"] == ["passed", "Xplus", "Xminus", "Yplus", "Yminus"]
     assert (meta["size"], meta["channels"], meta["grid"], meta["input"]) == (32, 3, [8, 8], "uint8 NHWC")

@@ -5,8 +5,10 @@ size (resizing stays outside: see docs/export.md); the model's own normalisation
 the graph, so an ONNX runtime scores exactly as `vitray score` does. Its outputs are
 `probs` (batch, classes) and, exported with `attention=True`, `attention` (batch,
 rows*cols): the attention rollout map (head fusion mean, no discard) that `vitray score`
-and `vitray explain` draw by default. The labels and the preprocessing travel in the
-model's metadata (`vitray` key, JSON). The batch dimension is dynamic.
+and `vitray explain` draw by default; then `logits` and `embedding` (the classifier's input),
+what a calibrated model decides from. The labels and the preprocessing travel in the
+model's metadata (`vitray` key, JSON), and so does a calibration made by `vitray calibrate`
+(`vitray_calibration`: its two files). The batch dimension is dynamic.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from vitray import storage
 from vitray.errors import VitrayError
 
 METADATA_KEY = "vitray"
+CALIBRATION_KEY = "vitray_calibration"
 DEFAULT_OPSET = 18
 
 
@@ -48,12 +51,11 @@ def export_onnx(model_uri: str, out_uri: str, attention: bool = False, opset: in
         # Its tracer warns of Python checks on shapes (image size, grid): fixed in a graph of one
         # input size, and the batch axis takes no part in them.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(graph, (example,), path, input_names=["images"],
-                          output_names=["probs", "attention"] if attention else ["probs"],
-                          dynamic_axes={"images": {0: "batch"}, "probs": {0: "batch"},
-                                        **({"attention": {0: "batch"}} if attention else {})},
+        outputs = ["probs", "attention", "logits", "embedding"] if attention else ["probs", "logits", "embedding"]
+        torch.onnx.export(graph, (example,), path, input_names=["images"], output_names=outputs,
+                          dynamic_axes={"images": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
                           opset_version=opset or DEFAULT_OPSET, dynamo=False)
-        _add_metadata(path, metadata)
+        _add_metadata(path, metadata, _calibration_of(model_uri))
         with open(path, "rb") as f:
             storage.write_bytes(out_uri, f.read())
     return metadata
@@ -103,13 +105,45 @@ def read_metadata(uri: str) -> dict:
     return metadata_of(storage.read_bytes(uri), uri)
 
 
-def _add_metadata(path: str, metadata: dict) -> None:
+def _add_metadata(path: str, metadata: dict, calibration: str | None = None) -> None:
     import onnx
 
     model = onnx.load(path)
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+    if calibration is not None:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = CALIBRATION_KEY, calibration
     onnx.save(model, path)
+
+
+def _calibration_of(model_uri: str) -> str | None:
+    """The model folder's calibration (vitray.decisions.policy) as one JSON string, or None."""
+    import base64
+
+    from vitray.decisions.policy import CALIBRATION_FILE, TENSORS_FILE
+
+    record, tensors = storage.join(model_uri, CALIBRATION_FILE), storage.join(model_uri, TENSORS_FILE)
+    if not storage.exists(record):
+        return None
+    return json.dumps({CALIBRATION_FILE: storage.read_bytes(record).decode("utf-8"),
+                       TENSORS_FILE: base64.b64encode(storage.read_bytes(tensors)).decode("ascii")})
+
+
+def calibration_files(data: bytes) -> dict[str, bytes] | None:
+    """The calibration an exported model carries, as the two files `vitray calibrate` wrote; None without one."""
+    import base64
+
+    import onnx
+
+    from vitray.decisions.policy import CALIBRATION_FILE, TENSORS_FILE
+
+    found = {p.key: p.value for p in onnx.load_model_from_string(data).metadata_props}
+    if CALIBRATION_KEY not in found:
+        return None
+    packed = json.loads(found[CALIBRATION_KEY])
+    return {CALIBRATION_FILE: packed[CALIBRATION_FILE].encode("utf-8"),
+            TENSORS_FILE: base64.b64decode(packed[TENSORS_FILE])}
 
 
 def _require_onnx() -> None:
@@ -138,13 +172,18 @@ def _camera_model_class() -> type:
             self.model, self.attention = model, attention
             self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
             self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+            self._embedding: list[Any] = []
+            # The classifier's input: the embedding a calibration's decisions work from.
+            model.classifier.register_forward_hook(lambda module, inputs, output: self._embedding.append(inputs[0]))
 
         def forward(self, images: Any) -> Any:
             x = (images.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
+            self._embedding.clear()
             if not self.attention:
-                return torch.softmax(self.model(pixel_values=x).logits, dim=-1)
+                logits = self.model(pixel_values=x).logits
+                return torch.softmax(logits, dim=-1), logits, self._embedding[-1]
             logits, attentions = _forward(self.model, x)
-            return torch.softmax(logits, dim=-1), rollout(attentions, "mean", 0.0)
+            return torch.softmax(logits, dim=-1), rollout(attentions, "mean", 0.0), logits, self._embedding[-1]
 
     return CameraModel
 

@@ -32,6 +32,13 @@ class PredictOptions:
     # The logits and the classifier's input (the [CLS] embedding) too: what calibration and the
     # decisions work from (vitray.decisions).
     features: bool = False
+    # With a calibrated model: each image's decision (ok / ng / review), its reason, the calibrated
+    # probabilities, the defect and out-of-distribution scores and the drift projection.
+    decisions: bool = False
+
+    @property
+    def needs_features(self) -> bool:
+        return self.features or self.decisions
 
 
 def model_info(model_uri: str) -> tuple[list[str], Any]:
@@ -105,12 +112,17 @@ class _Stage:
     labels: list[str]
     grid: tuple[int, int]
     embedding_size: int
+    policy: Any = None  # vitray.decisions.policy.Policy of a calibrated model, when decisions are asked for
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error_kind"] == "" if "error_kind" in batch else np.ones(len(batch["image"]), dtype=bool)
         out = self._predict(batch) if ok.all() else self._skip_failed(batch, ok)
         if self.options.attention == "none":
             del out["image"]  # only overlays need the pixels downstream
+        if self.policy is not None:
+            out.update(decision_columns(self.policy, out["logits"], out["embedding"]))
+        if self.options.needs_features and not self.options.features:
+            del out["logits"], out["embedding"]
         return out
 
     def _skip_failed(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, np.ndarray]:
@@ -130,7 +142,7 @@ class _Stage:
                     keys.append(key)
             for key in keys:
                 out[key][ok] = part[key]
-        elif self.options.features:
+        elif self.options.needs_features:
             out["logits"] = np.full((n, len(self.labels)), np.nan, dtype=np.float32)
             out["embedding"] = np.full((n, self.embedding_size), np.nan, dtype=np.float32)
         return out
@@ -175,7 +187,12 @@ class Predictor(_Stage):
         self.grid = (self.prep.size // patch, self.prep.size // patch)
         self.embedding_size = int(self.model.config.hidden_size)
         self._embeddings: list[Any] = []
-        if options.features:  # the classifier's input, whichever path (SDPA, maps, chunks) ran the model
+        if options.decisions:
+            from vitray.decisions.policy import load_policy
+            from vitray.models.building import local_model_dir
+
+            self.policy = load_policy(local_model_dir(model_uri), self.labels)
+        if options.needs_features:  # the classifier's input, whichever path (SDPA, maps, chunks) ran the model
             self.model.classifier.register_forward_hook(
                 lambda module, inputs, output: self._embeddings.append(inputs[0].detach()))
 
@@ -203,7 +220,7 @@ class Predictor(_Stage):
         out["pred"] = pred.cpu().numpy().astype(np.int64)
         out["score"] = score.cpu().numpy().astype(np.float32)
         out["probs"] = probs.cpu().numpy().astype(np.float32)
-        if self.options.features:
+        if self.options.needs_features:
             out["logits"] = logits.cpu().numpy().astype(np.float32)
             out["embedding"] = torch.cat(self._embeddings).float().cpu().numpy()[:len(logits)]
         out["attention"] = (maps.reshape(len(maps), -1).float().cpu().numpy() if self.one_pass
@@ -254,11 +271,18 @@ class OnnxPredictor(_Stage):
         self.labels, self.grid = list(meta["labels"]), tuple(meta["grid"])
         self.has_maps = meta.get("attention") == "rollout"
         self.negative = self.labels.index(NEGATIVE_LABEL) if NEGATIVE_LABEL in self.labels else None
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        if options.needs_features and "embedding" not in self.output_names:
+            raise ValueError("the ONNX model has no `logits` and `embedding` outputs: export it again")
+        if options.decisions:
+            self.policy = policy_of_export(model, self.labels)
+        self.embedding_size = int(self.session.get_outputs()[self.output_names.index("embedding")].shape[1]) \
+            if "embedding" in self.output_names else 0
 
     def _predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = np.ascontiguousarray(batch["image"])
-        outputs = self.session.run(None, {"images": images})
-        probs = outputs[0].astype(np.float32)
+        outputs = dict(zip(self.output_names, self.session.run(None, {"images": images})))
+        probs = outputs["probs"].astype(np.float32)
         out = dict(batch)
         out["pred"] = probs.argmax(axis=1).astype(np.int64)
         out["score"] = probs.max(axis=1).astype(np.float32)
@@ -268,6 +292,40 @@ class OnnxPredictor(_Stage):
         if mode != "none" and self.has_maps:
             want = np.ones(len(probs), dtype=bool) if mode == "all" or self.negative is None \
                 else out["pred"] != self.negative
-            maps[want] = outputs[1][want]
+            maps[want] = outputs["attention"][want]
         out["attention"] = maps
+        if self.options.needs_features:
+            out["logits"] = outputs["logits"].astype(np.float32)
+            out["embedding"] = outputs["embedding"].astype(np.float32)
         return out
+
+
+def policy_of_export(model: bytes, labels: list[str]) -> Any:
+    """The calibration an ONNX export carries (vitray.export), as a policy; None without one."""
+    import tempfile
+
+    from vitray.decisions.policy import load_policy
+    from vitray.export import calibration_files
+
+    files = calibration_files(model)
+    if files is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="vitray-calibration-") as folder:
+        for name, data in files.items():
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(data)
+        return load_policy(folder, labels)
+
+
+def decision_columns(policy: Any, logits: np.ndarray, embeddings: np.ndarray) -> dict[str, np.ndarray]:
+    """A calibrated model's decision columns; rows without logits (unreadable images) get none."""
+    n, ok = len(logits), np.isfinite(logits).all(axis=1)
+    k = policy.reference.directions.shape[0]
+    cols = {"decision": np.full(n, None, dtype=object), "reason": np.full(n, None, dtype=object),
+            "defect_score": np.full(n, np.nan, np.float32), "ood_score": np.full(n, np.nan, np.float32),
+            "probs_calibrated": np.full(logits.shape, np.nan, np.float32),
+            "drift_projection": np.full((n, k), np.nan, np.float32)}
+    if ok.any():
+        for key, values in policy.apply(logits[ok], embeddings[ok]).items():
+            cols[key][ok] = values
+    return cols

@@ -34,13 +34,14 @@ def main(model_path: str, images: list[str]) -> None:
     engine = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
     meta = json.loads(engine.get_modelmeta().custom_metadata_map["vitray"])
     batch = np.stack([load(p, meta["size"], meta["channels"]) for p in images])
-    outputs = engine.run(None, {"images": batch})
-    for i, (path, probs) in enumerate(zip(images, outputs[0])):
+    names = [o.name for o in engine.get_outputs()]
+    outputs = dict(zip(names, engine.run(None, {"images": batch})))
+    for i, (path, probs) in enumerate(zip(images, outputs["probs"])):
         best = int(np.argmax(probs))
         line = f"{path}\t{meta['labels'][best]}\t{probs[best]:.4f}"
-        if len(outputs) > 1:  # exported with --attention: the rollout map on the patch grid
+        if "attention" in outputs:  # exported with --attention: the rollout map on the patch grid
             rows, cols = meta["grid"]
-            row, col = divmod(int(np.argmax(outputs[1][i])), cols)
+            row, col = divmod(int(np.argmax(outputs["attention"][i])), cols)
             line += f"\tlooked most at patch row {row}, column {col} of {rows}x{cols}"
         print(line)
 
