@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vitray.decisions import calibration as cal
-from vitray.decisions.drift import NightSample, Reference, compare, psi
+from vitray.decisions.drift import NightSample, Reference, compare, psi, sample_keys
 from vitray.decisions.ood import Gaussians, auroc, conformal_threshold, energy
 from vitray.decisions.policy import REASONS, Policy, load_policy
 from vitray.errors import VitrayError
@@ -69,25 +69,38 @@ def test_the_ood_scores_separate_unknown_images_and_the_threshold_keeps_its_rate
     assert energy(np.array([[10.0, 0, 0], [1.0, 1, 1]]))[0] < energy(np.array([[10.0, 0, 0], [1.0, 1, 1]]))[1]
 
 
+def _images(rng, n: int, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings that depend on the class, and the statistics of images of a bright square."""
+    from vitray.decisions.drift import image_statistics
+
+    emb = rng.normal(size=(n, 32)) + classes[:, None] * 2.0
+    images = np.zeros((n, 16, 16, 3), np.uint8)
+    images[:, 4:12, 4:12] = rng.integers(150, 200, (n, 1, 1, 1))
+    return emb, image_statistics(images + rng.integers(0, 20, images.shape).astype(np.uint8))
+
+
 def test_drift_raises_the_alarm_for_a_shifted_night_and_rarely_for_a_stable_one():
     rng = np.random.default_rng(4)
-    x = rng.normal(size=(3000, 32))
-    reference = Reference.fit(x, rng.uniform(size=3000), seed=0)
+    classes = rng.choice(3, 3000, p=[0.25, 0.4, 0.35])
+    emb, stats = _images(rng, 3000, classes)
+    reference = Reference.fit(emb, stats, classes, rng.uniform(size=3000), seed=0)
     alarms = 0
-    for seed in range(20):
+    for seed in range(20):  # stable nights, with another mix of classes than the calibration set's
+        night_classes = rng.choice(3, 1000, p=[0.02, 0.49, 0.49])
+        e, s = _images(rng, 1000, night_classes)
         night = NightSample(seed=seed)
-        night.add(reference.project(rng.normal(size=(1000, 32))), rng.uniform(size=1000))
+        night.add(reference.project(e, s, night_classes), rng.uniform(size=1000))
         alarms += compare(reference, night)["drifted"]
     assert alarms <= 1
+    night_classes = rng.choice(3, 1000, p=[0.02, 0.49, 0.49])
+    e, s = _images(rng, 1000, night_classes)
     shifted = NightSample()
-    moved = rng.normal(size=(1000, 32))
-    moved[:, :4] += 0.4  # the images as a whole moved a little, along a few features
-    shifted.add(reference.project(moved), rng.uniform(size=1000))
+    shifted.add(reference.project(e + np.r_[np.full(4, 0.4), np.zeros(28)], s, night_classes), rng.uniform(size=1000))
     result = compare(reference, shifted)
     assert result["drifted"] and result["p_value"] < 0.01
     # A night larger than the sample keeps a uniform sample of bounded size.
     big = NightSample(size=100)
-    big.add(reference.project(rng.normal(size=(5000, 32))), rng.uniform(size=5000))
+    big.add(reference.project(*_images(rng, 5000, np.zeros(5000)), np.zeros(5000)), rng.uniform(size=5000))
     assert big.seen == 5000 and len(big.scores) == 100
     assert psi(np.linspace(0, 1, 1000), np.linspace(0, 1, 1000)) < 0.01 < psi(np.linspace(0, 1, 1000),
                                                                                  np.linspace(0.5, 1, 1000))
@@ -99,7 +112,9 @@ def _policy(ok=0.2, ng=0.8, ood_threshold=50.0) -> Policy:
     labels = ["Xminus", "Xplus", "passed"]
     record = {"temperature": 1.0, "labels": labels, "ok_class": "passed", "thresholds": {"ok": ok, "ng": ng},
               "ood": {"method": "mahalanobis", "threshold": ood_threshold}}
-    return Policy(record, Gaussians.fit(emb, rng.integers(0, 3, 200)), Reference.fit(emb, rng.uniform(size=200)))
+    classes = rng.integers(0, 3, 200)
+    return Policy(record, Gaussians.fit(emb, classes),
+                  Reference.fit(emb, rng.uniform(size=(200, 15)), classes, rng.uniform(size=200)))
 
 
 def test_a_policy_decides_ok_ng_and_review_with_its_reasons(tmp_path):
@@ -107,13 +122,14 @@ def test_a_policy_decides_ok_ng_and_review_with_its_reasons(tmp_path):
     logits = np.array([[0.0, 0.0, 5.0], [5.0, 0.0, 0.0], [0.0, 0.0, 0.3], [0.0, 0.0, 5.0]])
     embeddings = np.zeros((4, 8))
     embeddings[3] = 40.0  # far from every class
-    out = policy.apply(logits, embeddings)
+    stats = np.zeros((4, 15))
+    out = policy.apply(logits, embeddings, stats)
     assert list(out["decision"]) == ["ok", "ng", "review", "review"]
     assert list(out["reason"]) == [REASONS["ok"], REASONS["ng"], REASONS["between"], REASONS["unlike"]]
-    assert out["probs_calibrated"].shape == (4, 3) and out["drift_projection"].shape == (4, 8)
+    assert out["probs_calibrated"].shape == (4, 3) and out["drift_projection"].shape == (4, 1 + 8 + 15)
     policy.save(str(tmp_path))
     again = load_policy(str(tmp_path), ["Xminus", "Xplus", "passed"])
-    assert list(again.apply(logits, embeddings)["decision"]) == list(out["decision"])
+    assert list(again.apply(logits, embeddings, stats)["decision"]) == list(out["decision"])
     assert load_policy(str(tmp_path / "none"), ["a"]) is None
     with pytest.raises(VitrayError, match="calibration was made for the labels"):
         load_policy(str(tmp_path), ["a", "b", "c"])
@@ -163,3 +179,48 @@ def test_calibrate_refuses_bad_options_in_one_line(args, needle, tiny_model, tmp
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vitray")]
     assert code == 2 and len(err) == 1 and needle in err[0], err
     assert not os.path.exists(os.path.join(tiny_model, "calibration.json"))
+
+
+@pytest.mark.slow
+def test_the_onnx_export_carries_the_calibration_and_decides_as_pytorch_does(tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    from vitray.data import synth
+    from vitray.decisions.calibrate import CalibrateConfig, calibrate
+    from vitray.export import export_onnx
+    from vitray.inference import OnnxPredictor, PredictOptions, Predictor
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    synth.write(str(tmp_path / "val"), n=240, size=32, seed=4, passed_fraction=0.3)
+    calibrate(CalibrateConfig(model=str(model), data=str(tmp_path / "val"), out=str(tmp_path / "cal"),
+                              false_reject_rate=0.2))
+    export_onnx(str(model), str(tmp_path / "model.onnx"), attention=True)
+    images = np.stack([s.image for s in synth.generate(64, passed_fraction=0.3, size=32, seed=9)])
+    batch = {"id": np.arange(64).astype(str).astype(object), "image": images,
+             "error_kind": np.array([""] * 63 + ["corrupt"], dtype=object),
+             "error": np.array([""] * 63 + ["x"], dtype=object)}
+    options = PredictOptions(attention="all", decisions=True)
+    torch_rows = Predictor(str(model), options)(dict(batch))
+    onnx_rows = OnnxPredictor((tmp_path / "model.onnx").read_bytes(), options)(dict(batch))
+    assert list(onnx_rows["decision"]) == list(torch_rows["decision"])
+    assert torch_rows["decision"][-1] is None and set(torch_rows["decision"][:-1]) <= {"ok", "ng", "review"}
+    assert np.allclose(onnx_rows["defect_score"][:-1], torch_rows["defect_score"][:-1], atol=1e-4)
+    assert "logits" not in torch_rows and "embedding" not in onnx_rows  # only the decision columns go on
+
+
+def test_night_samples_taken_piece_by_piece_merge_into_the_nights_own():
+    rng = np.random.default_rng(6)
+    ids = [f"cam{i % 3}/{i:05d}.png" for i in range(5000)]
+    projections, scores = rng.normal(size=(5000, 8)).astype(np.float32), rng.uniform(size=5000).astype(np.float32)
+    whole = NightSample(size=300)
+    whole.add_keyed(sample_keys(ids), projections, scores)
+    merged = NightSample(size=300)
+    for start in range(0, 5000, 700):  # pieces on workers, each sending its own smallest keys
+        piece = NightSample(size=300)
+        piece.add_keyed(sample_keys(ids[start:start + 700]), projections[start:start + 700], scores[start:start + 700])
+        merged.merge(json.loads(json.dumps(piece.summary())))
+    assert merged.seen == whole.seen == 5000 and len(merged.scores) == 300
+    assert np.array_equal(merged.keys, whole.keys) and np.allclose(merged.projections_array, whole.projections_array)
+    assert 0.4 < np.mean(sample_keys(ids)) < 0.6

@@ -117,12 +117,16 @@ class _Stage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error_kind"] == "" if "error_kind" in batch else np.ones(len(batch["image"]), dtype=bool)
         out = self._predict(batch) if ok.all() else self._skip_failed(batch, ok)
+        if self.options.needs_features:
+            from vitray.decisions.drift import image_statistics
+
+            out["image_stats"] = image_statistics(batch["image"])
         if self.options.attention == "none":
             del out["image"]  # only overlays need the pixels downstream
         if self.policy is not None:
-            out.update(decision_columns(self.policy, out["logits"], out["embedding"]))
+            out.update(decision_columns(self.policy, out["logits"], out["embedding"], out["image_stats"]))
         if self.options.needs_features and not self.options.features:
-            del out["logits"], out["embedding"]
+            del out["logits"], out["embedding"], out["image_stats"]
         return out
 
     def _skip_failed(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, np.ndarray]:
@@ -317,15 +321,16 @@ def policy_of_export(model: bytes, labels: list[str]) -> Any:
         return load_policy(folder, labels)
 
 
-def decision_columns(policy: Any, logits: np.ndarray, embeddings: np.ndarray) -> dict[str, np.ndarray]:
+def decision_columns(policy: Any, logits: np.ndarray, embeddings: np.ndarray,
+                     stats: np.ndarray) -> dict[str, np.ndarray]:
     """A calibrated model's decision columns; rows without logits (unreadable images) get none."""
     n, ok = len(logits), np.isfinite(logits).all(axis=1)
-    k = policy.reference.directions.shape[0]
+    k = policy.reference.projections.shape[1]
     cols = {"decision": np.full(n, None, dtype=object), "reason": np.full(n, None, dtype=object),
             "defect_score": np.full(n, np.nan, np.float32), "ood_score": np.full(n, np.nan, np.float32),
             "probs_calibrated": np.full(logits.shape, np.nan, np.float32),
             "drift_projection": np.full((n, k), np.nan, np.float32)}
     if ok.any():
-        for key, values in policy.apply(logits[ok], embeddings[ok]).items():
+        for key, values in policy.apply(logits[ok], embeddings[ok], stats[ok]).items():
             cols[key][ok] = values
     return cols

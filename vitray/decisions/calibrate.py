@@ -81,7 +81,7 @@ def calibrate(config: CalibrateConfig) -> dict[str, Any]:
     if not source.labelled:
         raise VitrayError(f"{config.data}: calibration needs labelled data")
     seen = _features(source, config, prep)
-    policy, record = fit_policy(seen["logits"], seen["embedding"], seen["label"], labels, config)
+    policy, record = fit_policy(seen["logits"], seen["embedding"], seen["image_stats"], seen["label"], labels, config)
     _write(policy, config)
     _plot(record, seen, policy, config)
     return record
@@ -93,7 +93,7 @@ def _features(source: Any, config: CalibrateConfig, prep: Any) -> dict[str, np.n
 
     options = PredictOptions(features=True)
     here = runs_in_process(len(source), config.in_process_max, config.ray_address, config.gpus_per_worker)
-    parts: dict[str, list[np.ndarray]] = {"logits": [], "embedding": [], "label": []}
+    parts: dict[str, list[np.ndarray]] = {"logits": [], "embedding": [], "image_stats": [], "label": []}
     for batch in (_here if here else _on_ray)(source, config, prep, options):
         ok = batch["error_kind"] == ""
         for i in np.flatnonzero(~ok):
@@ -120,7 +120,7 @@ def _on_ray(source: Any, config: CalibrateConfig, prep: Any, options: Any) -> It
     init_ray(RayOptions(address=config.ray_address, dashboard=False))
     ds = (predict(read_encoded(source), config.model, prep, options, config.batch_size, config.workers,
                   config.gpus_per_worker, keep=("path", "label"))
-          .select_columns(["path", "error_kind", "error", "label", "logits", "embedding"]))
+          .select_columns(["path", "error_kind", "error", "label", "logits", "embedding", "image_stats"]))
     yield from ds.iter_batches(batch_size=4096, batch_format="numpy")
 
 
@@ -135,7 +135,7 @@ def split_halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]
     return np.sort(np.concatenate(first)), np.sort(np.concatenate(second))
 
 
-def fit_policy(logits: np.ndarray, embeddings: np.ndarray, labels: np.ndarray, names: list[str],
+def fit_policy(logits: np.ndarray, embeddings: np.ndarray, stats: np.ndarray, labels: np.ndarray, names: list[str],
                config: CalibrateConfig) -> tuple[Policy, dict[str, Any]]:
     """The policy fitted on one half and set on the other, and its record (calibration.json)."""
     ok_index = names.index(config.ok_class)
@@ -151,7 +151,8 @@ def fit_policy(logits: np.ndarray, embeddings: np.ndarray, labels: np.ndarray, n
     thresholds = cal.choose_thresholds(defect, is_defect, config.escape_rate, config.false_reject_rate,
                                        config.confidence)
     ood_held = gaussians.score(embeddings[held]) if gaussians is not None else energy(logits[held], temperature)
-    reference = Reference.fit(embeddings[fit], 1.0 - cal.softmax(logits[fit], temperature)[:, ok_index],
+    fit_probs = cal.softmax(logits[fit], temperature)
+    reference = Reference.fit(embeddings[fit], stats[fit], fit_probs.argmax(axis=1), 1.0 - fit_probs[:, ok_index],
                               seed=config.seed)
     record = {
         "method": "temperature scaling", "temperature": round(temperature, 6), "labels": list(names),
@@ -161,6 +162,7 @@ def fit_policy(logits: np.ndarray, embeddings: np.ndarray, labels: np.ndarray, n
         "ood": {"method": config.ood_method, "rate": config.ood_rate,
                 "threshold": conformal_threshold(ood_held, config.ood_rate)},
         "drift": {"alpha": config.drift_alpha, "directions": int(reference.directions.shape[0]),
+                  "image_statistics": int(reference.stats_mean.shape[0]),
                   "reference_images": int(len(reference.scores))},
         "ece": {"before": round(cal.expected_calibration_error(probs_before, labels[held]), 4),
                 "after": round(cal.expected_calibration_error(probs_after, labels[held]), 4)},

@@ -51,8 +51,11 @@ class Policy:
         t = self.record["thresholds"]
         return Thresholds(t.get("ok"), t.get("ng"))
 
-    def apply(self, logits: np.ndarray, embeddings: np.ndarray) -> dict[str, np.ndarray]:
-        """Calibrated probabilities, defect and OOD scores, drift projections, decision and reason."""
+    def apply(self, logits: np.ndarray, embeddings: np.ndarray, stats: np.ndarray) -> dict[str, np.ndarray]:
+        """Calibrated probabilities, defect and OOD scores, drift projections, decision and reason.
+
+        `stats`: the images' `vitray.decisions.drift.image_statistics`.
+        """
         probs = softmax(logits, self.temperature)
         defect = (1.0 - probs[:, self.ok_index]).astype(np.float32)
         ood = self.ood_score(logits, embeddings)
@@ -68,7 +71,7 @@ class Policy:
         unlike = ood > float(self.record["ood"]["threshold"])
         decision[unlike], reason[unlike] = "review", REASONS["unlike"]
         return {"probs_calibrated": probs, "defect_score": defect, "ood_score": ood, "decision": decision,
-                "reason": reason, "drift_projection": self.reference.project(embeddings)}
+                "reason": reason, "drift_projection": self.reference.project(embeddings, stats, probs.argmax(axis=1))}
 
     def ood_score(self, logits: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
         if self.record["ood"]["method"] == "energy" or self.gaussians is None:
@@ -79,8 +82,9 @@ class Policy:
         """Write both files into a local folder (the model's, or one copied to it)."""
         from safetensors.numpy import save_file
 
-        tensors = {"drift_mean": self.reference.mean, "drift_directions": self.reference.directions,
-                   "drift_projections": self.reference.projections, "drift_scores": self.reference.scores}
+        r = self.reference
+        tensors = {"drift_mean": r.mean, "drift_directions": r.directions, "drift_stats_mean": r.stats_mean,
+                   "drift_stats_scale": r.stats_scale, "drift_projections": r.projections, "drift_scores": r.scores}
         if self.gaussians is not None:
             tensors.update(ood_means=self.gaussians.means, ood_precision=self.gaussians.precision)
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(folder, TENSORS_FILE))
@@ -107,6 +111,6 @@ def load_policy(folder: str, labels: list[str]) -> Policy | None:
         raise VitrayError(f"{folder}: its calibration was made for the labels {record.get('labels')}, the model has "
                           f"{labels}; calibrate the model again")
     gaussians = Gaussians(tensors["ood_means"], tensors["ood_precision"]) if "ood_means" in tensors else None
-    reference = Reference(tensors["drift_mean"], tensors["drift_directions"], tensors["drift_projections"],
-                          tensors["drift_scores"])
+    reference = Reference(*(tensors[f"drift_{name}"] for name in ("mean", "directions", "stats_mean", "stats_scale",
+                                                                  "projections", "scores")))
     return Policy(record, gaussians, reference)
