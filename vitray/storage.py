@@ -53,6 +53,10 @@ def join(uri: str, *parts: str) -> str:
 
 def s3_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:
     """An S3 filesystem for AWS or any S3-compatible endpoint."""
+    return pafs.S3FileSystem(**_s3_options(endpoint), connect_timeout=5, request_timeout=60)
+
+
+def _s3_options(endpoint: str | None) -> dict[str, Any]:
     endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     kwargs: dict[str, Any] = {"region": region}
@@ -60,7 +64,24 @@ def s3_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:
         parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
         kwargs["endpoint_override"] = parsed.netloc
         kwargs["scheme"] = parsed.scheme or "http"
-    return pafs.S3FileSystem(**kwargs, connect_timeout=5, request_timeout=60)
+    return kwargs
+
+
+def s3_put_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:
+    """An S3 filesystem whose output streams open lazily: an object smaller than one upload part
+    is then written by a single PutObject on close, not a multipart upload's three requests."""
+    return pafs.S3FileSystem(**_s3_options(endpoint), connect_timeout=5, request_timeout=60,
+                             allow_delayed_open=True)
+
+
+def put_object(loc: Location, data: bytes, durable: bool = False, s3: pafs.FileSystem | None = None) -> None:
+    """`put` with one request per small object on S3 (`s3`: a `s3_put_filesystem`, made once by a
+    caller that writes many); locally the same as `put`. Visible only when whole, as with `put`."""
+    if not loc.is_s3:
+        put(loc, data, durable)
+        return
+    with (s3 or s3_put_filesystem()).open_output_stream(loc.path) as f:
+        f.write(data)
 
 
 def resolve(uri: str, endpoint: str | None = None) -> Location:

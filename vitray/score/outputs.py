@@ -11,7 +11,7 @@ Commit protocol (what makes a rerun score only what is missing, and a kill harml
     1. `_pending/<piece>.json` lists the overlay PNGs the piece is about to write;
     2. the PNGs `attention/<key>.png`, then `errors/part-<piece>.parquet` (if any failed);
     3. the commit: `predictions/part-<piece>.parquet`, written as one whole object
-       (`storage.put`: a single PUT on S3; a hidden temp file, fsync'd, renamed locally);
+       (`storage.put_object`: a single PUT on S3; a hidden temp file, fsync'd, renamed locally);
     4. `_pending/<piece>.json` is deleted.
   A row is committed iff it is in a committed predictions file (`prediction_files`), each
   id once. Only the run holding OUT's lease commits, compacts or recovers. Recovery after a
@@ -29,6 +29,7 @@ never compacted read the same way.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -37,7 +38,7 @@ import posixpath
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -260,16 +261,17 @@ def write_piece(batch: dict[str, np.ndarray], plan: PiecePlan) -> dict[str, np.n
     pngs = {i: attention_key(ids[i]) for i in np.flatnonzero(has_map)}
     labels = [plan.labels[p] if p >= 0 else "" for p in batch["pred"]]
 
+    put = _putter(root)
     pending = root.child("_pending", f"{piece}.json")
     if pngs:
-        storage.put(pending, json.dumps({"run_id": plan.run_id, "pngs": list(pngs.values())}).encode())
-        _write_overlays(root, batch["image"], maps, pngs, plan.grid)
+        put(pending, json.dumps({"run_id": plan.run_id, "pngs": list(pngs.values())}).encode())
+        _write_overlays(root, batch["image"], maps, pngs, plan.grid, put)
     bad, good = np.flatnonzero(~ok), np.flatnonzero(ok)
     if len(bad):
-        _write_errors(root, piece, plan, ids, batch, bad)
+        _write_errors(root, piece, plan, ids, batch, bad, put)
     if len(good):
         _check_lease(root, plan.run_id)
-        _commit_predictions(root, piece, plan, ids, labels, batch, maps, has_map, pngs, good)
+        _commit_predictions(root, piece, plan, ids, labels, batch, maps, has_map, pngs, good, put)
     if pngs:
         storage.delete(pending)
 
@@ -285,8 +287,14 @@ def write_piece(batch: dict[str, np.ndarray], plan: PiecePlan) -> dict[str, np.n
             "seconds": np.array([time.perf_counter() - started])}
 
 
+def _putter(root: storage.Location) -> Callable[..., None]:
+    """How a piece writes its objects: on S3 one request per object (`storage.put_object`)."""
+    s3 = storage.s3_put_filesystem() if root.is_s3 else None
+    return functools.partial(storage.put_object, s3=s3)
+
+
 def _write_overlays(root: storage.Location, images: np.ndarray, maps: np.ndarray, pngs: dict[int, str],
-                    grid: tuple[int, int]) -> None:
+                    grid: tuple[int, int], put: Callable[..., None]) -> None:
     """The overlay PNGs of the rows in `pngs` (row → key), before the piece commits."""
     rows = np.fromiter(pngs, dtype=np.int64)
     encoded = _overlay_pngs(images[rows], maps[rows].reshape(len(rows), *grid))
@@ -294,23 +302,23 @@ def _write_overlays(root: storage.Location, images: np.ndarray, maps: np.ndarray
     if root.is_s3:
         # Threads: on S3 each overlay is a round trip, and a piece has hundreds of them.
         with ThreadPoolExecutor(max_workers=PNG_THREADS) as pool:
-            list(pool.map(storage.put, places, encoded))
+            list(pool.map(put, places, encoded))
     else:  # local writes do not wait: threads would only contend for the GIL
         _write_in_place([p.path for p in places], encoded)
 
 
 def _write_errors(root: storage.Location, piece: str, plan: PiecePlan, ids: list[str], batch: dict[str, np.ndarray],
-                  bad: np.ndarray) -> None:
+                  bad: np.ndarray, put: Callable[..., None]) -> None:
     errors = pa.table({"path": [_input_uri(plan.input_base, ids[i]) for i in bad],
                        "error": [str(batch["error_kind"][i]) for i in bad],
                        "message": [str(batch["error"][i]) for i in bad],
                        "run_id": [plan.run_id] * len(bad)}, schema=ERRORS_SCHEMA)
-    storage.put(root.child("errors", f"part-{piece}.parquet"), parquet_bytes(errors), durable=True)
+    put(root.child("errors", f"part-{piece}.parquet"), parquet_bytes(errors), durable=True)
 
 
 def _commit_predictions(root: storage.Location, piece: str, plan: PiecePlan, ids: list[str], labels: list[str],
                         batch: dict[str, np.ndarray], maps: np.ndarray, has_map: np.ndarray, pngs: dict[int, str],
-                        good: np.ndarray) -> None:
+                        good: np.ndarray, put: Callable[..., None]) -> None:
     """The commit: once this file is in place, these ids are done."""
     rows, cols = plan.grid
     table = pa.table({
@@ -325,7 +333,7 @@ def _commit_predictions(root: storage.Location, piece: str, plan: PiecePlan, ids
         "model": [plan.model] * len(good),
         "run_id": [plan.run_id] * len(good),
     }, schema=PREDICTIONS_SCHEMA)
-    storage.put(root.child("predictions", f"part-{piece}.parquet"), parquet_bytes(table), durable=True)
+    put(root.child(PREDICTIONS, f"part-{piece}.parquet"), parquet_bytes(table), durable=True)
 
 
 def _check_lease(root: storage.Location, run_id: str) -> None:

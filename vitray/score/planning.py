@@ -32,7 +32,9 @@ def committed_among(output: str, ids: pa.Array) -> pa.Array:
         return pa.array([], pa.string())
     low, high = pc.min_max(ids).values()
     wanted = (pc.field("id") >= low) & (pc.field("id") <= high) & pc.field("id").isin(ids)
-    found = [batch.column(0) for batch in read_predictions(output).to_batches(columns=["id"], filter=wanted)]
+    batches = read_predictions(output).to_batches(columns=["id"], filter=wanted, batch_size=64 * 1024,
+                                                  batch_readahead=2, fragment_readahead=2)
+    found = [batch.column(0) for batch in batches]
     return pa.chunked_array(found, pa.string()).combine_chunks() if found else pa.array([], pa.string())
 
 

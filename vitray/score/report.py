@@ -56,7 +56,7 @@ def gather(output: str, gallery_size: int = 48, error_rows: int = 200) -> Report
     data = ReportData(storage.resolve(output).uri)
     data.runs = _runs(output)
     predictions = _predictions(output)
-    for batch in predictions.to_batches(columns=["label", "score", "run_id"]):
+    for batch in _scan(predictions, ["label", "score", "run_id"]):
         _count(data, batch)
     data.gallery = _gallery(predictions, sorted(data.run_labels, reverse=True), gallery_size)
     newest: list[tuple] = []
@@ -118,27 +118,41 @@ def _count(data: ReportData, batch: Any) -> None:
 def _gallery(predictions: Any, run_ids: list[str], size: int) -> list[tuple]:
     """The newest runs' most confident defects with an overlay: (run_id, score, id, label, png key, path).
 
-    Runs are read newest first and only until the gallery is full; a run's files are found
-    by their `run_id` statistics, so the other runs' rows are not read.
+    Runs are read newest first and only until the gallery is full; a run's files are found by
+    their `run_id` statistics, so other runs' rows are not read. Per run, one pass over the
+    scores finds the gallery's lowest score, and a second reads the few rows at or above it.
     """
     import pyarrow.dataset as pads
 
-    columns = ["id", "path", "label", "score", "attention_png"]
     gallery: list[tuple] = []
     for run_id in run_ids:
-        if len(gallery) >= size:
+        wanted = size - len(gallery)
+        if wanted <= 0:
             break
-        wanted = ((pads.field("run_id") == run_id) & (pads.field("label") != NEGATIVE_LABEL)
-                  & pads.field("attention_png").is_valid())
-        table = predictions.to_table(columns=columns, filter=wanted)
-        if not table.num_rows:
+        defects = (pads.field("run_id") == run_id) & (pads.field("label") != NEGATIVE_LABEL)
+        best = np.concatenate([_top(b.column(0), wanted) for b in _scan(predictions, ["score"], defects)] + [
+            np.empty(0, np.float32)])
+        if not len(best):
             continue
-        top = table.take(pc.select_k_unstable(table, size - len(gallery), [("score", "descending"),
-                                                                             ("id", "descending")]))
-        rows = [(run_id, float(r["score"]), r["id"], str(r["label"]), r["attention_png"], r["path"])
-                for r in top.to_pylist()]
-        gallery += sorted(rows, reverse=True)
+        lowest = float(np.sort(best)[-wanted:][0])
+        rows = [row for b in _scan(predictions, ["id", "path", "label", "score", "attention_png"],
+                                   defects & (pads.field("score") >= lowest) & pads.field("attention_png").is_valid())
+                for row in b.to_pylist()]
+        rows = sorted(((run_id, float(r["score"]), r["id"], str(r["label"]), r["attention_png"], r["path"])
+                       for r in rows), reverse=True)
+        gallery += rows[:wanted]
     return gallery
+
+
+def _scan(predictions: Any, columns: list[str], where: Any = None) -> Any:
+    """Batches of a few columns, with little read ahead: the page's memory stays small."""
+    return predictions.to_batches(columns=columns, filter=where, batch_size=64 * 1024, batch_readahead=2,
+                                  fragment_readahead=1)
+
+
+def _top(scores: Any, k: int) -> np.ndarray:
+    values = scores.to_numpy(zero_copy_only=False)
+    return values if len(values) <= k else np.partition(values, len(values) - k)[-k:]
 
 
 def _runs(output: str) -> list[dict]:
