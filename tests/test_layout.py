@@ -112,3 +112,14 @@ def test_the_executable_exits_with_its_commands_code_and_leaves_its_objects_to_t
         assert exit.value.code == 3 and gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_no_module_imports_a_private_name_from_another():
+    """A private name (`_x`) stays in its module: what another module needs is made public or moved."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vitray"):
+                found += [f"{path.relative_to(PACKAGE.parent)}: {node.module}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert found == []

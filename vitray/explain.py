@@ -139,7 +139,7 @@ def grad_rollout(
         # Differentiate with respect to the input as well, so that a frozen model
         # (no parameter requires grad) still builds a graph through the attentions.
         pixel_values = pixel_values.detach().requires_grad_(True)
-        logits, attentions = _forward(model, pixel_values)
+        logits, attentions = forward_with_attentions(model, pixel_values)
         if target is None:
             target = logits.argmax(dim=-1)
         target = torch.as_tensor(target, device=logits.device).reshape(-1)
@@ -183,7 +183,7 @@ def attention_maps(
             # The discard ranks the whole matrix of every layer, the last one's too.
             with torch.inference_mode(), _last_layer_cls_row(model, enabled=discard_ratio == 0):
                 for part in parts:
-                    logits, attentions = _forward(model, part)
+                    logits, attentions = forward_with_attentions(model, part)
                     done.append((rollout(attentions, head_fusion, discard_ratio), logits))
         else:
             done = [grad_rollout(model, part, discard_ratio=discard_ratio) for part in parts]
@@ -287,7 +287,8 @@ def _last_layer_cls_row(model: Any, enabled: bool) -> Iterator[None]:
         setattr(module, _CLS_ROW_ONLY, False)
 
 
-def _forward(model: Any, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+def forward_with_attentions(model: Any, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The logits and every layer's attention weights of one forward pass (the model's dtype and device)."""
     pixel_values = pixel_values.to(device=model.device, dtype=model.dtype)
     out = model(pixel_values=pixel_values, output_attentions=True)
     _check_attentions(out.attentions)

@@ -162,7 +162,7 @@ def _grid(config: Any) -> tuple[int, int]:
 def _camera_model_class() -> type:
     import torch
 
-    from vitray.explain import _forward, rollout
+    from vitray.explain import forward_with_attentions, rollout
 
     class CameraModel(torch.nn.Module):
         """uint8 NHWC images in; probabilities (and the rollout map) out, normalised inside."""
@@ -182,7 +182,7 @@ def _camera_model_class() -> type:
             if not self.attention:
                 logits = self.model(pixel_values=x).logits
                 return torch.softmax(logits, dim=-1), logits, self._embedding[-1]
-            logits, attentions = _forward(self.model, x)
+            logits, attentions = forward_with_attentions(self.model, x)
             return torch.softmax(logits, dim=-1), rollout(attentions, "mean", 0.0), logits, self._embedding[-1]
 
     return CameraModel
