@@ -30,7 +30,10 @@ def test_ray_validator_accepts_it(cluster: dict[str, Any]) -> None:
     # merge Ray's AWS defaults, then validate against ray-schema.json and its cross-checks.
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    validate_config(prepare_config(copy.deepcopy(cluster)))
+    prepared = prepare_config(copy.deepcopy(cluster))
+    validate_config(prepared)  # raises on a config `ray up` would refuse
+    assert set(prepared["available_node_types"]) == set(cluster["available_node_types"])
+    assert prepared["head_node_type"] in prepared["available_node_types"]
 
 
 def test_ray_validator_rejects_a_broken_copy(cluster: dict[str, Any]) -> None:
@@ -87,12 +90,10 @@ def test_project_is_installed_on_every_node(cluster: dict[str, Any]) -> None:
 
 
 def test_nothing_is_open_to_the_world_but_ssh(cluster: dict[str, Any]) -> None:
-    rules = cluster["provider"].get("security_group", {}).get("IpPermissions", [])
-    for rule in rules:
-        ranges = [r.get("CidrIp") for r in rule.get("IpRanges", [])] + \
-                 [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])]
-        if {"0.0.0.0/0", "::/0"} & set(ranges):
-            assert rule.get("FromPort") == rule.get("ToPort") == 22, f"open to the world: {rule}"
+    # The group is named only: Ray creates it with its two rules (the cluster's own traffic, and
+    # SSH from outside). A rule added here would open more, so none is.
+    assert set(cluster["provider"]["security_group"]) == {"GroupName"}, cluster["provider"]["security_group"]
+    assert all("SecurityGroupIds" not in t["node_config"] for t in cluster["available_node_types"].values())
     head_start = " ".join(cluster["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start, "the dashboard is reached through `ray dashboard`"
     assert "0.0.0.0" not in head_start
