@@ -52,7 +52,7 @@ def write_file(out: str, run_id: str, ids: list[str], seed: int) -> None:
 
     from vitray import storage
     from vitray.score.compaction import ROW_GROUP_ROWS
-    from vitray.score.outputs import PREDICTIONS_SCHEMA, parquet_bytes
+    from vitray.score.outputs import PREDICTIONS_SCHEMA, SUMMARY_KEY, parquet_bytes, summarize
 
     rng = np.random.default_rng(seed)
     n = len(ids)
@@ -69,6 +69,7 @@ def write_file(out: str, run_id: str, ids: list[str], seed: int) -> None:
         "attention": pa.nulls(n, pa.list_(pa.float32())), "attention_shape": pa.nulls(n, pa.list_(pa.int32())),
         "attention_png": png, "model": pa.array(["/models/vit"] * n), "run_id": pa.array([run_id] * n),
     }, schema=PREDICTIONS_SCHEMA)
+    table = table.replace_schema_metadata({SUMMARY_KEY: json.dumps(summarize(table))})
     name = f"run={run_id}/part-{seed:016x}.parquet"
     storage.put(storage.resolve(out).child("predictions", *name.split("/")), parquet_bytes(table, ROW_GROUP_ROWS))
 

@@ -102,3 +102,22 @@ def test_a_manifest_cut_short_is_left_out(scored):
         f.write('{"run_id": "20250103')
     assert [r["run_id"] for r in gather(scored).runs] == ["20250101T020000Z-aaaaaa", "20250102T020000Z-bbbbbb"]
     json.loads(json.dumps(gather(scored).runs))
+
+
+def test_compacted_files_give_the_same_page_from_their_footers(scored):
+    from vitray.score import compact, prediction_files
+    from vitray.score.outputs import read_summary
+
+    before = gather(scored, gallery_size=3)
+    assert compact(scored)["files"] == 2  # one per run
+    loc, files = prediction_files(scored)
+    assert [read_summary(loc.fs, f)["runs"] for f in files] == [
+        {"20250101T020000Z-aaaaaa": {"passed": 1, "Xplus": 1, "Yminus": 1}},
+        {"20250102T020000Z-bbbbbb": {"Xminus": 1, "passed": 1, "Xplus": 1}}]
+
+    after = gather(scored, gallery_size=3)
+
+    assert after.labels == before.labels and after.run_labels == before.run_labels
+    assert after.defects == before.defects == 4
+    assert {k: v.tolist() for k, v in after.histogram.items()} == {k: v.tolist() for k, v in before.histogram.items()}
+    assert after.gallery == before.gallery

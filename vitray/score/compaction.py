@@ -4,7 +4,8 @@ Pieces are small (one writer batch each) so that a kill loses little; readers (t
 report, `pyarrow.dataset`, DuckDB, Spark) want few files. After its pieces commit, a run
 rewrites every piece left under `predictions/` into `predictions/run=<run_id>/` files of
 up to `COMPACT_ROWS` rows, sorted by id (so a file's id range is narrow and planning skips
-it by its statistics). The steps and what a kill at each leaves are in
+it by its statistics), each with its counts in its footer (`outputs.summarize`: the report
+reads them instead of the rows). The steps and what a kill at each leaves are in
 `vitray.score.outputs`; `recover_compactions` finishes or undoes a killed compaction.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import logging
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -26,14 +28,17 @@ from vitray.score.outputs import (
     PREDICTIONS,
     PREDICTIONS_SCHEMA,
     RUN_FOLDER,
+    SUMMARY_KEY,
     compaction_markers,
     parquet_bytes,
     piece_run_id,
+    summarize,
 )
 
 log = logging.getLogger(__name__)
 
 ROW_GROUP_ROWS = 10_000  # a compacted file's row groups: the unit planning skips by id range
+IO_THREADS = 16  # pieces read or deleted at once (round trips on S3)
 
 
 @dataclass(frozen=True)
@@ -94,14 +99,10 @@ def _groups(root: storage.Location, run_id: str, names: list[str],
             rows_per_file: int) -> Iterator[tuple[Compaction, pa.Table]]:
     """Consecutive pieces of one run read into tables of about `rows_per_file` rows (never more,
     unless one piece alone is larger)."""
-    import pyarrow.parquet as pq
-
-    folder = root.child(PREDICTIONS)
     held: list[pa.Table] = []
     sources: list[str] = []
     rows = 0
-    for name in names:
-        table = pq.read_table(folder.child(name).path, filesystem=root.fs, schema=PREDICTIONS_SCHEMA)
+    for name, table in zip(names, _read_ahead(root, names)):
         if held and rows + table.num_rows > rows_per_file:
             yield Compaction(run_id, tuple(sources)), pa.concat_tables(held)
             held, sources, rows = [], [], 0
@@ -112,15 +113,29 @@ def _groups(root: storage.Location, run_id: str, names: list[str],
         yield Compaction(run_id, tuple(sources)), pa.concat_tables(held)
 
 
+def _read_ahead(root: storage.Location, names: list[str]) -> Iterator[pa.Table]:
+    """The pieces in order, up to IO_THREADS read at once: on S3 each is a few round trips."""
+    import pyarrow.parquet as pq
+
+    folder = root.child(PREDICTIONS)
+
+    def read(name: str) -> pa.Table:
+        return pq.read_table(folder.child(name).path, filesystem=root.fs, schema=PREDICTIONS_SCHEMA)
+
+    with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
+        for start in range(0, len(names), IO_THREADS * 4):
+            yield from pool.map(read, names[start:start + IO_THREADS * 4])
+
+
 def apply(root: storage.Location, compaction: Compaction, table: pa.Table) -> None:
     """The four steps: marker, target written whole, pieces deleted, marker deleted."""
     predictions = root.child(PREDICTIONS)
     marker = root.child(COMPACTING, compaction.marker)
     storage.put(marker, _json(compaction.record()))
-    storage.put(predictions.child(*compaction.target.split("/")),
-                parquet_bytes(table.sort_by("id"), ROW_GROUP_ROWS), durable=True)
-    for name in compaction.sources:
-        storage.delete(predictions.child(name))
+    table = table.sort_by("id").replace_schema_metadata({SUMMARY_KEY: json.dumps(summarize(table))})
+    storage.put(predictions.child(*compaction.target.split("/")), parquet_bytes(table, ROW_GROUP_ROWS), durable=True)
+    with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
+        list(pool.map(storage.delete, [predictions.child(name) for name in compaction.sources]))
     storage.delete(marker)
 
 

@@ -94,6 +94,32 @@ PREDICTIONS = "predictions"
 COMPACTING = "_compacting"
 RUN_FOLDER = "run="
 COMPACT_ROWS = 50_000  # rows per compacted predictions file: tens of MB with maps
+HIST_BINS = 20  # of the score histograms in the report and in compacted files' summaries
+SUMMARY_KEY = b"vitray.summary"  # a compacted file's counts, in its Parquet footer
+
+
+def summarize(table: pa.Table) -> dict[str, Any]:
+    """A file's rows in counts: images per run and label, and per label a score histogram."""
+    import pyarrow.compute as pc
+
+    summary: dict[str, Any] = {"runs": {}, "histogram": {}}
+    for label in pc.unique(table.column("label")).to_pylist():
+        rows = table.filter(pc.equal(table.column("label"), label))
+        scores = rows.column("score").to_numpy().astype(np.float64)
+        bins = np.clip(np.floor(scores * HIST_BINS), 0, HIST_BINS - 1).astype(np.int64)
+        summary["histogram"][label] = np.bincount(bins, minlength=HIST_BINS).tolist()
+        for run_id, count in zip(*np.unique(np.asarray(rows.column("run_id").to_pylist(), dtype=object),
+                                            return_counts=True)):
+            summary["runs"].setdefault(str(run_id), {})[label] = int(count)
+    return summary
+
+
+def read_summary(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
+    """The summary in a predictions file's footer; None for a piece (or a file without one)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_metadata(path, filesystem=fs).metadata or {}
+    return json.loads(meta[SUMMARY_KEY]) if SUMMARY_KEY in meta else None
 
 
 def prediction_files(output: str) -> tuple[storage.Location, list[str]]:

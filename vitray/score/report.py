@@ -2,9 +2,10 @@
 
 One self-contained page (inline CSS and SVG, thumbnails as data URIs, full overlays by
 relative links), so it opens from a local folder or an object store; every name is escaped.
-Counts and histograms are computed in Arrow over three columns, a batch at a time, and
-the gallery reads only the newest runs: the page costs the same memory for any number of
-images, and its time grows with the rows by a few columns' scan (docs/scale.md).
+Counts and histograms come from the summaries in the compacted files' footers (and, for
+pieces not compacted yet, from three columns in Arrow), and the gallery reads only the
+newest runs: the page costs the same memory for any number of images, and its time grows
+with the number of files, not of rows (docs/scale.md).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import pyarrow.compute as pc
 
 from vitray import storage
 from vitray.inference import NEGATIVE_LABEL
-HIST_BINS = 20
+from vitray.score.outputs import HIST_BINS
 THUMB_SIDE = 160
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
            "#bab0ac", "#59a14f"]
@@ -49,16 +50,17 @@ class ReportData:
 
 
 def gather(output: str, gallery_size: int = 48, error_rows: int = 200) -> ReportData:
-    """Counts and histograms over every committed row (three columns, in Arrow), the gallery
-    from the newest runs only, and the newest error rows."""
-    from vitray.score.outputs import read_errors
+    """Counts and histograms from the compacted files' footers (the rows of pieces not compacted
+    yet, in Arrow), the gallery from the newest runs only, and the newest error rows."""
+    from vitray.score.outputs import prediction_files, read_errors
 
     data = ReportData(storage.resolve(output).uri)
     data.runs = _runs(output)
-    predictions = _predictions(output)
-    for batch in _scan(predictions, ["label", "score", "run_id"]):
+    loc, files = prediction_files(output)
+    rows_of = [path for path, summary in zip(files, _summaries(loc, files)) if not _add(data, summary)]
+    for batch in _scan(_predictions(loc, rows_of), ["label", "score", "run_id"]):
         _count(data, batch)
-    data.gallery = _gallery(predictions, sorted(data.run_labels, reverse=True), gallery_size)
+    data.gallery = _gallery(_predictions(loc, files), sorted(data.run_labels, reverse=True), gallery_size)
     newest: list[tuple] = []
     for batch in read_errors(output).to_batches():
         rows = zip(*(batch.column(c).to_pylist() for c in ("run_id", "path", "error", "message")))
@@ -73,13 +75,37 @@ def gather(output: str, gallery_size: int = 48, error_rows: int = 200) -> Report
     return data
 
 
-def _predictions(output: str) -> Any:
-    """The committed rows, with `label` and `run_id` read as dictionaries (a few values each)."""
+def _summaries(loc: storage.Location, files: list[str]) -> list[dict | None]:
+    """Each file's footer summary (None for pieces), read a few at a time: on S3 each is a round trip."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vitray.score.outputs import read_summary
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(lambda path: read_summary(loc.fs, path), files))
+
+
+def _add(data: ReportData, summary: dict | None) -> bool:
+    """A file's footer summary added to the page's counts; False when it has none."""
+    if summary is None:
+        return False
+    for run_id, labels in summary["runs"].items():
+        for label, count in labels.items():
+            data.run_labels.setdefault(run_id, Counter())[label] += count
+            data.labels[label] += count
+            if label != NEGATIVE_LABEL:
+                data.defects += count
+    for label, counts in summary["histogram"].items():
+        data.histogram[label] = data.histogram.get(label, np.zeros(HIST_BINS, np.int64)) + np.asarray(counts)
+    return True
+
+
+def _predictions(loc: storage.Location, files: list[str]) -> Any:
+    """Committed files as a dataset, with `label` and `run_id` read as dictionaries (a few values each)."""
     import pyarrow.dataset as pads
 
-    from vitray.score.outputs import PREDICTIONS_SCHEMA, prediction_files
+    from vitray.score.outputs import PREDICTIONS_SCHEMA
 
-    loc, files = prediction_files(output)
     schema = PREDICTIONS_SCHEMA
     for name in ("label", "run_id"):
         schema = schema.set(schema.get_field_index(name), pa.field(name, pa.dictionary(pa.int32(), pa.string())))
