@@ -301,3 +301,133 @@ def _localisation(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarr
     out = dict(batch)
     out.update(pointing=pointing, energy=energy)
     return out
+
+
+ANOMALY_FILE = "anomaly.json"
+
+
+def evaluate_anomaly(bank_uri: str, data_uri: str, out_uri: str, fmt: str | None = None, batch_size: int = 256,
+                     workers: int = 1, gpus_per_worker: float = 0.0, ray_address: str | None = None,
+                     in_process_max: int = IN_PROCESS_MAX) -> dict:
+    """How well an anomaly bank tells good images from defective ones: OUT/anomaly.json.
+
+    `data_uri` is labelled: `passed` images are good, every other class a defect. Reports the
+    image AUROC (all defects, and each kind against the good images), the rates at the bank's
+    threshold, and, where the data has boxes, the pointing game and energy in box of the defect
+    images' anomaly maps (energy over the map's excess above the good images' mean patch distance,
+    so that the floor every patch has does not count as mass).
+    """
+    from vitray.anomaly.bank import read_meta
+    from vitray.data.sources import inspect_source
+    from vitray.inference import NEGATIVE_LABEL
+
+    if batch_size < 1 or workers < 1 or in_process_max < 0:
+        raise VitrayError("--batch-size and --workers must be at least 1, --in-process-max at least 0")
+    bank_uri, data_uri, out_uri = storage.absolute(bank_uri), storage.absolute(data_uri), storage.absolute(out_uri)
+    storage.check_output(out_uri, "--out")
+    meta = read_meta(bank_uri)
+    source = inspect_source(data_uri, fmt)
+    if not source.labelled or NEGATIVE_LABEL not in source.labels:
+        raise VitrayError(f"{data_uri}: anomaly evaluation needs labelled data with a {NEGATIVE_LABEL} class "
+                          "(the good images) and defect classes")
+    good = source.labels.index(NEGATIVE_LABEL)
+    here = runs_in_process(len(source), in_process_max, ray_address, gpus_per_worker)
+    rows: dict[str, list] = {"label": [], "score": [], "pointing": [], "energy": []}
+    batches = (_anomaly_here if here else _anomaly_on_ray)(source, bank_uri, meta, batch_size, workers,
+                                                          gpus_per_worker, ray_address)
+    for batch in batches:
+        ok = ~np.isnan(batch["anomaly_score"])
+        rows["label"].append(batch["label"][ok])
+        rows["score"].append(batch["anomaly_score"][ok])
+        rows["pointing"].append(batch["pointing"][ok])
+        rows["energy"].append(batch["energy"][ok])
+    label, score, point, mass = (np.concatenate(rows[k]) for k in ("label", "score", "pointing", "energy"))
+    result = anomaly_metrics(label, score, point, mass, source.labels, good, meta.threshold)
+    result.update(bank=bank_uri, data=data_uri, skipped=int(len(source) - len(label)))
+    storage.write_json(storage.join(out_uri, ANOMALY_FILE), result)
+    return result
+
+
+def anomaly_metrics(label: np.ndarray, score: np.ndarray, pointing: np.ndarray, energy: np.ndarray,
+                    labels: list[str], good: int, threshold: float) -> dict:
+    """Image AUROC (all defects; each kind), rates at the threshold, map localisation on the defects."""
+    from sklearn.metrics import roc_auc_score
+
+    defect = label != good
+    if defect.all() or not defect.any():
+        raise VitrayError("anomaly evaluation needs both good images and defect images")
+    kinds = {}
+    for i, name in enumerate(labels):
+        mine = label == i
+        if i == good or not mine.any():
+            continue
+        pick = mine | ~defect
+        kinds[name] = {"images": int(mine.sum()), "auroc": round(float(roc_auc_score(defect[pick], score[pick])), 4),
+                       "detected": round(float((score[mine] > threshold).mean()), 4)}
+    boxed = defect & ~np.isnan(pointing)
+    return {
+        "images": int(len(label)), "good": int((~defect).sum()), "defects": int(defect.sum()),
+        "auroc": round(float(roc_auc_score(defect, score)), 4),
+        "threshold": float(threshold),
+        "false_reject_rate": round(float((score[~defect] > threshold).mean()), 4),
+        "detection_rate": round(float((score[defect] > threshold).mean()), 4),
+        "per_kind": kinds,
+        "localization": {
+            "images": int(boxed.sum()),
+            "pointing_game": round(float(pointing[boxed].mean()), 4) if boxed.any() else None,
+            "energy_in_box": round(float(energy[boxed].mean()), 4) if boxed.any() else None,
+        },
+    }
+
+
+def _anomaly_here(source: Any, bank_uri: str, meta: Any, batch_size: int, *_: Any) -> Iterator[dict[str, np.ndarray]]:
+    from vitray.anomaly.scorer import AnomalyScorer
+    from vitray.data.readers import iter_encoded
+    from vitray.inference import prepare_images
+
+    scorer = AnomalyScorer(bank_uri)
+    for encoded in iter_encoded(source):
+        prepared = prepare_images(encoded, meta.size, meta.channels, ("label", "bbox"))
+        for start in range(0, len(prepared["id"]), batch_size):
+            part = scorer({k: v[start:start + batch_size] for k, v in prepared.items()})
+            yield anomaly_localisation(part, meta.size, meta.good_patch_level)
+
+
+def _anomaly_on_ray(source: Any, bank_uri: str, meta: Any, batch_size: int, workers: int, gpus_per_worker: float,
+                    ray_address: str | None) -> Iterator[dict[str, np.ndarray]]:
+    import ray.data
+
+    from vitray.anomaly.scorer import AnomalyScorer
+    from vitray.data.readers import read_encoded
+    from vitray.inference import prepare_images
+    from vitray.runtime import RayOptions, init_ray
+
+    init_ray(RayOptions(address=ray_address, dashboard=False))
+    ds = (read_encoded(source)
+          .map_batches(prepare_images, fn_kwargs={"size": meta.size, "channels": meta.channels,
+                                                  "keep": ("label", "bbox")},
+                       batch_size=64, batch_format="numpy", num_cpus=0.5)
+          .map_batches(AnomalyScorer, fn_constructor_args=(bank_uri,), batch_size=batch_size, batch_format="numpy",
+                       compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus_per_worker or None)
+          .map_batches(anomaly_localisation, fn_kwargs={"size": meta.size, "good_level": meta.good_patch_level},
+                       batch_format="numpy")
+          .select_columns(["label", "anomaly_score", "pointing", "energy"]))
+    return ds.iter_batches(batch_size=4096, batch_format="numpy")
+
+
+def anomaly_localisation(batch: dict[str, np.ndarray], size: int, good_level: float) -> dict[str, np.ndarray]:
+    """Per image: pointing game (1/0) and energy in box of its anomaly map, NaN without a map or box."""
+    from vitray.localisation import energy_in_box, pointing_game
+
+    n = len(batch["anomaly_score"])
+    pointing = np.full(n, np.nan, dtype=np.float32)
+    energy = np.full(n, np.nan, dtype=np.float32)
+    for i in range(n):
+        amap, box = batch["anomaly_map"][i], batch["bbox"][i]
+        if np.isnan(amap).any() or np.isnan(box).any():
+            continue
+        side = int(round(np.sqrt(len(amap))))
+        grid = amap.reshape(side, side)
+        pointing[i] = float(pointing_game(grid, box, (size, size)))
+        energy[i] = energy_in_box(np.clip(grid - good_level, 0.0, None), box, (size, size))
+    return {"label": batch["label"], "anomaly_score": batch["anomaly_score"], "pointing": pointing, "energy": energy}
