@@ -76,10 +76,10 @@ def save_bank(bank: Bank, uri: str) -> None:
 def read_meta(uri: str) -> BankMeta:
     """bank.json of a bank, checked; one line when there is none."""
     where = storage.join(uri, META_FILE)
+    if not storage.exists(where):
+        raise VitrayError(f"{uri}: not an anomaly bank (no {META_FILE}; make one with vitray anomaly)")
     try:
         d = storage.read_json(where)
-    except FileNotFoundError:
-        raise VitrayError(f"{uri}: not an anomaly bank (no {META_FILE}; make one with vitray anomaly)") from None
     except (OSError, ValueError) as exc:
         raise VitrayError(f"{where}: cannot read ({exc})") from None
     return BankMeta.from_dict(d, where)

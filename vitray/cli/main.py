@@ -8,6 +8,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from vitray import __version__
+from vitray.cli.anomaly import add_anomaly
 from vitray.cli.config import configurable, merge_config
 from vitray.cli.data import add_synth
 from vitray.cli.deciding import add_calibrate
@@ -23,7 +24,7 @@ from vitray.interrupts import STOP_EXIT_CODES, handle_stop_signals, stop_exit_co
 from vitray.interrupts import reset as reset_stops
 
 COMMANDS: list[Callable[[Any], None]] = [add_synth, add_pretrain, add_train, add_evaluate, add_params,
-                                           add_tune, add_calibrate, add_score, add_explain,
+                                           add_tune, add_calibrate, add_anomaly, add_score, add_explain,
                                            add_export]
 
 

@@ -104,7 +104,10 @@ def add_evaluate(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="metrics of a model on labelled data",
                        description="Accuracy, macro-F1, per-class report and confusion matrix of a trained "
                                    "model on a labelled data set.")
-    p.add_argument("--model", required=True, help="trained model folder or s3:// prefix")
+    p.add_argument("--model", help="trained model folder or s3:// prefix (may be left out with --anomaly)")
+    p.add_argument("--anomaly", metavar="BANK",
+                   help="also (or, without --model, only) measure an anomaly bank of `vitray anomaly` on the "
+                        "data: image AUROC of passed against the other classes, and the maps against the boxes")
     p.add_argument("--data", required=True, help="labelled data (local, file:// or s3://)")
     p.add_argument("--out", required=True, help="output folder or s3:// prefix")
     p.add_argument("--format", choices=("imagefolder", "parquet", "csv"))
@@ -119,17 +122,37 @@ def add_evaluate(sub: Any) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from vitray import storage
-    from vitray.evaluate import evaluate, format_report
+    from vitray.errors import VitrayError
+    from vitray.evaluate import ANOMALY_FILE, evaluate, evaluate_anomaly, format_report
 
-    metrics = evaluate(args.model, args.data, args.out, fmt=args.format, batch_size=args.batch_size,
-                       workers=args.workers, gpus_per_worker=args.gpus_per_worker, ray_address=args.ray_address,
-                       mlflow=args.mlflow, mlflow_experiment=args.mlflow_experiment,
-                       in_process_max=args.in_process_max)
-    print(format_report(metrics))
-    print(summary(f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}",
-                   {"evaluation": storage.join(args.out, "evaluation.json"),
-                    "confusion matrix": storage.join(args.out, "confusion_matrix.png")},
-                   f"vitray score --model {args.model} --input IMAGES --output SCORES"))
+    if not args.model and not args.anomaly:
+        raise VitrayError("--model is required (or --anomaly BANK to measure an anomaly bank)")
+    if args.anomaly:
+        from vitray.anomaly.bank import read_meta
+
+        read_meta(storage.absolute(args.anomaly))  # a wrong bank is refused before any work
+    outputs: dict[str, str] = {}
+    headline = []
+    if args.model:
+        metrics = evaluate(args.model, args.data, args.out, fmt=args.format, batch_size=args.batch_size,
+                           workers=args.workers, gpus_per_worker=args.gpus_per_worker, ray_address=args.ray_address,
+                           mlflow=args.mlflow, mlflow_experiment=args.mlflow_experiment,
+                           in_process_max=args.in_process_max)
+        print(format_report(metrics))
+        headline.append(f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
+        outputs.update({"evaluation": storage.join(args.out, "evaluation.json"),
+                        "confusion matrix": storage.join(args.out, "confusion_matrix.png")})
+    if args.anomaly:
+        result = evaluate_anomaly(args.anomaly, args.data, args.out, fmt=args.format, batch_size=args.batch_size,
+                                  workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                                  ray_address=args.ray_address, in_process_max=args.in_process_max)
+        loc = result["localization"]
+        headline.append(f"anomaly AUROC {result['auroc']:.3f}, detected {result['detection_rate']:.1%} at "
+                        f"{result['false_reject_rate']:.1%} false rejects"
+                        + (f", pointing game {loc['pointing_game']:.2f}" if loc["pointing_game"] is not None else ""))
+        outputs["anomaly"] = storage.join(args.out, ANOMALY_FILE)
+    print(summary("; ".join(headline), outputs,
+                  f"vitray score --model {args.model or 'MODEL'} --input IMAGES --output SCORES"))
     return 0
 
 
