@@ -63,12 +63,12 @@ def write_file(out: str, run_id: str, ids: list[str], seed: int) -> None:
     defect = pa.array(pred != 0)
     png = pc.if_else(defect, pc.binary_join_element_wise("attention/", id_column, "-0123456789abcdef.png", ""), None)
     offsets = pa.array(np.arange(0, (n + 1) * len(LABELS), len(LABELS), dtype=np.int32))
-    table = pa.table({
+    columns = {
         "id": id_column, "path": pc.binary_join_element_wise("/nights/", id_column, ""), "label": label,
         "score": pa.array(probs.max(1)), "probs": pa.ListArray.from_arrays(offsets, pa.array(probs.ravel())),
-        "attention": pa.nulls(n, pa.list_(pa.float32())), "attention_shape": pa.nulls(n, pa.list_(pa.int32())),
         "attention_png": png, "model": pa.array(["/models/vit"] * n), "run_id": pa.array([run_id] * n),
-    }, schema=PREDICTIONS_SCHEMA)
+    }  # the other columns (maps, decisions) null
+    table = pa.table([columns.get(f.name, pa.nulls(n, f.type)) for f in PREDICTIONS_SCHEMA], schema=PREDICTIONS_SCHEMA)
     table = table.replace_schema_metadata({SUMMARY_KEY: json.dumps(summarize(table))})
     name = f"run={run_id}/part-{seed:016x}.parquet"
     storage.put(storage.resolve(out).child("predictions", *name.split("/")), parquet_bytes(table, ROW_GROUP_ROWS))

@@ -200,3 +200,14 @@ def test_an_output_of_flat_pieces_is_resumed_exactly_once_and_compacted(tiny_mod
     assert nothing["counts"]["scored"] == 0 and nothing["counts"]["skipped"] == 14
     assert nothing["compacted"] == {"pieces": 0, "files": 0, "rows": 0}
     assert np.isclose(sum(predictions_table(out).column("score").to_numpy() > 0), 14)
+
+
+def test_a_marker_that_is_not_vitrays_blocks_neither_reading_nor_recovery(tmp_path):
+    out = str(tmp_path / "out")
+    commit_pieces(out, RUN_A, ["a.png", "b.png"], rows=1)
+    Path(out, "_compacting").mkdir()
+    Path(out, "_compacting", "notes.json").write_text("not json")
+
+    assert ids_once(out) == ["a.png", "b.png"]
+    assert recover(out)["compactions_undone"] == 0
+    assert compact(out)["files"] == 1 and ids_once(out) == ["a.png", "b.png"]

@@ -140,21 +140,34 @@ def apply(root: storage.Location, compaction: Compaction, table: pa.Table) -> No
 
 
 def recover_compactions(root: storage.Location) -> dict[str, int]:
-    """Finish (target whole: delete its pieces) or undo (no target: delete it) killed compactions."""
+    """Finish (target whole: delete its pieces) or undo (no target: delete it) killed compactions.
+
+    A marker that cannot be settled (storage refusing a delete) is reported and left: the next
+    run tries again, and readers keep counting its ids once meanwhile.
+    """
     found = {"compactions_finished": 0, "compactions_undone": 0}
-    predictions = root.child(PREDICTIONS)
     for path, record in compaction_markers(root).items():
-        targets = [predictions.child(*t.split("/")) for t in record.get("targets", [])]
-        whole = all(root.fs.get_file_info(t.path).type == pafs.FileType.File for t in targets)
-        doomed = [predictions.child(s) for s in record.get("sources", [])] if whole else targets
-        for loc in doomed:
-            storage.delete(loc)
-            if not root.is_s3:
-                storage.remove_temps(posixpath.dirname(loc.path), posixpath.basename(loc.path))
-        storage.delete(storage.Location(root.fs, path, path))
+        try:
+            whole = _settle(root, path, record)
+        except OSError as exc:
+            log.warning("could not settle the compaction %s: %s", path, exc)
+            continue
         found["compactions_finished" if whole else "compactions_undone"] += 1
         log.info("%s a killed compaction of %s", "finished" if whole else "undid", record.get("run_id"))
     return found
+
+
+def _settle(root: storage.Location, marker: str, record: dict) -> bool:
+    """One killed compaction finished or undone; whether its target was whole."""
+    predictions = root.child(PREDICTIONS)
+    targets = [predictions.child(*t.split("/")) for t in record.get("targets", [])]
+    whole = all(root.fs.get_file_info(t.path).type == pafs.FileType.File for t in targets)
+    for loc in [predictions.child(s) for s in record.get("sources", [])] if whole else targets:
+        storage.delete(loc)
+        if not root.is_s3:
+            storage.remove_temps(posixpath.dirname(loc.path), posixpath.basename(loc.path))
+    storage.delete(storage.Location(root.fs, marker, marker))
+    return whole
 
 
 def _json(record: dict) -> bytes:

@@ -141,12 +141,15 @@ def prediction_files(output: str) -> tuple[storage.Location, list[str]]:
 
 
 def compaction_markers(root: storage.Location) -> dict[str, dict]:
-    """The `_compacting/*.json` markers of OUT by path (a marker is written whole, so each parses)."""
+    """The `_compacting/*.json` markers of OUT by path (each written whole; a file that does not parse is skipped)."""
     markers = {}
     for info in _list(root.child(COMPACTING)):
         if info.path.endswith(".json") and _visible(info.path):
             with root.fs.open_input_stream(info.path) as f:
-                markers[info.path] = json.loads(f.read())
+                try:
+                    markers[info.path] = json.loads(f.read())
+                except ValueError:  # not vitray's (a marker is written whole): left alone
+                    log.warning("skipping %s: not a compaction marker", info.path)
     return markers
 
 
