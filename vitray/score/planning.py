@@ -33,7 +33,7 @@ def committed_among(output: str, ids: pa.Array) -> pa.Array:
     low, high = pc.min_max(ids).values()
     wanted = (pc.field("id") >= low) & (pc.field("id") <= high) & pc.field("id").isin(ids)
     batches = read_predictions(output).to_batches(columns=["id"], filter=wanted, batch_size=64 * 1024,
-                                                  batch_readahead=2, fragment_readahead=2)
+                                                  batch_readahead=2, fragment_readahead=8)
     found = [batch.column(0) for batch in batches]
     return pa.chunked_array(found, pa.string()).combine_chunks() if found else pa.array([], pa.string())
 
