@@ -21,7 +21,8 @@ FEATURES_FILE = "bank.safetensors"
 META_FILE = "bank.json"
 SUMMARY_FILE = "fit.json"
 FORMAT = "vitray-anomaly-bank/1"
-BANK_SLICE = 8192  # bank rows per product: bounds a query's scratch memory
+BANK_SLICE = 8192  # bank rows per product
+QUERY_BLOCK = 4096  # query rows per product: with BANK_SLICE, bounds the scratch memory of a search
 
 
 @dataclass(frozen=True)
@@ -101,19 +102,26 @@ def load_bank(uri: str) -> Bank:
     return Bank(features.float(), meta)
 
 
-def nearest_distances(queries: Any, bank: Any, bank_sq: Any | None = None, slice_rows: int = BANK_SLICE) -> Any:
-    """Euclidean distance of each query row (M, D) to its nearest bank row (N, D) → (M,), exact."""
+def nearest_distances(queries: Any, bank: Any, bank_sq: Any | None = None, slice_rows: int = BANK_SLICE,
+                      query_rows: int = QUERY_BLOCK) -> Any:
+    """Euclidean distance of each query row (M, D) to its nearest bank row (N, D) → (M,), exact.
+
+    Scratch memory is one (query_rows, slice_rows) block, whatever M and N.
+    """
     import torch
 
-    q = queries.float()
-    q_sq = (q * q).sum(dim=1, keepdim=True)
     b_sq = (bank * bank).sum(dim=1) if bank_sq is None else bank_sq
-    best = torch.full((len(q),), float("inf"), device=q.device)
-    for start in range(0, len(bank), slice_rows):
-        part = bank[start:start + slice_rows]
-        d = torch.addmm(b_sq[start:start + slice_rows].unsqueeze(0), q, part.T, alpha=-2.0).add_(q_sq)
-        torch.minimum(best, d.min(dim=1).values, out=best)
-    return best.clamp_(min=0).sqrt_()
+    out = torch.empty(len(queries), device=queries.device)
+    for q_start in range(0, len(queries), query_rows):
+        q = queries[q_start:q_start + query_rows].float()
+        q_sq = (q * q).sum(dim=1, keepdim=True)
+        best = torch.full((len(q),), float("inf"), device=q.device)
+        for start in range(0, len(bank), slice_rows):
+            part = bank[start:start + slice_rows]
+            d = torch.addmm(b_sq[start:start + slice_rows].unsqueeze(0), q, part.T, alpha=-2.0).add_(q_sq)
+            torch.minimum(best, d.min(dim=1).values, out=best)
+        out[q_start:q_start + len(q)] = best
+    return out.clamp_(min=0).sqrt_()
 
 
 def write_summary(uri: str, summary: dict) -> None:
