@@ -42,7 +42,7 @@ from vitray.score import (
 )
 
 COLUMNS = ["id", "path", "label", "score", "probs", "attention", "attention_shape", "attention_png", "model",
-           "run_id"]
+           "run_id", "decision", "reason", "defect_score", "ood_score", "probs_calibrated"]
 
 
 def synth_images(folder: Path, n: int, seed: int = 0) -> list[str]:
@@ -87,7 +87,8 @@ def test_scores_each_image_once_with_the_documented_outputs_then_only_new_ones(r
     manifest = score(ScoreConfig(model=tiny_model, input=str(data), output=out, piece_rows=8))
 
     table = predictions_table(out)
-    assert table.schema.names == COLUMNS
+    # The documented columns first, in order; a calibrated model's decision columns may follow.
+    assert table.schema.names == PREDICTIONS_SCHEMA.names and table.schema.names[:len(COLUMNS)] == COLUMNS
     assert sorted(table.column("id").to_pylist()) == ids
     rows = table.to_pylist()
     for row in rows:
