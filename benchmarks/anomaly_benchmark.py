@@ -122,6 +122,7 @@ def classifier_over(encoder: str, out: str) -> str:
 
     labels = ["Xminus", "Xplus", "Yminus", "Yplus", "passed"]
     model = ViTForImageClassification.from_pretrained(encoder, num_labels=5, id2label=dict(enumerate(labels)),
+                                                      ignore_mismatched_sizes=True,
                                                       label2id={n: i for i, n in enumerate(labels)})
     export_model(model.eval(), Preprocessing.load(encoder, channels=model.config.num_channels), out)
     return out
@@ -150,8 +151,8 @@ def cost(args: argparse.Namespace, encoder: str) -> dict:
     def alone() -> None:
         predictor(dict(images))
 
-    def two_stages() -> None:
-        scorer(predictor(dict(images)))
+    def two_stages() -> None:  # the predictor drops the pixels when it makes no maps: the head takes them first
+        predictor(scorer(dict(images)))
 
     def one_pass() -> None:
         x = normalize(torch.from_numpy(images["image"]), scorer.encoder.prep.mean, scorer.encoder.prep.std)

@@ -219,11 +219,14 @@ def test_a_killed_fit_leaves_no_bank_and_the_same_command_fits_it_whole(tmp_path
 
 
 @pytest.mark.slow
-def test_a_fit_on_ray_matches_the_one_in_process(ray_session, tmp_path, encoder, good):
+def test_a_fit_on_ray_matches_the_one_in_process(ray_session, tmp_path, encoder, good, monkeypatch):
+    from conftest import as_a_fresh_process_without_ray
     from vitray.anomaly import AnomalyConfig, fit_bank, load_bank
 
+    as_a_fresh_process_without_ray(monkeypatch)
     here = fit_bank(AnomalyConfig(data=good, model=encoder, out=str(tmp_path / "here"), layers=(1,),
                                   chunk_patches=640))
+    monkeypatch.undo()
     on_ray = fit_bank(AnomalyConfig(data=good, model=encoder, out=str(tmp_path / "ray"), layers=(1,),
                                     chunk_patches=640, in_process_max=0, workers=2))
     assert not on_ray.summary["in_process"] and here.summary["in_process"]

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-PROJECTION_DIM = 128
+PROJECTION_DIM = 64
 
 
 def greedy_coreset(features: Any, k: int, seed: int = 0, projection_dim: int = PROJECTION_DIM) -> Any:
