@@ -224,3 +224,97 @@ def test_night_samples_taken_piece_by_piece_merge_into_the_nights_own():
     assert merged.seen == whole.seen == 5000 and len(merged.scores) == 300
     assert np.array_equal(merged.keys, whole.keys) and np.allclose(merged.projections_array, whole.projections_array)
     assert 0.4 < np.mean(sample_keys(ids)) < 0.6
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_model, tmp_path_factory):
+    """The tiny model, calibrated on 240 rendered images (in this process)."""
+    import shutil
+
+    from vitray.data import synth
+    from vitray.decisions.calibrate import CalibrateConfig, calibrate
+
+    root = tmp_path_factory.mktemp("calibrated")
+    shutil.copytree(tiny_model, root / "model")
+    synth.write(str(root / "val"), n=240, size=32, seed=3, passed_fraction=0.3)
+    saved = os.environ.pop("RAY_ADDRESS", None)
+    try:
+        calibrate(CalibrateConfig(model=str(root / "model"), data=str(root / "val"), out=str(root / "cal"),
+                                  false_reject_rate=0.2))
+    finally:
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved
+    return str(root / "model")
+
+
+def _night(folder, seed: int, brightness: float = 1.0, n: int = 120) -> None:
+    from PIL import Image
+
+    from vitray.data import synth
+
+    folder.mkdir(parents=True)
+    for i, sample in enumerate(synth.generate(n, passed_fraction=0.02, size=32, seed=seed)):
+        pixels = np.clip(sample.image.astype(np.float32) * brightness, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:04d}.png")
+
+
+def test_a_calibrated_model_decides_every_image_of_the_nightly_job(calibrated, tmp_path, monkeypatch, capsys):
+    import pyarrow.csv as pacsv
+
+    from vitray.cli import main
+    from vitray.score import read_predictions
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _night(tmp_path / "night", seed=50)
+    out = tmp_path / "scores"
+    assert main(["score", "--model", calibrated, "--input", str(tmp_path / "night"), "--output", str(out),
+                 "--attention", "all"]) == 0
+    table = read_predictions(str(out)).to_table()
+    assert table.num_rows == 120 and set(table.column("decision").to_pylist()) <= {"ok", "ng", "review"}
+    assert None not in table.column("reason").to_pylist()
+    assert all(abs(sum(p) - 1) < 1e-4 for p in table.column("probs_calibrated").to_pylist())
+    (manifest,) = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    decisions = manifest["decisions"]
+    assert sum(decisions["counts"].values()) == 120
+    assert decisions["drift"]["tested"] and not decisions["drift"]["drifted"]  # the calibration's renderer
+    review = decisions["review"]
+    if review["images"]:
+        rows = pacsv.read_csv(review["csv"]).to_pylist()
+        assert len(rows) == review["images"] == decisions["counts"].get("review", 0)
+        assert {r["decision"] for r in rows} == {"review"} and all(r["attention_png"] for r in rows)
+    page = (out / "report.html").read_text()
+    assert "Decisions (newest run)" in page and "like the calibration" in page
+    assert "REVIEW" in capsys.readouterr().out
+
+    # The same night again: nothing scored twice, nothing decided twice.
+    assert main(["score", "--model", calibrated, "--input", str(tmp_path / "night"), "--output", str(out)]) == 0
+    assert read_predictions(str(out)).to_table().num_rows == 120
+
+
+def test_a_night_that_drifted_says_so_and_fails_the_run_when_asked(calibrated, tmp_path, monkeypatch, capsys):
+    from vitray.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _night(tmp_path / "dark", seed=51, brightness=0.6)  # the light went down
+    args = ["score", "--model", calibrated, "--input", str(tmp_path / "dark"), "--attention", "none"]
+    assert main([*args, "--output", str(tmp_path / "a")]) == 0
+    assert "drifted from the calibration's" in capsys.readouterr().err
+    assert main([*args, "--output", str(tmp_path / "b"), "--fail-on-drift"]) == 3
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("vitray")]
+    assert line.startswith("vitray: error: tonight's images drifted")
+    (manifest,) = [json.loads(p.read_text()) for p in (tmp_path / "b" / "runs").glob("*.json")]
+    assert manifest["decisions"]["drift"]["drifted"] and manifest["counts"]["scored"] == 120  # all committed
+
+
+def test_a_model_without_a_calibration_scores_as_before(tiny_model, tmp_path, monkeypatch):
+    from vitray.cli import main
+    from vitray.score import read_predictions
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _night(tmp_path / "night", seed=52, n=20)
+    assert main(["score", "--model", tiny_model, "--input", str(tmp_path / "night"), "--output",
+                 str(tmp_path / "out")]) == 0
+    table = read_predictions(str(tmp_path / "out")).to_table()
+    assert table.column("decision").null_count == 20
+    (manifest,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "runs").glob("*.json")]
+    assert "decisions" not in manifest

@@ -50,6 +50,9 @@ def add_score(sub: Any) -> None:
     p.add_argument("--lease-timeout", type=float, default=d("lease_timeout"), metavar="SECONDS",
                    help="one run per --output: a run whose lease was not renewed for this long is gone, "
                         f"and its lease is taken over (default {d('lease_timeout'):.0f})")
+    p.add_argument("--fail-on-drift", action="store_true", default=d("fail_on_drift"),
+                   help="with a calibrated model (vitray calibrate): exit 3 when tonight's images drifted from the "
+                        "calibration's (without it, one line says so)")
     ray_options(p)
     p.set_defaults(func=run_score)
 
@@ -79,7 +82,8 @@ def run_score(args: argparse.Namespace) -> int:
                          in_process_max=args.in_process_max,
                          submission=args.submission, max_error_rate=args.max_error_rate,
                          lease_timeout=args.lease_timeout, shared_fs=bool(args.shared_fs), engine=args.engine,
-                         ray_address=args.ray_address, verbose=args.verbose)
+                         ray_address=args.ray_address, verbose=args.verbose,
+                         fail_on_drift=bool(args.fail_on_drift))
     show, close = _score_progress()
     try:
         manifest = score(config, progress=show)
@@ -94,6 +98,11 @@ def run_score(args: argparse.Namespace) -> int:
         outputs["errors"] = storage.join(args.output, "errors")
     if manifest.get("submission"):
         outputs["submission"] = manifest["submission"]["uri"]
+    decisions = manifest.get("decisions")
+    if decisions:
+        labels = ", ".join(f"{name.upper()} {n}" for name, n in decisions["counts"].items())
+        if decisions["review"].get("csv"):
+            outputs["review"] = decisions["review"]["csv"]
     print(summary(f"scored {counts['scored']:,} images ({counts['skipped']:,} already done, {counts['errors']:,} "
                    "errors)" + (f" at {rate:,.0f} img/s" if rate else "") + (f": {labels}" if labels else ""),
                    outputs, f"open {manifest['report']}" if not storage.is_s3(args.output) else

@@ -8,7 +8,8 @@ where the model's features are built not to notice), with their defect scores. A
 computes the same for every image in the model's pass, keeps a bounded uniform sample of the
 night (the driver's memory does not grow with the night), and at its end compares the two,
 class by class (so that a night with more or fewer OK parts is not taken for drift), feature
-by feature, with the two-sample Kolmogorov-Smirnov test. The night drifted when the smallest
+by feature, with the two-sample Kolmogorov-Smirnov test, and the statistics of light, lens and
+pose over all images too. The night drifted when the smallest
 p-value, Bonferroni-corrected for the tests made, is below `alpha`. The population stability
 index of the defect scores is reported beside it.
 """
@@ -157,8 +158,15 @@ def compare(reference: Reference, night: NightSample, alpha: float = ALPHA) -> d
     from scipy.stats import ks_2samp
 
     sample = night.projections_array
-    tests: list[tuple[int, int, float, float]] = []  # class, feature, statistic, p-value
-    if len(sample):
+    tests: list[tuple[int, int, float, float]] = []  # class (-1: all), feature, statistic, p-value
+    if len(sample) >= MIN_PER_CLASS and len(reference.projections) >= MIN_PER_CLASS:
+        # The light, the lens and the camera's pose show in every image whatever its class: those
+        # statistics are also compared over all images (the quarters' means, which follow where
+        # the part sits, only class by class).
+        first = 1 + reference.directions.shape[0]
+        for k in [first, first + 1, *range(first + 6, sample.shape[1])]:
+            t = ks_2samp(reference.projections[:, k], sample[:, k])
+            tests.append((-1, k, float(t.statistic), float(t.pvalue)))
         for c in np.unique(sample[:, 0]):
             ours, theirs = sample[sample[:, 0] == c], reference.projections[reference.projections[:, 0] == c]
             if len(ours) < MIN_PER_CLASS or len(theirs) < MIN_PER_CLASS:
@@ -168,7 +176,7 @@ def compare(reference: Reference, night: NightSample, alpha: float = ALPHA) -> d
                 tests.append((int(c), k, float(t.statistic), float(t.pvalue)))
     if not tests:
         return {"images": night.seen, "sample": len(sample), "tested": False, "drifted": False,
-                "why": f"too few images of any class to test (fewer than {MIN_PER_CLASS})"}
+                "why": f"too few images to test (fewer than {MIN_PER_CLASS})"}
     worst = min(tests, key=lambda t: t[3])
     p_value = min(1.0, worst[3] * len(tests))
     return {"images": night.seen, "sample": len(sample), "tested": True, "tests": len(tests),

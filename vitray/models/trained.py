@@ -114,7 +114,9 @@ def _stored_shapes(folder: str, uri: str) -> dict[str, tuple[int, ...]]:
     names = sorted(os.listdir(folder))
     for name in names:
         path = os.path.join(folder, name)
-        if name.endswith(".safetensors"):
+        # transformers' weight files (model.safetensors, model-00001-of-00002.safetensors); a folder
+        # may hold others beside them (a calibration's tensors).
+        if name.startswith("model") and name.endswith(".safetensors"):
             shapes.update(_safetensors_shapes(path, name, uri))
     if not shapes:
         for name in (n for n in names if n.endswith(".bin")):

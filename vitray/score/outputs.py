@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from vitray import storage
+from vitray.decisions import nightly
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ PREDICTIONS_SCHEMA = pa.schema([
     ("probs", pa.list_(pa.float32())), ("attention", pa.list_(pa.float32())),
     ("attention_shape", pa.list_(pa.int32())), ("attention_png", pa.string()),
     ("model", pa.string()), ("run_id", pa.string()),
+    # A calibrated model's decision (vitray.decisions): null for a model without a calibration.
+    *nightly.schema_fields(),
 ])
 ERRORS_SCHEMA = pa.schema([("path", pa.string()), ("error", pa.string()), ("message", pa.string()),
                            ("run_id", pa.string())])
@@ -313,6 +316,7 @@ def write_piece(batch: dict[str, np.ndarray], plan: PiecePlan) -> dict[str, np.n
     return {"piece": np.array([piece], dtype=object), "scored": np.array([len(good)]),
             "errors": np.array([len(bad)]), "labels": np.array([json.dumps(counts)], dtype=object),
             "error_kinds": np.array([json.dumps(kinds)], dtype=object),
+            "decisions": np.array([nightly.piece_summary(batch, ids, good)], dtype=object),
             "seconds": np.array([time.perf_counter() - started])}
 
 
@@ -361,6 +365,7 @@ def _commit_predictions(root: storage.Location, piece: str, plan: PiecePlan, ids
         "attention_png": [pngs.get(i) for i in good],
         "model": [plan.model] * len(good),
         "run_id": [plan.run_id] * len(good),
+        **nightly.prediction_columns(batch, good),
     }, schema=PREDICTIONS_SCHEMA)
     put(root.child(PREDICTIONS, f"part-{piece}.parquet"), parquet_bytes(table), durable=True)
 

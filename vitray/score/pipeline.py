@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from vitray import storage
+from vitray.decisions.nightly import NightDecisions
 from vitray.errors import VitrayError
 from vitray.explain import check_map_options  # imports torch only when used
 from vitray.inference import ATTENTION_MODES
@@ -71,6 +72,9 @@ class ScoreConfig:
     in_process_max: int = IN_PROCESS_MAX
     ray_address: str | None = None
     verbose: bool = False
+    # With a calibrated model (vitray calibrate), a night whose images drifted from the
+    # calibration's ends the run with exit code 3 (for a cron); without, with one line.
+    fail_on_drift: bool = False
 
     def check(self) -> None:
         """One-line errors for option values, before anything is read."""
@@ -108,8 +112,11 @@ class _Totals:
     labels: dict[str, int] = field(default_factory=dict)
     error_kinds: dict[str, int] = field(default_factory=dict)
     in_process: bool = False  # scored in the driver's process, without Ray
+    decide: bool = False  # a calibrated model: the model stage decides each image
+    decisions: NightDecisions = field(default_factory=NightDecisions)
 
     def add(self, summary: dict[str, Any]) -> None:
+        self.decisions.add(summary.get("decisions") or "")
         self.scored += int(summary["scored"])
         self.errors += int(summary["errors"])
         self.pieces += 1
@@ -205,6 +212,7 @@ def score(config: ScoreConfig, progress: Callable[[dict[str, int]], None] | None
     config.check()
     config = _located(config)
     labels, prep, grid, model = _check_model(config)
+    policy = _policy(config, labels, model)
     source = _check_input(config)
     _check_gpus(config)
     _check_cluster(config)
@@ -222,7 +230,7 @@ def score(config: ScoreConfig, progress: Callable[[dict[str, int]], None] | None
         runs = storage.join(out, "runs", f"{run_id}.json")
         storage.write_json(runs, manifest)  # a run that never finishes stays visible as "running"
         manifest["recovered"] = recover(out, run_id)
-        totals = _Totals()
+        totals = _Totals(decide=policy is not None)
         try:
             skipped, scoring_s = _score_remaining(config, source, PiecePlan(
                 out, run_id, manifest["model"], tuple(labels), grid, _ids_base(config.input)), model, prep,
@@ -234,7 +242,8 @@ def score(config: ScoreConfig, progress: Callable[[dict[str, int]], None] | None
             _record_end(runs, manifest, failure, counts={"scored": totals.scored, "errors": totals.errors})
             raise failure from exc
     try:
-        return _finish(config, manifest, source, totals, skipped, scoring_s, time.perf_counter() - wall_start)
+        return _finish(config, manifest, source, totals, skipped, scoring_s, time.perf_counter() - wall_start,
+                       policy)
     except KeyboardInterrupt:  # every image is committed; only the summary is left to write
         failure = stop_error("{stopped} while writing the run's summary; every image is scored and committed; "
                              "the same command writes the summary")
@@ -271,9 +280,12 @@ def _score_remaining(config: ScoreConfig, source: Any, plan: PiecePlan, model: s
 
 
 def _finish(config: ScoreConfig, manifest: dict[str, Any], source: Any, totals: _Totals, skipped: int,
-            scoring_s: float, wall_s: float) -> dict[str, Any]:
-    """The manifest of a run that scored what it could, the error-rate check, the submission and the report."""
+            scoring_s: float, wall_s: float, policy: Any = None) -> dict[str, Any]:
+    """The manifest of a run that scored what it could, the error-rate check, the submission, the decisions
+    (a calibrated model: counts, the review table, the drift test) and the report."""
     out = manifest["output"]
+    if policy is not None:
+        manifest["decisions"] = totals.decisions.finish(policy, out, manifest["run_id"], read_predictions(out))
     manifest.update({
         "status": "complete", "finished": _now(),
         "counts": {"scored": totals.scored, "skipped": skipped, "errors": totals.errors + len(source.bad_names),
@@ -307,6 +319,14 @@ def _finish(config: ScoreConfig, manifest: dict[str, Any], source: Any, totals: 
     manifest["report"] = write_report(out)
     if failure:
         raise failure
+    drift = manifest.get("decisions", {}).get("drift", {})
+    if drift.get("drifted"):
+        line = (f"tonight's images drifted from the calibration's (p = {drift['p_value']:.2g} < {drift['alpha']}, "
+                f"most in {drift['worst']['feature']}): check the camera, light and parts, and calibrate again "
+                "if the line changed on purpose")
+        if config.fail_on_drift:
+            raise VitrayError(line, exit_code=3)
+        log.warning("%s", line)
     return manifest
 
 
@@ -328,12 +348,12 @@ def _run(config: ScoreConfig, source: Any, remaining: list[str], model: str | by
          totals: _Totals, lease: Lease, progress: Callable[[dict[str, int]], None] | None, skipped: int) -> None:
 
     if totals.in_process:
-        batches = _in_process(config, source, remaining, model, prep, plan)
+        batches = _in_process(config, source, remaining, model, prep, plan, totals.decide)
     else:
         from vitray.runtime import RayOptions, init_ray
 
         init_ray(RayOptions(address=config.ray_address, quiet=not config.verbose, dashboard=False))
-        batches = _pipeline(config, source, remaining, model, prep, plan).iter_batches(batch_size=None,
+        batches = _pipeline(config, source, remaining, model, prep, plan, totals.decide).iter_batches(batch_size=None,
                                                                                       batch_format="numpy")
     if progress:  # the clock starts now: Ray's start-up and the model's load count in the rate
         progress({"scored": 0, "errors": 0, "total": len(remaining), "skipped": skipped})
@@ -362,25 +382,25 @@ def _failure(exc: BaseException, out: str, totals: _Totals) -> VitrayError:
 
 
 def _pipeline(config: ScoreConfig, source: Any, remaining: list[str], model: str | bytes, prep: Any,
-              plan: PiecePlan) -> Any:
+              plan: PiecePlan, decide: bool = False) -> Any:
     """read → decode/resize (tasks) → model (actor pool) → commit pieces (tasks) → one row per piece."""
     from vitray.data.readers import read_encoded
     from vitray.inference import predict
 
-    return (predict(read_encoded(source, ids=remaining), model, prep, _options(config), config.batch_size,
+    return (predict(read_encoded(source, ids=remaining), model, prep, _options(config, decide), config.batch_size,
                     config.workers, config.gpus_per_worker)
             .map_batches(write_piece, fn_kwargs={"plan": plan}, batch_size=config.piece_rows,
                          batch_format="numpy"))
 
 
 def _in_process(config: ScoreConfig, source: Any, remaining: list[str], model: str | bytes, prep: Any,
-                plan: PiecePlan) -> Iterator[dict[str, np.ndarray]]:
+                plan: PiecePlan, decide: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """The pipeline's stages in this process: read, decode, model, commit a piece at a time; a summary per piece."""
     from vitray.inference import predict_in_process
 
     scored: list[dict[str, np.ndarray]] = []
     rows = 0  # in `scored`
-    for batch in predict_in_process(source, remaining, model, prep, _options(config), config.batch_size):
+    for batch in predict_in_process(source, remaining, model, prep, _options(config, decide), config.batch_size):
         scored.append(batch)
         rows += len(batch["id"])
         while rows >= config.piece_rows:
@@ -392,11 +412,24 @@ def _in_process(config: ScoreConfig, source: Any, remaining: list[str], model: s
         yield write_piece({k: np.concatenate([b[k] for b in scored]) for k in scored[0]}, plan)
 
 
-def _options(config: ScoreConfig) -> Any:
+def _options(config: ScoreConfig, decide: bool = False) -> Any:
     from vitray.inference import PredictOptions
 
     return PredictOptions(attention=config.attention, method=config.method, head_fusion=config.head_fusion,
-                          discard_ratio=config.discard_ratio)
+                          discard_ratio=config.discard_ratio, decisions=decide)
+
+
+def _policy(config: ScoreConfig, labels: list[str], model: str | bytes) -> Any:
+    """The model's calibration (vitray calibrate), checked on the driver; None for a model without one."""
+    from vitray.decisions.policy import load_policy
+
+    if isinstance(model, bytes):
+        from vitray.inference import policy_of_export
+
+        return policy_of_export(model, labels)
+    from vitray.models.building import local_model_dir
+
+    return load_policy(local_model_dir(config.model), labels)
 
 
 def _now() -> str:

@@ -47,6 +47,8 @@ class ReportData:
     errors: int = 0
     error_kinds: Counter = field(default_factory=Counter)
     error_rows: list[tuple] = field(default_factory=list)  # (run_id, path, error, message)
+    decisions: dict = field(default_factory=dict)  # the newest run's, with a calibrated model
+    review: list[tuple] = field(default_factory=list)  # (run_id, defect score, id, reason, png key, path)
 
 
 def gather(output: str, gallery_size: int = 48, error_rows: int = 200) -> ReportData:
@@ -72,7 +74,25 @@ def gather(output: str, gallery_size: int = 48, error_rows: int = 200) -> Report
             elif row > newest[0]:
                 heapq.heapreplace(newest, row)
     data.error_rows = sorted(newest, reverse=True)
+    data.decisions, data.review = _review(data.runs[-1] if data.runs else {}, gallery_size)
     return data
+
+
+def _review(latest: dict, size: int) -> tuple[dict, list[tuple]]:
+    """The newest run's decisions and the first rows of its review table (a calibrated model's)."""
+    import pyarrow.parquet as pq
+
+    decisions = latest.get("decisions") or {}
+    uri = (decisions.get("review") or {}).get("parquet")
+    if not uri:
+        return decisions, []
+    try:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(uri))).slice(0, size)
+    except (OSError, ValueError):  # a review table removed by hand: the counts still show
+        return decisions, []
+    rows = table.to_pylist()
+    return decisions, [(r["run_id"], float(r["defect_score"]), r["id"], r["reason"], r["attention_png"], r["path"])
+                       for r in rows]
 
 
 def _summaries(loc: storage.Location, files: list[str]) -> list[dict | None]:
@@ -197,7 +217,8 @@ def write_report(output: str, gallery_size: int = 48) -> str:
     """Write OUT/report.html (replacing it) and return its URI."""
     data = gather(output, gallery_size)
     uri = storage.join(output, "report.html")
-    storage.write_bytes(uri, render(data, thumbnails=_thumbnails(output, data.gallery)).encode("utf-8"))
+    thumbnails = _thumbnails(output, data.review + data.gallery)
+    storage.write_bytes(uri, render(data, thumbnails=thumbnails).encode("utf-8"))
     return uri
 
 
@@ -208,6 +229,8 @@ def _thumbnails(output: str, gallery: list[tuple]) -> dict[str, str]:
     thumbs = {}
     for item in gallery:
         key = item[4]
+        if not key:
+            continue
         try:
             with Image.open(io.BytesIO(storage.read_bytes(storage.join(output, *key.split("/"))))) as img:
                 img = img.convert("RGB")
@@ -262,6 +285,7 @@ def render(data: ReportData, thumbnails: dict[str, str] | None = None) -> str:
         _tile("images scored", f"{total:,}"), _tile("defects", f"{data.defects:,}"),
         _tile("errors", f"{data.errors:,}"), _tile("runs", f"{len(data.runs):,}"),
         "</div></header>",
+        _decisions_section(data, thumbnails),
         _labels_section(data, order, colours, total),
         _runs_section(data, order, colours),
         _histogram_section(data, order, colours),
@@ -391,6 +415,37 @@ def _histogram_section(data: ReportData, order: list[str], colours: dict[str, st
                      if l in data.histogram)
     return (f'<section><h2>Score histogram</h2><div>{legend}</div><svg class="chart" viewBox="0 0 {width} {height}" '
             f'role="img" aria-label="score histogram">{axis}{ticks}{"".join(shapes)}</svg></section>')
+
+
+def _decisions_section(data: ReportData, thumbnails: dict[str, str]) -> str:
+    """OK / NG / REVIEW of the newest run (a calibrated model), its drift test, and its review queue first."""
+    if not data.decisions:
+        return ""
+    counts = data.decisions.get("counts", {})
+    tiles = "".join(_tile(name.upper(), f"{counts.get(name, 0):,}") for name in ("ok", "ng", "review"))
+    drift = data.decisions.get("drift", {})
+    if not drift.get("tested"):
+        said = f"not tested: {_e(drift.get('why', ''))}"
+    elif drift.get("drifted"):
+        said = (f"<b>drifted</b> from the calibration's images (p = {drift['p_value']:.2g} &lt; {drift['alpha']}, "
+                f"most in {_e(drift['worst']['feature'])})")
+    else:
+        said = f"like the calibration's images (p = {drift['p_value']:.2g}, alpha {drift['alpha']})"
+    review = data.decisions.get("review", {})
+    cards = []
+    for run_id, defect, image_id, reason, key, path in data.review:
+        thumb = thumbnails.get(key) if key else None
+        img = (f'<img src="{thumb}" alt="{_e(image_id)}" width="{THUMB_SIDE}" height="{THUMB_SIDE}">' if thumb
+               else '<div class="missing">no overlay</div>')
+        link = f'<a href="{_href(key)}" title="{_e(path)}">{img}</a>' if key else img
+        cards.append(f'<figure>{link}<figcaption><b>review</b> {defect:.3f}<br><span class="id">{_e(image_id)}'
+                     f'</span><br><span class="id">{_e(reason)}</span></figcaption></figure>')
+    queue = (f"<p class=note>{review.get('images', 0):,} images to review in this run (the table: "
+             f"<code>{_e(review.get('csv', '-'))}</code>); the first {len(cards)}:</p>"
+             f'<div class="gallery">{"".join(cards)}</div>') if cards else \
+        '<p class="empty">No image of this run waits for review.</p>'
+    return (f"<section><h2>Decisions (newest run)</h2><div class=tiles>{tiles}</div>"
+            f"<p class=note>Tonight's images: {said}.</p><h3>Review queue</h3>{queue}</section>")
 
 
 def _gallery_section(data: ReportData, thumbnails: dict[str, str]) -> str:
