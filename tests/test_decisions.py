@@ -114,7 +114,7 @@ def _policy(ok=0.2, ng=0.8, ood_threshold=50.0) -> Policy:
               "ood": {"method": "mahalanobis", "threshold": ood_threshold}}
     classes = rng.integers(0, 3, 200)
     return Policy(record, Gaussians.fit(emb, classes),
-                  Reference.fit(emb, rng.uniform(size=(200, 15)), classes, rng.uniform(size=200)))
+                  Reference.fit(emb, rng.uniform(size=(200, 18)), classes, rng.uniform(size=200)))
 
 
 def test_a_policy_decides_ok_ng_and_review_with_its_reasons(tmp_path):
@@ -122,11 +122,11 @@ def test_a_policy_decides_ok_ng_and_review_with_its_reasons(tmp_path):
     logits = np.array([[0.0, 0.0, 5.0], [5.0, 0.0, 0.0], [0.0, 0.0, 0.3], [0.0, 0.0, 5.0]])
     embeddings = np.zeros((4, 8))
     embeddings[3] = 40.0  # far from every class
-    stats = np.zeros((4, 15))
+    stats = np.zeros((4, 18))
     out = policy.apply(logits, embeddings, stats)
     assert list(out["decision"]) == ["ok", "ng", "review", "review"]
     assert list(out["reason"]) == [REASONS["ok"], REASONS["ng"], REASONS["between"], REASONS["unlike"]]
-    assert out["probs_calibrated"].shape == (4, 3) and out["drift_projection"].shape == (4, 1 + 8 + 15)
+    assert out["probs_calibrated"].shape == (4, 3) and out["drift_projection"].shape == (4, 1 + 8 + 18)
     policy.save(str(tmp_path))
     again = load_policy(str(tmp_path), ["Xminus", "Xplus", "passed"])
     assert list(again.apply(logits, embeddings, stats)["decision"]) == list(out["decision"])

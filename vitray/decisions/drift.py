@@ -3,7 +3,7 @@
 The calibration keeps a reference: for a bounded sample of its images, the predicted class,
 the embedding's projections on its top principal directions, and a few statistics of the
 pixels themselves (brightness, contrast, the means of four quarters, the histogram of edge
-directions, sharpness: a camera turned by a few degrees or a blurred lens shows there even
+directions, sharpness, the colour channels' means: a camera turned by a few degrees or a blurred lens shows there even
 where the model's features are built not to notice), with their defect scores. A scoring run
 computes the same for every image in the model's pass, keeps a bounded uniform sample of the
 night (the driver's memory does not grow with the night), and at its end compares the two,
@@ -28,15 +28,19 @@ ORIENTATION_BINS = 8
 
 
 def image_statistics(images: np.ndarray) -> np.ndarray:
-    """(B, 15) statistics of uint8 (B, H, W, C) images: brightness, contrast, the four quarters'
-    means, the edge-direction histogram (8 bins over 180 degrees, weighted by edge strength), sharpness.
+    """(B, 18) statistics of uint8 (B, H, W, C) images: brightness, contrast, the four quarters'
+    means, the edge-direction histogram (8 bins over 180 degrees, weighted by edge strength), sharpness,
+    and the mean of each colour channel.
 
     Computed on every few pixels (about 32 a side) of the middle channel (green, of RGB): a small
     share of the model's pass.
     """
     images = np.asarray(images)
     step = max(1, round(images.shape[1] / 32))
-    grey = images[:, ::step, ::step, images.shape[-1] // 2].astype(np.float32) * (1.0 / 255.0)
+    few = images[:, ::step, ::step]
+    colour = few.reshape(len(few), -1, few.shape[-1]).mean(axis=1, dtype=np.float32) / 255.0
+    colour = np.repeat(colour, 3, axis=1) if colour.shape[1] == 1 else colour[:, :3]
+    grey = few[..., images.shape[-1] // 2].astype(np.float32) * (1.0 / 255.0)
     b = len(grey)
     h, w = grey.shape[1:]
     brightness, contrast = grey.mean(axis=(1, 2)), grey.std(axis=(1, 2))
@@ -52,7 +56,7 @@ def image_statistics(images: np.ndarray) -> np.ndarray:
     histogram /= np.maximum(histogram.sum(axis=1, keepdims=True), 1e-9)
     lap = grey[:, 1:-1, 1:-1] * 4 - grey[:, :-2, 1:-1] - grey[:, 2:, 1:-1] - grey[:, 1:-1, :-2] - grey[:, 1:-1, 2:]
     sharpness = np.abs(lap).mean(axis=(1, 2)) / np.maximum(contrast, 1e-3)
-    return np.column_stack([brightness, contrast, *quarters, histogram, sharpness]).astype(np.float32)
+    return np.column_stack([brightness, contrast, *quarters, histogram, sharpness, colour]).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,7 @@ def compare(reference: Reference, night: NightSample, alpha: float = ALPHA) -> d
         # statistics are also compared over all images (the quarters' means, which follow where
         # the part sits, only class by class).
         first = 1 + reference.directions.shape[0]
-        for k in [first, first + 1, *range(first + 6, sample.shape[1])]:
+        for k in [first, first + 1, *range(first + 6, sample.shape[1])]:  # all but the quarters
             t = ks_2samp(reference.projections[:, k], sample[:, k])
             tests.append((-1, k, float(t.statistic), float(t.pvalue)))
         for c in np.unique(sample[:, 0]):
@@ -191,6 +195,7 @@ def feature_name(column: int, directions: int = DIRECTIONS) -> str:
     names = [f"embedding direction {k + 1}" for k in range(directions)]
     names += ["brightness", "contrast", "top-left mean", "top-right mean", "bottom-left mean", "bottom-right mean"]
     names += [f"edges at {int(180 * k / ORIENTATION_BINS)} degrees" for k in range(ORIENTATION_BINS)] + ["sharpness"]
+    names += ["red mean", "green mean", "blue mean"]
     return names[column - 1] if 0 < column <= len(names) else f"feature {column}"
 
 
