@@ -6,7 +6,7 @@ rewrites every piece left under `predictions/` into `predictions/run=<run_id>/` 
 up to `COMPACT_ROWS` rows, sorted by id (so a file's id range is narrow and planning skips
 it by its statistics), each with its counts in its footer (`outputs.summarize`: the report
 reads them instead of the rows). The steps and what a kill at each leaves are in
-`vitray.score.outputs`; `recover_compactions` finishes or undoes a killed compaction.
+`vitray.score.outputs`, whose `recover_compactions` finishes or undoes a killed compaction.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 
 from vitray import storage
 from vitray.score.outputs import (
@@ -137,37 +136,6 @@ def apply(root: storage.Location, compaction: Compaction, table: pa.Table) -> No
     with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
         list(pool.map(storage.delete, [predictions.child(name) for name in compaction.sources]))
     storage.delete(marker)
-
-
-def recover_compactions(root: storage.Location) -> dict[str, int]:
-    """Finish (target whole: delete its pieces) or undo (no target: delete it) killed compactions.
-
-    A marker that cannot be settled (storage refusing a delete) is reported and left: the next
-    run tries again, and readers keep counting its ids once meanwhile.
-    """
-    found = {"compactions_finished": 0, "compactions_undone": 0}
-    for path, record in compaction_markers(root).items():
-        try:
-            whole = _settle(root, path, record)
-        except OSError as exc:
-            log.warning("could not settle the compaction %s: %s", path, exc)
-            continue
-        found["compactions_finished" if whole else "compactions_undone"] += 1
-        log.info("%s a killed compaction of %s", "finished" if whole else "undid", record.get("run_id"))
-    return found
-
-
-def _settle(root: storage.Location, marker: str, record: dict) -> bool:
-    """One killed compaction finished or undone; whether its target was whole."""
-    predictions = root.child(PREDICTIONS)
-    targets = [predictions.child(*t.split("/")) for t in record.get("targets", [])]
-    whole = all(root.fs.get_file_info(t.path).type == pafs.FileType.File for t in targets)
-    for loc in [predictions.child(s) for s in record.get("sources", [])] if whole else targets:
-        storage.delete(loc)
-        if not root.is_s3:
-            storage.remove_temps(posixpath.dirname(loc.path), posixpath.basename(loc.path))
-    storage.delete(storage.Location(root.fs, marker, marker))
-    return whole
 
 
 def _json(record: dict) -> bytes:

@@ -226,8 +226,6 @@ def recover(output: str, run_id: str | None = None) -> dict[str, int]:
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             found["unrecoverable"] += 1
             log.warning("could not clean up %s: %s", info.path, str(exc).splitlines()[0] if str(exc) else exc)
-    from vitray.score.compaction import recover_compactions
-
     found.update(recover_compactions(root))
     if not root.is_s3:
         for folder in ("_pending", "errors", "runs"):
@@ -262,6 +260,37 @@ def _recover_piece(root: storage.Location, marker: str, piece: str) -> str:
             log.warning("could not delete overlay %s of an unfinished piece: %s", key, exc)
     storage.delete(storage.Location(root.fs, marker, marker))
     return "pending_undone"
+
+
+def recover_compactions(root: storage.Location) -> dict[str, int]:
+    """Finish (target whole: delete its pieces) or undo (no target: delete it) killed compactions.
+
+    A marker that cannot be settled (storage refusing a delete) is reported and left: the next
+    run tries again, and readers keep counting its ids once meanwhile.
+    """
+    found = {"compactions_finished": 0, "compactions_undone": 0}
+    for path, record in compaction_markers(root).items():
+        try:
+            whole = _settle(root, path, record)
+        except OSError as exc:
+            log.warning("could not settle the compaction %s: %s", path, exc)
+            continue
+        found["compactions_finished" if whole else "compactions_undone"] += 1
+        log.info("%s a killed compaction of %s", "finished" if whole else "undid", record.get("run_id"))
+    return found
+
+
+def _settle(root: storage.Location, marker: str, record: dict) -> bool:
+    """One killed compaction finished or undone; whether its target was whole."""
+    predictions = root.child(PREDICTIONS)
+    targets = [predictions.child(*t.split("/")) for t in record.get("targets", [])]
+    whole = all(root.fs.get_file_info(t.path).type == pafs.FileType.File for t in targets)
+    for loc in [predictions.child(s) for s in record.get("sources", [])] if whole else targets:
+        storage.delete(loc)
+        if not root.is_s3:
+            storage.remove_temps(posixpath.dirname(loc.path), posixpath.basename(loc.path))
+    storage.delete(storage.Location(root.fs, marker, marker))
+    return whole
 
 
 @dataclass(frozen=True)
