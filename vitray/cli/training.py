@@ -126,7 +126,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from vitray.evaluate import ANOMALY_FILE, evaluate, evaluate_anomaly, format_report
 
     if not args.model and not args.anomaly:
-        raise VitrayError("--model is required (or --anomaly BANK to measure an anomaly bank)")
+        raise VitrayError("--model is required (on the command line or in --config), or --anomaly BANK to "
+                          "measure an anomaly bank")
     if args.anomaly:
         from vitray.anomaly.bank import read_meta
 
