@@ -199,7 +199,7 @@ def _counted(stage: type) -> type:
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             out = super().__call__(batch)
             n = len(out["feature"])
-            if n == 0:  # one placeholder row carries the count
+            if n == 0:  # no feature kept: a marker row (row -1) still carries the count
                 return {"feature": np.zeros((1, 1), np.float32), "row": np.array([-1]),
                         "images": np.array([len(batch["id"])])}
             images = np.zeros(n, dtype=np.int64)
