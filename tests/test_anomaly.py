@@ -234,3 +234,101 @@ def test_a_fit_on_ray_matches_the_one_in_process(ray_session, tmp_path, encoder,
     assert on_ray.meta.rows == here.meta.rows
     a, b = load_bank(str(tmp_path / "here")).features, load_bank(str(tmp_path / "ray")).features
     assert sorted(map(tuple, a.numpy().round(4).tolist())) == sorted(map(tuple, b.numpy().round(4).tolist()))
+
+
+def _with_objects(images: np.ndarray) -> np.ndarray:
+    broken = images.copy()
+    broken[:, 4:12, 20:28] = (255, 0, 255)  # a magenta object no good image has
+    return broken
+
+
+@pytest.fixture(scope="module")
+def strict_bank(tmp_path_factory, bank, good) -> str:
+    """The bank with its threshold between the good images' scores and those with an object: the
+    untrained encoder ranks them apart, but a threshold from 4 held-out images lies above both."""
+    import shutil
+
+    from vitray.anomaly import AnomalyScorer
+
+    out = str(tmp_path_factory.mktemp("strict") / "bank")
+    shutil.copytree(bank, out)
+    scorer = AnomalyScorer(bank)
+    clean = scorer({"image": good_images(good)})["anomaly_score"]
+    broken = scorer({"image": _with_objects(good_images(good))})["anomaly_score"]
+    assert clean.max() < broken.min()
+    meta = json.load(open(os.path.join(out, "bank.json")))
+    meta["threshold"] = float(clean.max() + broken.min()) / 2
+    json.dump(meta, open(os.path.join(out, "bank.json"), "w"))
+    return out
+
+
+@pytest.mark.parametrize("attention", ["defects", "all"])
+def test_the_model_stage_scores_the_bank_of_its_own_backbone_from_its_own_pass(strict_bank, encoder, good,
+                                                                               attention):
+    bank = strict_bank
+    from vitray.anomaly import AnomalyScorer
+    from vitray.inference import Predictor, PredictOptions
+
+    images = np.concatenate([good_images(good), _with_objects(good_images(good))])
+    batch = {"id": np.arange(16).astype(str), "image": images,
+             "error_kind": np.array([""] * 15 + ["corrupt"], dtype=object)}
+    stage = Predictor(encoder, PredictOptions(attention=attention, anomaly=bank))
+    assert stage.anomaly.shared  # the bank was fitted on this classifier's backbone: no second encoder
+    out = stage(batch)
+    direct = AnomalyScorer(bank)(batch)
+    # Exact up to float32 rounding, which the square root enlarges near a distance of 0.
+    assert np.allclose(out["anomaly_map"], direct["anomaly_map"], atol=5e-3, equal_nan=True)
+    assert np.isnan(out["anomaly_score"][15]) and not out["anomalous"][15]
+    assert out["anomalous"][8:15].all() and not out["anomalous"][:8].any()
+
+
+def test_the_onnx_engine_scores_with_the_banks_encoder_beside_the_graph(strict_bank, encoder, good):
+    from vitray.anomaly import AnomalyScorer
+    from vitray.export import onnx_model
+    from vitray.inference import OnnxPredictor, PredictOptions
+
+    images = np.concatenate([good_images(good), _with_objects(good_images(good))])
+    batch = {"id": np.arange(16).astype(str), "image": images, "error_kind": np.array([""] * 16, dtype=object)}
+    out = OnnxPredictor(onnx_model(encoder, maps=False)[3], PredictOptions(anomaly=strict_bank))(batch)
+    assert np.allclose(out["anomaly_map"], AnomalyScorer(strict_bank)(batch)["anomaly_map"], atol=5e-3)
+    assert list(out["anomalous"]) == [False] * 8 + [True] * 8
+
+
+def test_score_with_a_bank_commits_scores_maps_overlays_and_a_report_section(tmp_path, strict_bank, encoder, good):
+    from PIL import Image
+
+    from vitray.score import ScoreConfig, read_predictions, score
+
+    night = tmp_path / "night"
+    night.mkdir()
+    for n, (clean, broken) in enumerate(zip(good_images(good), _with_objects(good_images(good)))):
+        Image.fromarray(clean).save(night / f"good-{n}.png")
+        Image.fromarray(broken).save(night / f"object-{n}.png")
+    out = tmp_path / "out"
+    bank = strict_bank
+    manifest = score(ScoreConfig(model=encoder, input=str(night), output=str(out), anomaly=bank))
+    rows = read_predictions(str(out)).to_table().to_pylist()
+    assert len(rows) == 16 and all(r["anomaly_shape"] == [8, 8] and len(r["anomaly_map"]) == 64 for r in rows)
+    flagged = {r["id"] for r in rows if r["anomalous"]}
+    assert flagged == {f"object-{n}.png" for n in range(8)}
+    for r in rows:  # --attention defects: an overlay for each anomalous image, beside the attention ones
+        assert (r["anomaly_png"] is not None) == r["anomalous"]
+        if r["anomaly_png"]:
+            assert r["anomaly_png"].startswith("anomaly/") and (out / r["anomaly_png"]).read_bytes()[:4] == b"\x89PNG"
+    assert manifest["anomaly"] == {"bank": bank, "threshold": pytest.approx(manifest["anomaly"]["threshold"]),
+                                   "anomalous": len(flagged)}
+    page = (out / "report.html").read_text()
+    assert "Anomalies (newest run)" in page and "object-0.png" in page
+    assert not os.listdir(out / "_pending")
+    again = score(ScoreConfig(model=encoder, input=str(night), output=str(out), anomaly=bank))
+    assert again["counts"]["scored"] == 0 and again["anomaly"]["anomalous"] == 0
+
+
+def test_score_refuses_a_bank_of_another_input_size_in_one_line(tmp_path, bank, good):
+    from vitray.score import ScoreConfig, score
+
+    other = save_tiny_vit(str(tmp_path / "model48"), INSPECTION_LABELS, size=48)
+    with pytest.raises(VitrayError, match="its encoder takes 32x32 px images, the model 48x48"):
+        score(ScoreConfig(model=other, input=good, output=str(tmp_path / "out"), anomaly=bank))
+    with pytest.raises(VitrayError, match="not an anomaly bank"):
+        score(ScoreConfig(model=other, input=good, output=str(tmp_path / "out"), anomaly=str(tmp_path)))

@@ -135,6 +135,14 @@ def test_a_policy_decides_ok_ng_and_review_with_its_reasons(tmp_path):
         load_policy(str(tmp_path), ["a", "b", "c"])
 
 
+def test_an_anomalous_image_is_never_decided_ok_and_a_defect_stays_ng():
+    policy = _policy()
+    logits = np.array([[0.0, 0.0, 5.0], [0.0, 0.0, 5.0], [5.0, 0.0, 0.0], [0.0, 0.0, 0.3]])
+    out = policy.apply(logits, np.zeros((4, 8)), np.zeros((4, 18)), anomalous=np.array([False, True, True, True]))
+    assert list(out["decision"]) == ["ok", "review", "ng", "review"]
+    assert list(out["reason"]) == [REASONS["ok"], REASONS["anomaly"], REASONS["ng"], REASONS["between"]]
+
+
 def test_calibrate_writes_the_calibration_into_the_model_and_out(tiny_model, tmp_path, monkeypatch, capsys):
     import shutil
 

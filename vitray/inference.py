@@ -35,6 +35,9 @@ class PredictOptions:
     # With a calibrated model: each image's decision (ok / ng / review), its reason, the calibrated
     # probabilities, the defect and out-of-distribution scores and the drift projection.
     decisions: bool = False
+    # An anomaly bank (vitray anomaly): each image's anomaly score and map against it, and with
+    # a calibrated model, an image decided OK but anomalous goes to REVIEW.
+    anomaly: str | None = None
 
     @property
     def needs_features(self) -> bool:
@@ -113,10 +116,16 @@ class _Stage:
     grid: tuple[int, int]
     embedding_size: int
     policy: Any = None  # vitray.decisions.policy.Policy of a calibrated model, when decisions are asked for
+    anomaly: Any = None  # vitray.anomaly.AnomalyScorer, when a bank is given
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error_kind"] == "" if "error_kind" in batch else np.ones(len(batch["image"]), dtype=bool)
         out = self._predict(batch) if ok.all() else self._skip_failed(batch, ok)
+        if self.anomaly is not None:
+            if "anomaly_map" not in out:  # the bank's own encoder, on the images the model saw
+                out["anomaly_map"] = self.anomaly({"image": batch["image"], "error_kind": np.where(ok, "", "x")}
+                                                  )["anomaly_map"]
+            out.update(self.anomaly.columns(out["anomaly_map"]))
         if self.options.needs_features:
             from vitray.decisions.drift import image_statistics
 
@@ -124,7 +133,8 @@ class _Stage:
         if self.options.attention == "none":
             del out["image"]  # only overlays need the pixels downstream
         if self.policy is not None:
-            out.update(decision_columns(self.policy, out["logits"], out["embedding"], out["image_stats"]))
+            out.update(decision_columns(self.policy, out["logits"], out["embedding"], out["image_stats"],
+                                        out.get("anomalous")))
         if self.options.needs_features and not self.options.features:
             del out["logits"], out["embedding"], out["image_stats"]
         return out
@@ -140,7 +150,7 @@ class _Stage:
         keys = ["pred", "score", "probs", "attention"]
         if ok.any():
             part = self._predict({k: v[ok] for k, v in batch.items()})
-            for key in ("logits", "embedding"):
+            for key in ("logits", "embedding", "anomaly_map"):
                 if key in part:
                     out[key] = np.full((n, part[key].shape[1]), np.nan, dtype=np.float32)
                     keys.append(key)
@@ -191,6 +201,12 @@ class Predictor(_Stage):
         self.grid = (self.prep.size // patch, self.prep.size // patch)
         self.embedding_size = int(self.model.config.hidden_size)
         self._embeddings: list[Any] = []
+        self._anomaly_maps: list[np.ndarray] = []
+        if options.anomaly:
+            from vitray.anomaly.scorer import AnomalyScorer
+
+            # A bank fitted on this classifier's backbone scores from the classifier's own pass.
+            self.anomaly = AnomalyScorer(options.anomaly, backbone=(self.model.vit, self.prep))
         if options.decisions:
             from vitray.decisions.policy import load_policy
             from vitray.models.building import local_model_dir
@@ -213,10 +229,8 @@ class Predictor(_Stage):
             if self.one_pass:
                 maps, logits = attention_maps(self.model, x, "rollout", self.options.head_fusion,
                                               self.options.discard_ratio, chunk=self.map_chunk)
-            elif self.forward_chunk:
-                logits = torch.cat([self.model(pixel_values=part).logits for part in x.split(self.forward_chunk)])
             else:
-                logits = self.model(pixel_values=x).logits
+                logits = torch.cat([self._forward(part) for part in x.split(self.forward_chunk or len(x))])
         logits = logits.float()
         probs = torch.softmax(logits, dim=-1)
         score, pred = probs.max(dim=-1)
@@ -229,7 +243,18 @@ class Predictor(_Stage):
             out["embedding"] = torch.cat(self._embeddings).float().cpu().numpy()[:len(logits)]
         out["attention"] = (maps.reshape(len(maps), -1).float().cpu().numpy() if self.one_pass
                             else self._maps(x, out["pred"]))
+        if self._anomaly_maps:
+            out["anomaly_map"] = np.concatenate(self._anomaly_maps)
+            self._anomaly_maps.clear()
         return out
+
+    def _forward(self, x: Any) -> Any:
+        """The logits of a pass; with a bank of this backbone, its anomaly maps from the same pass."""
+        if self.anomaly is None or not self.anomaly.shared:
+            return self.model(pixel_values=x).logits
+        result = self.model(pixel_values=x, output_hidden_states=True)
+        self._anomaly_maps.append(self.anomaly.score_hidden_states(result.hidden_states)["anomaly_map"])
+        return result.logits
 
     def _maps(self, x: Any, pred: np.ndarray) -> np.ndarray:
         """(B, rows*cols) maps; rows without a map are NaN (written as null)."""
@@ -280,6 +305,10 @@ class OnnxPredictor(_Stage):
             raise ValueError("the ONNX model has no `logits` and `embedding` outputs: export it again")
         if options.decisions:
             self.policy = policy_of_export(model, self.labels)
+        if options.anomaly:  # beside the graph: the bank's encoder in PyTorch
+            from vitray.anomaly.scorer import AnomalyScorer
+
+            self.anomaly = AnomalyScorer(options.anomaly)
         self.embedding_size = int(self.session.get_outputs()[self.output_names.index("embedding")].shape[1]) \
             if "embedding" in self.output_names else 0
 
@@ -321,9 +350,12 @@ def policy_of_export(model: bytes, labels: list[str]) -> Any:
         return load_policy(folder, labels)
 
 
-def decision_columns(policy: Any, logits: np.ndarray, embeddings: np.ndarray,
-                     stats: np.ndarray) -> dict[str, np.ndarray]:
-    """A calibrated model's decision columns; rows without logits (unreadable images) get none."""
+def decision_columns(policy: Any, logits: np.ndarray, embeddings: np.ndarray, stats: np.ndarray,
+                     anomalous: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """A calibrated model's decision columns; rows without logits (unreadable images) get none.
+
+    `anomalous`: per image, above the anomaly bank's threshold (an image decided OK goes to REVIEW).
+    """
     n, ok = len(logits), np.isfinite(logits).all(axis=1)
     k = policy.reference.projections.shape[1]
     cols = {"decision": np.full(n, None, dtype=object), "reason": np.full(n, None, dtype=object),
@@ -331,6 +363,7 @@ def decision_columns(policy: Any, logits: np.ndarray, embeddings: np.ndarray,
             "probs_calibrated": np.full(logits.shape, np.nan, np.float32),
             "drift_projection": np.full((n, k), np.nan, np.float32)}
     if ok.any():
-        for key, values in policy.apply(logits[ok], embeddings[ok], stats[ok]).items():
+        for key, values in policy.apply(logits[ok], embeddings[ok], stats[ok],
+                                        None if anomalous is None else anomalous[ok]).items():
             cols[key][ok] = values
     return cols

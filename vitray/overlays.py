@@ -46,12 +46,13 @@ def overlay(
     return out
 
 
-def overlay_maps(images: np.ndarray, maps: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+def overlay_maps(images: np.ndarray, maps: np.ndarray, alpha: float = 0.6, peak: float | None = None) -> np.ndarray:
     """Maps (B, rows, cols) blended onto images (B, H, W, C) uint8 → RGB (B, H, W, 3) uint8.
 
     C = 3 or 4 shows the image's colours, any other channel count its first channel.
 
-    Each map, scaled to [0, 1] by its max (negative and NaN cells count as 0), is
+    Each map, scaled to [0, 1] by its max (or by `peak`, the same for every map, values above
+    it clipped; negative and NaN cells count as 0), is
     upsampled bilinearly to H×W (pixel centres, edges clamped) and coloured with
     matplotlib's "jet"; the colour c is blended per pixel as (1 - a)·image + a·c with
     a = alpha·heat, in 8 bits as PIL's composite rounds it: where the model did not look,
@@ -66,8 +67,8 @@ def overlay_maps(images: np.ndarray, maps: np.ndarray, alpha: float = 0.6) -> np
     if heat.ndim != 3 or heat.shape[0] != images.shape[0]:
         raise ValueError(f"overlay_maps needs one (rows, cols) map per image, got {heat.shape}")
     _, h, w, _ = images.shape
-    peak = heat.max(axis=(1, 2), keepdims=True)
-    heat = np.divide(heat, peak, out=np.zeros_like(heat), where=peak > 0)
+    scale = heat.max(axis=(1, 2), keepdims=True) if peak is None else np.full((len(heat), 1, 1), peak, np.float32)
+    heat = np.divide(heat, scale, out=np.zeros_like(heat), where=scale > 0)
     up = np.clip(_linear_weights(heat.shape[1], h) @ heat @ _linear_weights(heat.shape[2], w).T, 0.0, 1.0).ravel()
     # Indexed as matplotlib quantises [0, 1] into its table.
     level = np.minimum(up * _JET_LEVELS, _JET_LEVELS - 1).astype(np.uint8)

@@ -11,7 +11,8 @@
 
 Rows that failed to decode get NaN. `score_hidden_states` does the same from the hidden states of
 a forward pass already made (a classifier whose backbone is the bank's encoder), so that scoring
-with the anomaly head then costs one forward pass, not two.
+with the anomaly head then costs one forward pass, not two. `columns` turns maps into the
+columns a scoring run commits: `anomaly_score` and `anomalous` (above the bank's threshold).
 """
 from __future__ import annotations
 
@@ -29,13 +30,22 @@ FEATURE_CHUNK_CPU = 64  # images per encoder pass on a CPU
 class AnomalyScorer:
     """Ray Data UDF: adds `anomaly_score` and `anomaly_map` to batches with a uint8 `image` column."""
 
-    def __init__(self, bank: str | Bank, encoder: str | None = None) -> None:
+    def __init__(self, bank: str | Bank, encoder: str | None = None, backbone: tuple[Any, Any] | None = None) -> None:
+        """`backbone`: (a loaded ViTModel, its Preprocessing), used instead of loading the bank's
+        encoder when it is that encoder (the same weights and preprocessing): `shared` is then True."""
         import torch
 
         self.bank = load_bank(bank) if isinstance(bank, str) else bank
         meta = self.bank.meta
-        self.encoder: Encoder = load_encoder(encoder or meta.encoder)
-        check_same_encoder(self.encoder, meta, encoder or meta.encoder)
+        self.encoder: Encoder
+        self.shared = backbone is not None and _is_encoder_of(backbone, meta)
+        if self.shared:
+            model, prep = backbone  # type: ignore[misc]
+            self.encoder = Encoder(model, prep, tuple(meta.grid), int(model.config.num_hidden_layers),
+                                   meta.fingerprint)
+        else:
+            self.encoder = load_encoder(encoder or meta.encoder)
+            check_same_encoder(self.encoder, meta, encoder or meta.encoder)
         self.spec = FeatureSpec(tuple(meta.layers), meta.neighbourhood)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.encoder.model.to(self.device)
@@ -67,9 +77,19 @@ class AnomalyScorer:
 
     def distances(self, feats: Any) -> np.ndarray:
         """(B, P, D) patch features → (B, P) float32 distances to the nearest bank row."""
+        import torch
+
         b, p, d = feats.shape
-        dist = nearest_distances(feats.reshape(b * p, d).to(self.device), self.features, self.features_sq)
+        # In float32 whatever the caller's autocast: a distance is a difference of large squares.
+        with torch.autocast(self.device.type, enabled=False):
+            dist = nearest_distances(feats.reshape(b * p, d).to(self.device).float(), self.features,
+                                     self.features_sq)
         return dist.reshape(b, p).float().cpu().numpy()
+
+    def columns(self, maps: np.ndarray) -> dict[str, np.ndarray]:
+        """What a scoring run commits per image: `anomaly_score`, and `anomalous` (above the threshold)."""
+        scores = image_scores(maps)
+        return {"anomaly_score": scores, "anomalous": np.nan_to_num(scores, nan=-np.inf) > self.threshold}
 
     def score_hidden_states(self, hidden_states: Sequence[Any]) -> dict[str, np.ndarray]:
         """`anomaly_score` and `anomaly_map` from a forward pass's hidden states (the bank's encoder's)."""
@@ -87,6 +107,15 @@ def image_scores(maps: np.ndarray) -> np.ndarray:
     has = ~np.isnan(maps).all(axis=1)
     out[has] = np.nanmax(maps[has], axis=1)
     return out
+
+
+def _is_encoder_of(backbone: tuple[Any, Any], meta: Any) -> bool:
+    from vitray.anomaly.features import weights_fingerprint
+
+    model, prep = backbone
+    return (int(prep.size) == int(meta.size) and tuple(map(float, prep.mean)) == tuple(map(float, meta.mean))
+            and tuple(map(float, prep.std)) == tuple(map(float, meta.std))
+            and weights_fingerprint(model) == meta.fingerprint)
 
 
 def check_same_encoder(encoder: Encoder, meta: Any, uri: str) -> None:

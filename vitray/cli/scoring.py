@@ -53,6 +53,10 @@ def add_score(sub: Any) -> None:
     p.add_argument("--fail-on-drift", action="store_true", default=d("fail_on_drift"),
                    help="with a calibrated model (vitray calibrate): exit 3 when tonight's images drifted from the "
                         "calibration's (without it, one line says so)")
+    p.add_argument("--anomaly", metavar="BANK",
+                   help="an anomaly bank (vitray anomaly): each image's anomaly score and map, overlays under "
+                        "OUT/anomaly/ as --attention says (defects: the anomalous images); with a calibrated "
+                        "model an anomalous image is never decided OK")
     ray_options(p)
     p.set_defaults(func=run_score)
 
@@ -83,7 +87,7 @@ def run_score(args: argparse.Namespace) -> int:
                          submission=args.submission, max_error_rate=args.max_error_rate,
                          lease_timeout=args.lease_timeout, shared_fs=bool(args.shared_fs), engine=args.engine,
                          ray_address=args.ray_address, verbose=args.verbose,
-                         fail_on_drift=bool(args.fail_on_drift))
+                         fail_on_drift=bool(args.fail_on_drift), anomaly=args.anomaly)
     show, close = _score_progress()
     try:
         manifest = score(config, progress=show)
@@ -103,6 +107,8 @@ def run_score(args: argparse.Namespace) -> int:
         labels = ", ".join(f"{name.upper()} {n}" for name, n in decisions["counts"].items())
         if decisions["review"].get("csv"):
             outputs["review"] = decisions["review"]["csv"]
+    if manifest.get("anomaly"):
+        labels += f"; {manifest['anomaly']['anomalous']:,} anomalous"
     print(summary(f"scored {counts['scored']:,} images ({counts['skipped']:,} already done, {counts['errors']:,} "
                    "errors)" + (f" at {rate:,.0f} img/s" if rate else "") + (f": {labels}" if labels else ""),
                    outputs, f"open {manifest['report']}" if not storage.is_s3(args.output) else

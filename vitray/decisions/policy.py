@@ -27,6 +27,7 @@ REASONS = {
     "ng": "defect score at or above the NG threshold",
     "between": "defect score between the OK and NG thresholds",
     "unlike": "unlike the calibration images (out-of-distribution score above its threshold)",
+    "anomaly": "unlike the anomaly bank's good images (anomaly score above its threshold)",
 }
 
 
@@ -51,10 +52,13 @@ class Policy:
         t = self.record["thresholds"]
         return Thresholds(t.get("ok"), t.get("ng"))
 
-    def apply(self, logits: np.ndarray, embeddings: np.ndarray, stats: np.ndarray) -> dict[str, np.ndarray]:
+    def apply(self, logits: np.ndarray, embeddings: np.ndarray, stats: np.ndarray,
+              anomalous: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Calibrated probabilities, defect and OOD scores, drift projections, decision and reason.
 
-        `stats`: the images' `vitray.decisions.drift.image_statistics`.
+        `stats`: the images' `vitray.decisions.drift.image_statistics`. `anomalous`: per image,
+        above an anomaly bank's threshold (`vitray score --anomaly`): an image the classifier
+        would pass goes to REVIEW, since a defect nobody labelled looks like no known class.
         """
         probs = softmax(logits, self.temperature)
         defect = (1.0 - probs[:, self.ok_index]).astype(np.float32)
@@ -70,6 +74,9 @@ class Policy:
             decision[ok], reason[ok] = "ok", REASONS["ok"]
         unlike = ood > float(self.record["ood"]["threshold"])
         decision[unlike], reason[unlike] = "review", REASONS["unlike"]
+        if anomalous is not None:
+            novel = np.asarray(anomalous, dtype=bool) & (decision == "ok")
+            decision[novel], reason[novel] = "review", REASONS["anomaly"]
         return {"probs_calibrated": probs, "defect_score": defect, "ood_score": ood, "decision": decision,
                 "reason": reason, "drift_projection": self.reference.project(embeddings, stats, probs.argmax(axis=1))}
 

@@ -2,7 +2,8 @@
 
 Built from the run's committed predictions (each image once, as the predictions are), after
 the run's last piece: `OUT/review/run=<run_id>/review.parquet` and `review.csv`, the images
-decided REVIEW first by reason, then by defect score, with the key of their overlay.
+decided REVIEW first by reason, then by defect score, with the keys of their overlays (attention,
+and anomaly when scored with an anomaly bank).
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any
 
 from vitray import storage
 
-COLUMNS = ("id", "path", "label", "decision", "reason", "defect_score", "ood_score", "attention_png", "run_id")
+COLUMNS = ("id", "path", "label", "decision", "reason", "defect_score", "ood_score", "anomaly_score", "attention_png",
+           "anomaly_png", "run_id")
 
 
 def review_rows(dataset: Any, run_id: str) -> Any:

@@ -46,6 +46,7 @@ import pyarrow.fs as pafs
 
 from vitray import storage
 from vitray.decisions import nightly
+from vitray.score import anomalies
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ PREDICTIONS_SCHEMA = pa.schema([
     ("model", pa.string()), ("run_id", pa.string()),
     # A calibrated model's decision (vitray.decisions): null for a model without a calibration.
     *nightly.schema_fields(),
+    # With --anomaly BANK (vitray.score.anomalies): null otherwise.
+    *anomalies.schema_fields(),
 ])
 ERRORS_SCHEMA = pa.schema([("path", pa.string()), ("error", pa.string()), ("message", pa.string()),
                            ("run_id", pa.string())])
@@ -67,8 +70,8 @@ KEY_SEGMENT_BYTES = 64  # of each folder and of the file name's readable part
 KEY_DEPTH = 8  # folders kept from the id; deeper ones are folded into the last
 
 
-def attention_key(image_id: str) -> str:
-    """OUT-relative key of an image's overlay: `attention/<readable id>-<hash>.png`.
+def attention_key(image_id: str, folder: str = "attention") -> str:
+    """OUT-relative key of an image's overlay: `attention/<readable id>-<hash>.png` (or `folder`'s).
 
     One key per id whatever the id holds, and always a legal name: the readable part keeps
     the id's subfolders (at most 8, each cut to 64 bytes; empty, `.` and `..` segments
@@ -83,7 +86,7 @@ def attention_key(image_id: str) -> str:
         parts = parts[: KEY_DEPTH - 1] + ["_".join(parts[KEY_DEPTH - 1:])]
     readable = [_key_segment(p) for p in parts]
     readable[-1] = f"{readable[-1]}-{digest}.png"
-    return "attention/" + "/".join(readable)
+    return f"{folder}/" + "/".join(readable)
 
 
 def _key_segment(part: str) -> str:
@@ -303,6 +306,7 @@ class PiecePlan:
     labels: tuple[str, ...]
     grid: tuple[int, int]
     input_base: str  # input URI that ids are relative to
+    anomaly: anomalies.AnomalyPlan | None = None  # scoring with an anomaly bank
 
     def name(self, ids: Sequence[str]) -> str:
         # The ids, not a counter: a retried task writes the same names, never a second copy.
@@ -321,19 +325,28 @@ def write_piece(batch: dict[str, np.ndarray], plan: PiecePlan) -> dict[str, np.n
     has_map = ok & ~np.isnan(maps).any(axis=1)
     pngs = {i: attention_key(ids[i]) for i in np.flatnonzero(has_map)}
     labels = [plan.labels[p] if p >= 0 else "" for p in batch["pred"]]
+    anomaly_pngs = anomalies.overlay_rows(batch, plan.anomaly, ok, attention_key)
 
     put = _putter(root)
     pending = root.child("_pending", f"{piece}.json")
+    if pngs or anomaly_pngs:
+        put(pending, json.dumps({"run_id": plan.run_id,
+                                 "pngs": list(pngs.values()) + list(anomaly_pngs.values())}).encode())
     if pngs:
-        put(pending, json.dumps({"run_id": plan.run_id, "pngs": list(pngs.values())}).encode())
-        _write_overlays(root, batch["image"], maps, pngs, plan.grid, put)
+        rows = np.fromiter(pngs, dtype=np.int64)
+        _write_overlays(root, _overlay_pngs(batch["image"][rows], maps[rows].reshape(len(rows), *plan.grid)),
+                        [pngs[i] for i in rows], put)
+    if anomaly_pngs:
+        rows = np.fromiter(anomaly_pngs, dtype=np.int64)
+        _write_overlays(root, anomalies.overlay_pngs(batch["image"][rows], batch["anomaly_map"][rows], plan.anomaly),
+                        [anomaly_pngs[i] for i in rows], put)
     bad, good = np.flatnonzero(~ok), np.flatnonzero(ok)
     if len(bad):
         _write_errors(root, piece, plan, ids, batch, bad, put)
     if len(good):
         _check_lease(root, plan.run_id)
-        _commit_predictions(root, piece, plan, ids, labels, batch, maps, has_map, pngs, good, put)
-    if pngs:
+        _commit_predictions(root, piece, plan, ids, labels, batch, maps, has_map, (pngs, anomaly_pngs), good, put)
+    if pngs or anomaly_pngs:
         storage.delete(pending)
 
     counts: dict[str, int] = {}
@@ -346,6 +359,7 @@ def write_piece(batch: dict[str, np.ndarray], plan: PiecePlan) -> dict[str, np.n
             "errors": np.array([len(bad)]), "labels": np.array([json.dumps(counts)], dtype=object),
             "error_kinds": np.array([json.dumps(kinds)], dtype=object),
             "decisions": np.array([nightly.piece_summary(batch, ids, good)], dtype=object),
+            "anomalous": np.array([anomalies.anomalous_count(batch, good)]),
             "seconds": np.array([time.perf_counter() - started])}
 
 
@@ -355,12 +369,9 @@ def _putter(root: storage.Location) -> Callable[..., None]:
     return functools.partial(storage.put_object, s3=s3)
 
 
-def _write_overlays(root: storage.Location, images: np.ndarray, maps: np.ndarray, pngs: dict[int, str],
-                    grid: tuple[int, int], put: Callable[..., None]) -> None:
-    """The overlay PNGs of the rows in `pngs` (row → key), before the piece commits."""
-    rows = np.fromiter(pngs, dtype=np.int64)
-    encoded = _overlay_pngs(images[rows], maps[rows].reshape(len(rows), *grid))
-    places = [root.child(*pngs[i].split("/")) for i in rows]
+def _write_overlays(root: storage.Location, encoded: list[bytes], keys: list[str], put: Callable[..., None]) -> None:
+    """Overlay PNGs under their OUT-relative keys, before the piece commits."""
+    places = [root.child(*key.split("/")) for key in keys]
     if root.is_s3:
         # Threads: on S3 each overlay is a round trip, and a piece has hundreds of them.
         with ThreadPoolExecutor(max_workers=PNG_THREADS) as pool:
@@ -379,10 +390,13 @@ def _write_errors(root: storage.Location, piece: str, plan: PiecePlan, ids: list
 
 
 def _commit_predictions(root: storage.Location, piece: str, plan: PiecePlan, ids: list[str], labels: list[str],
-                        batch: dict[str, np.ndarray], maps: np.ndarray, has_map: np.ndarray, pngs: dict[int, str],
-                        good: np.ndarray, put: Callable[..., None]) -> None:
-    """The commit: once this file is in place, these ids are done."""
+                        batch: dict[str, np.ndarray], maps: np.ndarray, has_map: np.ndarray,
+                        overlays: tuple[dict[int, str], dict[int, str]], good: np.ndarray,
+                        put: Callable[..., None]) -> None:
+    """The commit: once this file is in place, these ids are done. `overlays`: row → key of the
+    attention and the anomaly overlays."""
     rows, cols = plan.grid
+    pngs, anomaly_pngs = overlays
     table = pa.table({
         "id": [ids[i] for i in good],
         "path": [_input_uri(plan.input_base, ids[i]) for i in good],
@@ -395,6 +409,7 @@ def _commit_predictions(root: storage.Location, piece: str, plan: PiecePlan, ids
         "model": [plan.model] * len(good),
         "run_id": [plan.run_id] * len(good),
         **nightly.prediction_columns(batch, good),
+        **anomalies.prediction_columns(batch, good, anomaly_pngs, plan.anomaly),
     }, schema=PREDICTIONS_SCHEMA)
     put(root.child(PREDICTIONS, f"part-{piece}.parquet"), parquet_bytes(table), durable=True)
 

@@ -33,6 +33,7 @@ from vitray.inference import ATTENTION_MODES
 from vitray.interrupts import STOP_EXIT_CODES, Interrupts, stop_error
 from vitray.lease import STALE_S, Lease
 from vitray.runtime import IN_PROCESS_MAX, runs_in_process
+from vitray.score import anomalies
 from vitray.score.compaction import compact
 from vitray.score.outputs import PiecePlan, read_predictions, record_bad_names, recover, write_piece
 from vitray.score.planning import plan_run
@@ -75,6 +76,9 @@ class ScoreConfig:
     # With a calibrated model (vitray calibrate), a night whose images drifted from the
     # calibration's ends the run with exit code 3 (for a cron); without, with one line.
     fail_on_drift: bool = False
+    # An anomaly bank (vitray anomaly): each image's anomaly score, map and overlay beside the
+    # prediction; with a calibrated model, an image decided OK but anomalous goes to REVIEW.
+    anomaly: str | None = None
 
     def check(self) -> None:
         """One-line errors for option values, before anything is read."""
@@ -114,9 +118,11 @@ class _Totals:
     in_process: bool = False  # scored in the driver's process, without Ray
     decide: bool = False  # a calibrated model: the model stage decides each image
     decisions: NightDecisions = field(default_factory=NightDecisions)
+    anomalous: int = 0  # images above the anomaly bank's threshold (--anomaly)
 
     def add(self, summary: dict[str, Any]) -> None:
         self.decisions.add(summary.get("decisions") or "")
+        self.anomalous += int(summary.get("anomalous", 0))
         self.scored += int(summary["scored"])
         self.errors += int(summary["errors"])
         self.pieces += 1
@@ -213,6 +219,7 @@ def score(config: ScoreConfig, progress: Callable[[dict[str, int]], None] | None
     config = _located(config)
     labels, prep, grid, model = _check_model(config)
     policy = _policy(config, labels, model)
+    bank = anomalies.plan_of(config.anomaly, config.attention, prep.size) if config.anomaly else None
     source = _check_input(config)
     _check_gpus(config)
     _check_cluster(config)
@@ -225,6 +232,8 @@ def score(config: ScoreConfig, progress: Callable[[dict[str, int]], None] | None
             "model": storage.resolve(config.model).uri, "input": storage.resolve(config.input).uri, "output": out,
             "format": source.format, "labels_of_model": labels, "arguments": dataclasses.asdict(config),
         }
+        if bank is not None:
+            manifest["anomaly"] = {"bank": storage.resolve(bank.bank).uri, "threshold": bank.threshold}
         if lease.took_over:
             manifest["took_over_lease_of"] = lease.took_over
         runs = storage.join(out, "runs", f"{run_id}.json")
@@ -233,7 +242,7 @@ def score(config: ScoreConfig, progress: Callable[[dict[str, int]], None] | None
         totals = _Totals(decide=policy is not None)
         try:
             skipped, scoring_s = _score_remaining(config, source, PiecePlan(
-                out, run_id, manifest["model"], tuple(labels), grid, _ids_base(config.input)), model, prep,
+                out, run_id, manifest["model"], tuple(labels), grid, _ids_base(config.input), bank), model, prep,
                 totals, lease, progress)
             lease.check()
             manifest["compacted"] = compact(out)  # this run's pieces, and any a killed run left
@@ -286,6 +295,8 @@ def _finish(config: ScoreConfig, manifest: dict[str, Any], source: Any, totals: 
     out = manifest["output"]
     if policy is not None:
         manifest["decisions"] = totals.decisions.finish(policy, out, manifest["run_id"], read_predictions(out))
+    if "anomaly" in manifest:
+        manifest["anomaly"]["anomalous"] = totals.anomalous
     manifest.update({
         "status": "complete", "finished": _now(),
         "counts": {"scored": totals.scored, "skipped": skipped, "errors": totals.errors + len(source.bad_names),
@@ -335,7 +346,8 @@ def _located(config: ScoreConfig) -> ScoreConfig:
     from vitray.models.specs import portable
 
     return dataclasses.replace(config, model=portable(config.model), input=storage.absolute(config.input),
-                               output=storage.absolute(config.output), submission=storage.absolute(config.submission))
+                               output=storage.absolute(config.output), submission=storage.absolute(config.submission),
+                               anomaly=storage.absolute(config.anomaly))
 
 
 def _ids_base(input_uri: str) -> str:
@@ -416,7 +428,7 @@ def _options(config: ScoreConfig, decide: bool = False) -> Any:
     from vitray.inference import PredictOptions
 
     return PredictOptions(attention=config.attention, method=config.method, head_fusion=config.head_fusion,
-                          discard_ratio=config.discard_ratio, decisions=decide)
+                          discard_ratio=config.discard_ratio, decisions=decide, anomaly=config.anomaly)
 
 
 def _policy(config: ScoreConfig, labels: list[str], model: str | bytes) -> Any:

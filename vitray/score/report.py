@@ -49,6 +49,8 @@ class ReportData:
     error_rows: list[tuple] = field(default_factory=list)  # (run_id, path, error, message)
     decisions: dict = field(default_factory=dict)  # the newest run's, with a calibrated model
     review: list[tuple] = field(default_factory=list)  # (run_id, defect score, id, reason, png key, path)
+    anomaly: dict = field(default_factory=dict)  # the newest run's, scored with --anomaly
+    anomalies: list[tuple] = field(default_factory=list)  # (run_id, anomaly score, id, label, png key, path)
 
 
 def gather(output: str, gallery_size: int = 48, error_rows: int = 200) -> ReportData:
@@ -75,7 +77,26 @@ def gather(output: str, gallery_size: int = 48, error_rows: int = 200) -> Report
                 heapq.heapreplace(newest, row)
     data.error_rows = sorted(newest, reverse=True)
     data.decisions, data.review = _review(data.runs[-1] if data.runs else {}, gallery_size)
+    data.anomaly = (data.runs[-1] if data.runs else {}).get("anomaly") or {}
+    if data.anomaly:
+        data.anomalies = _anomaly_gallery(_predictions(loc, files), data.runs[-1]["run_id"], gallery_size)
     return data
+
+
+def _anomaly_gallery(predictions: Any, run_id: str, size: int) -> list[tuple]:
+    """The newest run's most anomalous images with an overlay: (run_id, score, id, label, png key, path)."""
+    import pyarrow.dataset as pads
+
+    where = (pads.field("run_id") == run_id) & pads.field("anomaly_png").is_valid()
+    best = np.concatenate([_top(b.column(0), size) for b in _scan(predictions, ["anomaly_score"], where)] + [
+        np.empty(0, np.float32)])
+    if not len(best):
+        return []
+    lowest = float(np.sort(best)[-size:][0])
+    rows = [row for b in _scan(predictions, ["id", "path", "label", "anomaly_score", "anomaly_png"],
+                               where & (pads.field("anomaly_score") >= lowest)) for row in b.to_pylist()]
+    return sorted(((run_id, float(r["anomaly_score"]), r["id"], str(r["label"]), r["anomaly_png"], r["path"])
+                   for r in rows), reverse=True)[:size]
 
 
 def _review(latest: dict, size: int) -> tuple[dict, list[tuple]]:
@@ -91,8 +112,9 @@ def _review(latest: dict, size: int) -> tuple[dict, list[tuple]]:
     except (OSError, ValueError):  # a review table removed by hand: the counts still show
         return decisions, []
     rows = table.to_pylist()
-    return decisions, [(r["run_id"], float(r["defect_score"]), r["id"], r["reason"], r["attention_png"], r["path"])
-                       for r in rows]
+    # An image sent to review as an anomaly shows where it differs from the good images.
+    return decisions, [(r["run_id"], float(r["defect_score"]), r["id"], r["reason"],
+                        r.get("anomaly_png") or r["attention_png"], r["path"]) for r in rows]
 
 
 def _summaries(loc: storage.Location, files: list[str]) -> list[dict | None]:
@@ -217,7 +239,7 @@ def write_report(output: str, gallery_size: int = 48) -> str:
     """Write OUT/report.html (replacing it) and return its URI."""
     data = gather(output, gallery_size)
     uri = storage.join(output, "report.html")
-    thumbnails = _thumbnails(output, data.review + data.gallery)
+    thumbnails = _thumbnails(output, data.review + data.anomalies + data.gallery)
     storage.write_bytes(uri, render(data, thumbnails=thumbnails).encode("utf-8"))
     return uri
 
@@ -286,6 +308,7 @@ def render(data: ReportData, thumbnails: dict[str, str] | None = None) -> str:
         _tile("errors", f"{data.errors:,}"), _tile("runs", f"{len(data.runs):,}"),
         "</div></header>",
         _decisions_section(data, thumbnails),
+        _anomaly_section(data, thumbnails),
         _labels_section(data, order, colours, total),
         _runs_section(data, order, colours),
         _histogram_section(data, order, colours),
@@ -448,6 +471,29 @@ def _decisions_section(data: ReportData, thumbnails: dict[str, str]) -> str:
             f"<p class=note>Tonight's images: {said}.</p><h3>Review queue</h3>{queue}</section>")
 
 
+def _anomaly_section(data: ReportData, thumbnails: dict[str, str]) -> str:
+    """The newest run's images unlike the anomaly bank's good images, most anomalous first."""
+    if not data.anomaly:
+        return ""
+    tiles = (_tile("anomalous", f"{data.anomaly.get('anomalous', 0):,}")
+             + _tile("threshold", f"{float(data.anomaly.get('threshold', float('nan'))):.3f}"))
+    cards = [_card(key, image_id, path, thumbnails, f"<b>{_e(label)}</b> anomaly {score:.3f}")
+             for run_id, score, image_id, label, key, path in data.anomalies]
+    shown = (f"<p class=note>Bank <code>{_e(data.anomaly.get('bank', '-'))}</code>; the {len(cards)} most anomalous "
+             f'images with an overlay (red: patches at the threshold\'s distance from every good patch):</p>'
+             f'<div class="gallery">{"".join(cards)}</div>') if cards else \
+        '<p class="empty">No anomaly overlay in this run (none anomalous, or --attention none).</p>'
+    return f"<section><h2>Anomalies (newest run)</h2><div class=tiles>{tiles}</div>{shown}</section>"
+
+
+def _card(key: str, image_id: str, path: str, thumbnails: dict[str, str], caption: str) -> str:
+    thumb = thumbnails.get(key)
+    img = (f'<img src="{thumb}" alt="{_e(image_id)}" width="{THUMB_SIDE}" height="{THUMB_SIDE}">' if thumb
+           else '<div class="missing">overlay missing</div>')
+    return (f'<figure><a href="{_href(key)}" title="{_e(path)}">{img}</a>'
+            f'<figcaption>{caption}<br><span class="id">{_e(image_id)}</span></figcaption></figure>')
+
+
 def _gallery_section(data: ReportData, thumbnails: dict[str, str]) -> str:
     title = "<section><h2>Defects</h2>"
     if not data.defects:
@@ -457,14 +503,8 @@ def _gallery_section(data: ReportData, thumbnails: dict[str, str]) -> str:
     if not data.gallery:
         note = (f"<p class=note>{data.defects:,} defect images, none with an overlay "
                 "(score with --attention defects or all to see where the model looked).</p>")
-    cards = []
-    for run_id, score, image_id, label, key, path in data.gallery:
-        thumb = thumbnails.get(key)
-        img = (f'<img src="{thumb}" alt="{_e(image_id)}" width="{THUMB_SIDE}" height="{THUMB_SIDE}">' if thumb
-               else '<div class="missing">overlay missing</div>')
-        cards.append(f'<figure><a href="{_href(key)}" title="{_e(path)}">{img}</a>'
-                     f'<figcaption><b>{_e(label)}</b> {score:.2f}<br><span class="id">{_e(image_id)}</span>'
-                     f"</figcaption></figure>")
+    cards = [_card(key, image_id, path, thumbnails, f"<b>{_e(label)}</b> {score:.2f}")
+             for run_id, score, image_id, label, key, path in data.gallery]
     return title + note + '<div class="gallery">' + "".join(cards) + "</div></section>"
 
 
