@@ -80,7 +80,8 @@ def main() -> int:
 
     from vitray.data import synth
     from vitray.data.preprocess import normalize, resize_image
-    from vitray.explain import attention_maps, register_weights_attention
+    from vitray.attention import register_weights_attention
+    from vitray.rollout import attention_maps
     from vitray.localisation import energy_in_box, pointing_game
     from vitray.models import load_trained
 

@@ -15,8 +15,8 @@ from vitray.data.preprocess import AugmentConfig, augment_batch, normalize, resi
 from vitray.models import PRESETS
 from vitray.data.sampling import class_weights
 from vitray.train_loop import make_scheduler
-from vitray.evaluate import classification_metrics
-from vitray.explain import attention_maps
+from vitray.metrics import classification_metrics
+from vitray.rollout import attention_maps
 from vitray.localisation import energy_in_box, pointing_game
 
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -11,7 +11,8 @@ from PIL import Image
 from conftest import as_a_fresh_process_without_ray
 from vitray import storage
 from vitray.errors import VitrayError
-from vitray.evaluate import classification_metrics, format_report, plot_confusion, plot_curves
+from vitray.figures import plot_confusion, plot_curves
+from vitray.metrics import classification_metrics, format_report
 
 LABELS = ["passed", "Xplus", "Xminus", "Yplus"]
 # 3 passed, 2 Xplus, 5 Xminus, no Yplus.

@@ -6,9 +6,10 @@ import pytest
 import torch
 from transformers import ViTConfig, ViTForImageClassification
 
-from vitray.explain import attention_maps, grad_rollout, register_weights_attention, rollout
+from vitray.attention import register_weights_attention
 from vitray.localisation import box_attention_loss, box_overlaps, energy_in_box, pointing_game
 from vitray.overlays import overlay, overlay_maps
+from vitray.rollout import attention_maps, grad_rollout, rollout
 
 
 def reference_rollout(attentions: list[np.ndarray], head_fusion: str, discard_ratio: float) -> np.ndarray:
@@ -317,7 +318,7 @@ def test_the_box_attention_term_pulls_a_map_into_its_box() -> None:
 
 def test_the_box_attention_term_trains_a_vits_rollout_onto_the_box(pixels: torch.Tensor) -> None:
     """Through a real ViT: a few steps on the term raise the rollout's energy in the box."""
-    from vitray.explain import patch_grid
+    from vitray.rollout import patch_grid
 
     model = tiny_vit(register_weights_attention("mean")).train()
     x = pixels[:2]

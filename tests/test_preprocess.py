@@ -32,6 +32,15 @@ def test_no_flips_for_classes_without_a_known_mirror():
     assert h is None and v is not None
 
 
+def test_another_domain_flips_its_own_mirror_classes():
+    from vitray.domain import Domain
+
+    arrows = Domain(ok_class="ok", classes=("ok", "left", "right"), hflip_pairs=(("left", "right"),), vflip_pairs=())
+    h, v = flip_maps(["left", "ok", "right"], arrows)
+    assert h.tolist() == [2, 1, 0] and v.tolist() == [0, 1, 2]
+    assert flip_maps(INSPECTION, arrows) == (None, None)  # not its classes
+
+
 def test_every_flipped_image_gets_its_mirrored_label():
     n = 400
     labels = np.arange(n) % len(INSPECTION)

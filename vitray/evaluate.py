@@ -1,191 +1,23 @@
-"""Classification metrics, confusion-matrix and training-curve plots, and a terminal report.
+"""`vitray evaluate`: a trained model's metrics on labelled data (`evaluation.json`, the confusion
+matrix, map localisation where the data has boxes), and an anomaly bank's (`anomaly.json`).
 
-The metric dict is the one `metrics.json` and `evaluation.json` hold; plots are PNGs written
-through `vitray.storage`, so OUT may be a local folder or an s3:// prefix.
+The metrics are `vitray.metrics`'; the figures `vitray.figures`'.
 """
 from __future__ import annotations
 
-import io
 import logging
-import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 
 from vitray import storage
+from vitray.domain import OK_CLASS
 from vitray.errors import VitrayError
+from vitray.figures import plot_confusion
+from vitray.metrics import anomaly_metrics, classification_metrics
 from vitray.runtime import IN_PROCESS_MAX, runs_in_process
 
 log = logging.getLogger(__name__)
-
-
-def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels: list[str],
-                           sample_weight: Sequence[float] | None = None) -> dict:
-    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix (scikit-learn's).
-
-    Ids index `labels`. Every label gets a per-class row, also one absent from the data (support 0);
-    a ratio with a zero denominator counts as 0.0. Macro-F1 averages over the classes that occur
-    in `y_true` (support > 0): a class the data does not contain says nothing about the model, and
-    counting it as F1 0 would punish an evaluation set for leaving a class out. Predictions of such
-    a class still cost the true classes their recall. `sample_weight` counts each pair that often.
-    """
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
-    true = np.asarray(y_true, dtype=np.int64).ravel()
-    pred = np.asarray(y_pred, dtype=np.int64).ravel()
-    weight = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64).ravel()
-    n = len(labels)
-    if true.shape != pred.shape:
-        raise VitrayError(f"metrics: {true.size} true labels but {pred.size} predictions")
-    total = true.size if weight is None else float(weight.sum())
-    if total == 0:
-        raise VitrayError("metrics: no samples to evaluate")
-    for name, ids in (("true label", true), ("prediction", pred)):
-        bad = ids[(ids < 0) | (ids >= n)]
-        if bad.size:
-            raise VitrayError(f"metrics: {name} id {int(bad[0])} is outside the {n} classes {labels}")
-    ids = np.arange(n)
-    confusion = np.rint(confusion_matrix(true, pred, labels=ids, sample_weight=weight)).astype(np.int64)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        true, pred, labels=ids, sample_weight=weight, zero_division=0.0)
-    present = support > 0
-    return {
-        "accuracy": float(np.trace(confusion) / total),
-        "macro_f1": float(f1[present].mean()),
-        "per_class": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                   "support": int(round(support[i]))}
-            for i, name in enumerate(labels)
-        },
-        "confusion_matrix": confusion.tolist(),
-        "labels": list(labels),
-    }
-
-
-def metrics_from_confusion(counts: np.ndarray, labels: list[str]) -> dict:
-    """`classification_metrics` of a (true, predicted) count matrix, such as workers add up."""
-    counts = np.asarray(counts)
-    true, pred = np.indices(counts.shape)
-    return classification_metrics(true.ravel(), pred.ravel(), labels, sample_weight=counts.ravel())
-
-
-def format_report(metrics: dict) -> str:
-    """A terminal table: per-class precision/recall/F1/support, accuracy, macro-F1, confusion matrix."""
-    labels = list(metrics["labels"])
-    per_class = metrics["per_class"]
-    support = sum(int(per_class[name]["support"]) for name in labels)
-    width = max([len(name) for name in labels] + [len("accuracy"), len("macro-F1")])
-    lines = [f"{'':<{width}}  {'precision':>9}  {'recall':>6}  {'f1':>6}  {'support':>7}"]
-    for name in labels:
-        row = per_class[name]
-        lines.append(f"{name:<{width}}  {row['precision']:>9.3f}  {row['recall']:>6.3f}  {row['f1']:>6.3f}"
-                     f"  {int(row['support']):>7d}")
-    lines += ["", f"{'accuracy':<{width}}  {'':>9}  {'':>6}  {metrics['accuracy']:>6.3f}  {support:>7d}",
-              f"{'macro-F1':<{width}}  {'':>9}  {'':>6}  {metrics['macro_f1']:>6.3f}  "
-              f"{'(classes with support > 0)'}", "",
-              "confusion matrix (rows: true class, columns: predicted class)"]
-    matrix = metrics["confusion_matrix"]
-    cells = [max(len(name), *(len(str(int(row[j]))) for row in matrix)) for j, name in enumerate(labels)]
-    lines.append(f"{'':<{width}}  " + "  ".join(f"{name:>{w}}" for name, w in zip(labels, cells)))
-    for name, row in zip(labels, matrix):
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{int(v):>{w}d}" for v, w in zip(row, cells)))
-    return "\n".join(lines)
-
-
-def plot_confusion(metrics: dict, uri: str, title: str = "") -> None:
-    """PNG with the confusion matrix as counts and row-normalised (each row: where a true class went)."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
-
-    labels = list(metrics["labels"])
-    counts = np.asarray(metrics["confusion_matrix"], dtype=float)
-    rows = counts.sum(axis=1, keepdims=True)
-    normalised = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
-    n = len(labels)
-    side = max(3.6, 0.62 * n + 1.6)  # inches per panel: about 0.6 in per class keeps names legible
-    font = 10 if n <= 10 else 8 if n <= 20 else 6
-    fig = Figure(figsize=(2 * side + 0.8, side + 0.9), layout="constrained")
-    headline = f"accuracy {metrics['accuracy']:.3f}   macro-F1 {metrics['macro_f1']:.3f}"
-    fig.suptitle(f"{title}\n{headline}" if title else headline, fontsize=11)
-    panels = [(counts, "counts", lambda v, i: f"{int(v)}"),
-              (normalised, "row-normalised (recall on the diagonal)", lambda v, i: f"{v:.0%}" if rows[i] else "-")]
-    for ax, (values, name, text) in zip(fig.subplots(1, 2), panels):
-        peak = values.max() if values.max() > 0 else 1.0
-        ax.imshow(values, cmap="Blues", vmin=0, vmax=peak)
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("predicted class")
-        ax.set_ylabel("true class")
-        if n <= 50:
-            ax.set_xticks(range(n), labels, rotation=45, ha="right", rotation_mode="anchor", fontsize=font)
-            ax.set_yticks(range(n), labels, fontsize=font)
-        if n <= 25:
-            for i in range(n):
-                for j in range(n):
-                    # Dark text on light cells, light on dark: readable whatever the count.
-                    colour = "white" if values[i, j] > 0.55 * peak else "black"
-                    ax.text(j, i, text(values[i, j], i), ha="center", va="center", fontsize=font, color=colour)
-    save_figure(fig, uri)
-
-
-HISTORY_PANELS = [
-    ("loss", [("train_loss", "train"), ("val_loss", "validation")]),
-    ("validation", [("val_accuracy", "accuracy"), ("val_macro_f1", "macro-F1")]),
-    ("learning rate", [("lr", "lr")]),
-]
-
-
-def plot_curves(history: list[dict], uri: str) -> None:
-    """PNG of the training history by epoch: losses, validation accuracy/macro-F1, learning rate."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    if not history:
-        raise VitrayError("plot_curves: the training history is empty")
-    fig = Figure(figsize=(13, 3.8), layout="constrained")
-    for ax, (name, series) in zip(fig.subplots(1, 3, sharex=True), HISTORY_PANELS):
-        for key, label in series:
-            xs, ys = _series(history, key)
-            if xs:
-                ax.plot(xs, ys, marker="o", markersize=3, label=label)
-        ax.set_title(name, fontsize=11)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        if name == "validation":
-            ax.set_ylim(0, 1.02)
-        if name == "learning rate":
-            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-        if ax.lines and name != "learning rate":
-            ax.legend(fontsize=9)
-        if not ax.lines:
-            ax.text(0.5, 0.5, "not recorded", transform=ax.transAxes, ha="center", va="center", color="grey")
-    save_figure(fig, uri)
-
-
-def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
-    """(epochs, values) of one column; rows without the value (no validation set, CSV blanks) are skipped."""
-    xs, ys = [], []
-    for i, row in enumerate(history):
-        value = _number(row.get(key))
-        if value is not None:
-            epoch = _number(row.get("epoch"))
-            xs.append(epoch if epoch is not None else i + 1)
-            ys.append(value)
-    return xs, ys
-
-
-def _number(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(number) else number
-
-
-def save_figure(fig: Any, uri: str, dpi: int = 120) -> None:
-    """A matplotlib figure as a PNG at a local path or s3:// URI."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    storage.write_bytes(uri, buf.getvalue())
 
 
 def evaluate(model_uri: str, data_uri: str, out_uri: str, fmt: str | None = None, batch_size: int = 256,
@@ -200,7 +32,7 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, fmt: str | None = None
     cluster named, is scored in this process.
     """
     from vitray.data.sources import inspect_source
-    from vitray.inference import NEGATIVE_LABEL, PredictOptions, model_info
+    from vitray.inference import PredictOptions, model_info
     from vitray.models.specs import portable
 
     if batch_size < 1 or workers < 1 or in_process_max < 0:
@@ -231,7 +63,7 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, fmt: str | None = None
     metrics["skipped"] = int(len(source) - len(true))
     if source.has_boxes:
         point, mass = np.concatenate(pointing), np.concatenate(energy)
-        defect = ~np.isnan(point) & (true != (labels.index(NEGATIVE_LABEL) if NEGATIVE_LABEL in labels else -1))
+        defect = ~np.isnan(point) & (true != (labels.index(OK_CLASS) if OK_CLASS in labels else -1))
         metrics["localization"] = {
             "method": options.method, "images": int(defect.sum()),
             "pointing_game": round(float(point[defect].mean()), 4) if defect.any() else None,
@@ -319,7 +151,6 @@ def evaluate_anomaly(bank_uri: str, data_uri: str, out_uri: str, fmt: str | None
     """
     from vitray.anomaly.bank import read_meta
     from vitray.data.sources import inspect_source
-    from vitray.inference import NEGATIVE_LABEL
 
     if batch_size < 1 or workers < 1 or in_process_max < 0:
         raise VitrayError("--batch-size and --workers must be at least 1, --in-process-max at least 0")
@@ -327,10 +158,10 @@ def evaluate_anomaly(bank_uri: str, data_uri: str, out_uri: str, fmt: str | None
     storage.check_output(out_uri, "--out")
     meta = read_meta(bank_uri)
     source = inspect_source(data_uri, fmt)
-    if not source.labelled or NEGATIVE_LABEL not in source.labels:
-        raise VitrayError(f"{data_uri}: anomaly evaluation needs labelled data with a {NEGATIVE_LABEL} class "
+    if not source.labelled or OK_CLASS not in source.labels:
+        raise VitrayError(f"{data_uri}: anomaly evaluation needs labelled data with a {OK_CLASS} class "
                           "(the good images) and defect classes")
-    good = source.labels.index(NEGATIVE_LABEL)
+    good = source.labels.index(OK_CLASS)
     here = runs_in_process(len(source), in_process_max, ray_address, gpus_per_worker)
     rows: dict[str, list] = {"label": [], "score": [], "pointing": [], "energy": []}
     batches = (_anomaly_here if here else _anomaly_on_ray)(source, bank_uri, meta, batch_size, workers,
@@ -346,38 +177,6 @@ def evaluate_anomaly(bank_uri: str, data_uri: str, out_uri: str, fmt: str | None
     result.update(bank=bank_uri, data=data_uri, skipped=int(len(source) - len(label)))
     storage.write_json(storage.join(out_uri, ANOMALY_FILE), result)
     return result
-
-
-def anomaly_metrics(label: np.ndarray, score: np.ndarray, pointing: np.ndarray, energy: np.ndarray,
-                    labels: list[str], good: int, threshold: float) -> dict:
-    """Image AUROC (all defects; each kind), rates at the threshold, map localisation on the defects."""
-    from sklearn.metrics import roc_auc_score
-
-    defect = label != good
-    if defect.all() or not defect.any():
-        raise VitrayError("anomaly evaluation needs both good images and defect images")
-    kinds = {}
-    for i, name in enumerate(labels):
-        mine = label == i
-        if i == good or not mine.any():
-            continue
-        pick = mine | ~defect
-        kinds[name] = {"images": int(mine.sum()), "auroc": round(float(roc_auc_score(defect[pick], score[pick])), 4),
-                       "detected": round(float((score[mine] > threshold).mean()), 4)}
-    boxed = defect & ~np.isnan(pointing)
-    return {
-        "images": int(len(label)), "good": int((~defect).sum()), "defects": int(defect.sum()),
-        "auroc": round(float(roc_auc_score(defect, score)), 4),
-        "threshold": float(threshold),
-        "false_reject_rate": round(float((score[~defect] > threshold).mean()), 4),
-        "detection_rate": round(float((score[defect] > threshold).mean()), 4),
-        "per_kind": kinds,
-        "localization": {
-            "images": int(boxed.sum()),
-            "pointing_game": round(float(pointing[boxed].mean()), 4) if boxed.any() else None,
-            "energy_in_box": round(float(energy[boxed].mean()), 4) if boxed.any() else None,
-        },
-    }
 
 
 def _anomaly_here(source: Any, bank_uri: str, meta: Any, batch_size: int, *_: Any) -> Iterator[dict[str, np.ndarray]]:

@@ -33,7 +33,7 @@ def export_onnx(model_uri: str, out_uri: str, attention: bool = False, opset: in
     _require_onnx()
     import torch
 
-    from vitray.explain import register_weights_attention
+    from vitray.attention import register_weights_attention
     from vitray.models import load_trained
 
     storage.check_output(os.path.dirname(out_uri.rstrip("/")) or ".", "--out")
@@ -162,7 +162,7 @@ def _grid(config: Any) -> tuple[int, int]:
 def _camera_model_class() -> type:
     import torch
 
-    from vitray.explain import forward_with_attentions, rollout
+    from vitray.rollout import forward_with_attentions, rollout
 
     class CameraModel(torch.nn.Module):
         """uint8 NHWC images in; probabilities (and the rollout map) out, normalised inside."""

@@ -16,11 +16,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from vitray.domain import OK_CLASS as NEGATIVE_LABEL  # the class whose images need no map under --attention defects
+
 ATTENTION_MODES = ("all", "defects", "none")
 MAP_CHUNK_CPU = 32  # images per pass when making maps on a CPU
 FORWARD_CHUNK_CPU = 64  # images per pass without maps on a CPU
-# The class whose images need no map under --attention defects.
-NEGATIVE_LABEL = "passed"
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ class Predictor(_Stage):
     def __init__(self, model_uri: str, options: PredictOptions = PredictOptions()) -> None:
         import torch
 
-        from vitray.explain import register_weights_attention
+        from vitray.attention import register_weights_attention
         from vitray.models import load_trained
 
         # Torch's CPU threads stay as Ray gives them (1 per CPU the actor asks for). Ray Data
@@ -220,7 +220,7 @@ class Predictor(_Stage):
         import torch
 
         from vitray.data.preprocess import normalize
-        from vitray.explain import attention_maps
+        from vitray.rollout import attention_maps
 
         images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device, non_blocking=True)
         x = normalize(images, self.prep.mean, self.prep.std)
@@ -258,7 +258,7 @@ class Predictor(_Stage):
 
     def _maps(self, x: Any, pred: np.ndarray) -> np.ndarray:
         """(B, rows*cols) maps; rows without a map are NaN (written as null)."""
-        from vitray.explain import attention_maps
+        from vitray.rollout import attention_maps
 
         n = len(pred)
         maps = np.full((n, self.grid[0] * self.grid[1]), np.nan, dtype=np.float32)

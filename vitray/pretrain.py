@@ -369,7 +369,7 @@ def plot_history(history: list[dict[str, Any]], uri: str) -> None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    from vitray.evaluate import save_figure
+    from vitray.figures import save_figure
 
     epochs = [row["epoch"] for row in history]
     fig = Figure(figsize=(13, 3.8), layout="constrained")
@@ -400,7 +400,7 @@ def plot_reconstructions(mae: Any, images: np.ndarray, prep: Any, uri: str, seed
     from matplotlib.figure import Figure
 
     from vitray.data.preprocess import normalize
-    from vitray.evaluate import save_figure
+    from vitray.figures import save_figure
 
     x = normalize(torch.from_numpy(np.ascontiguousarray(images)), prep.mean, prep.std)
     target = mae.patchify(x)

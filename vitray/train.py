@@ -303,7 +303,7 @@ def fit(trainer: Any) -> Any:
 def finish(config: TrainConfig, result: Any, data: TrainingData) -> TrainResult:
     """Export the last epoch (--export last) or the best by validation macro-F1 (--export best), and
     write metrics, history and plots."""
-    from vitray.evaluate import plot_confusion, plot_curves
+    from vitray.figures import plot_confusion, plot_curves
     from vitray.models import apply_finetune, build_model, export_model
 
     labels, prep, params = data.labels, data.prep, data.params

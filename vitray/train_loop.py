@@ -110,7 +110,8 @@ def _set_up(cfg: dict[str, Any]) -> _Run:
     import ray.train.torch
     import torch
 
-    from vitray.explain import patch_grid, register_weights_attention
+    from vitray.attention import register_weights_attention
+    from vitray.rollout import patch_grid
     from vitray.models import apply_finetune, build_model
 
     run = cfg["run"]
@@ -216,7 +217,7 @@ def _train_epoch(cfg: dict[str, Any], state: _Run, shard: Any, epoch: int) -> tu
     import torch
 
     from vitray.data.preprocess import normalize
-    from vitray.explain import rollout
+    from vitray.rollout import rollout
     from vitray.localisation import box_attention_loss
 
     run = cfg["run"]
@@ -310,7 +311,7 @@ def _validate(model: Any, val_data: Any, cfg: dict[str, Any], device: Any, amp: 
     import torch
 
     from vitray.data.preprocess import normalize
-    from vitray.evaluate import metrics_from_confusion
+    from vitray.metrics import metrics_from_confusion
 
     k = len(cfg["labels"])
     counts = torch.zeros(k * k, dtype=torch.float64, device=device)  # (true, predicted) pairs

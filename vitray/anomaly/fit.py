@@ -21,9 +21,9 @@ from vitray.anomaly.bank import META_FILE, Bank, BankMeta, save_bank, write_summ
 from vitray.anomaly.config import AnomalyConfig
 from vitray.anomaly.coreset import CappedBank, coreset_size, greedy_coreset
 from vitray.anomaly.features import FeatureSpec, default_layers, encoder_config, load_encoder, patch_features
+from vitray.domain import OK_CLASS as GOOD_LABEL
 from vitray.errors import VitrayError
 
-GOOD_LABEL = "passed"
 PREPARE_BATCH = 64
 
 

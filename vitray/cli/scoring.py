@@ -8,8 +8,9 @@ from vitray.cli.options import fraction, in_process_option, option_default, posi
 
 
 def add_score(sub: Any) -> None:
-    from vitray.explain import HEAD_FUSIONS, METHODS
+    from vitray.attention import HEAD_FUSIONS
     from vitray.inference import ATTENTION_MODES
+    from vitray.rollout import METHODS
     from vitray.score import SCORE_FORMATS, ScoreConfig
     from vitray.score.pipeline import ENGINES
 
@@ -118,7 +119,8 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def add_explain(sub: Any) -> None:
-    from vitray.explain import HEAD_FUSIONS, METHODS
+    from vitray.attention import HEAD_FUSIONS
+    from vitray.rollout import METHODS
 
     p = sub.add_parser("explain", help="attention maps for a few images",
                        description="Where the model looked: for each IMAGE, OUT/<name>.png (overlay), "

@@ -77,7 +77,8 @@ def add_train(sub: Any) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from vitray import storage
-    from vitray.evaluate import format_report
+    from vitray.domain import OK_CLASS
+    from vitray.metrics import format_report
     from vitray.train import train
 
     config = train_config(args)
@@ -85,10 +86,10 @@ def run_train(args: argparse.Namespace) -> int:
     result = train(config)
     print(format_report(result.metrics))
     model = storage.join(result.out, "model")
-    passed = result.metrics["per_class"].get("passed")
+    passed = result.metrics["per_class"].get(OK_CLASS)
     print(summary(f"exported epoch {result.exported_epoch} of {config.epochs}: validation accuracy "
                    f"{result.metrics['accuracy']:.3f}, macro-F1 {result.metrics['macro_f1']:.3f}"
-                   + (f", passed recall {passed['recall']:.2f}" if passed else "")
+                   + (f", {OK_CLASS} recall {passed['recall']:.2f}" if passed else "")
                    + (f" (best validation macro-F1 at epoch {result.best_epoch})"
                       if result.best_epoch != result.exported_epoch else ""),
                    {"model": model, "metrics": storage.join(result.out, "metrics.json"),
@@ -123,7 +124,8 @@ def add_evaluate(sub: Any) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     from vitray import storage
     from vitray.errors import VitrayError
-    from vitray.evaluate import ANOMALY_FILE, evaluate, evaluate_anomaly, format_report
+    from vitray.evaluate import ANOMALY_FILE, evaluate, evaluate_anomaly
+    from vitray.metrics import format_report
 
     if not args.model and not args.anomaly:
         raise VitrayError("--model is required (on the command line or in --config), or --anomaly BANK to "

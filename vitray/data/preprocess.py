@@ -12,14 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-# Mirror pairs of the inspection classes: a horizontal flip turns a part shifted
-# in +x into one shifted in -x; `passed` and the other axis are unchanged.
-HFLIP_PAIRS = {"Xplus": "Xminus", "Xminus": "Xplus"}
-VFLIP_PAIRS = {"Yplus": "Yminus", "Yminus": "Yplus"}
-MIRROR_SAFE = {"passed", "Xplus", "Xminus", "Yplus", "Yminus"}
-# Classes that are a displacement of a given size along an axis: a zoom changes the size and a
-# turn mixes the axes, so they get neither (inspection macro-F1 0.978 without, 0.933 with them).
-DISPLACEMENT_CLASSES = MIRROR_SAFE
+from vitray.domain import INSPECTION, Domain
 
 
 def resize_image(image: np.ndarray, size: int, channels: int) -> np.ndarray:
@@ -75,13 +68,14 @@ def normalize(images: Any, mean: Sequence[float], std: Sequence[float]) -> Any:
     return x.sub_(m).div_(s)
 
 
-def flip_maps(labels: Sequence[str]) -> tuple[np.ndarray | None, np.ndarray | None]:
+def flip_maps(labels: Sequence[str], domain: Domain = INSPECTION
+              ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Label-id maps for horizontal and vertical flips, or None where a flip is unsafe.
 
-    Flips are only used for the inspection classes, whose mirror images are
-    known; any other class list (digits, say) gets no flips at all.
+    Flips are only used for the domain's classes, whose mirror images are known; any
+    other class list (digits, say) gets no flips at all.
     """
-    if not labels or not set(labels) <= MIRROR_SAFE:
+    if not labels or not set(labels) <= set(domain.classes):
         return None, None
     index = {name: i for i, name in enumerate(labels)}
 
@@ -90,7 +84,7 @@ def flip_maps(labels: Sequence[str]) -> tuple[np.ndarray | None, np.ndarray | No
             return None  # e.g. Xplus present without Xminus: the flip would invent a class
         return np.array([index[pairs.get(name, name)] for name in labels], dtype=np.int64)
 
-    return mapping(HFLIP_PAIRS), mapping(VFLIP_PAIRS)
+    return mapping(domain.mirror(domain.hflip_pairs)), mapping(domain.mirror(domain.vflip_pairs))
 
 
 @dataclass(frozen=True)
@@ -106,9 +100,11 @@ class AugmentConfig:
     contrast: float = 0.15
 
     @classmethod
-    def for_labels(cls, labels: Sequence[str]) -> "AugmentConfig":
-        h, v = flip_maps(labels)
-        geometric = bool(labels) and set(labels) <= DISPLACEMENT_CLASSES
+    def for_labels(cls, labels: Sequence[str], domain: Domain = INSPECTION) -> "AugmentConfig":
+        h, v = flip_maps(labels, domain)
+        # The domain's classes are displacements of a given size along an axis: a zoom changes the
+        # size and a turn mixes the axes, so they get neither (docs/benchmarks.md, the defaults' figures).
+        geometric = bool(labels) and set(labels) <= set(domain.classes)
         return cls(hflip=tuple(h) if h is not None else None, vflip=tuple(v) if v is not None else None,
                    **({"rotate": 0.0, "scale": 0.0} if geometric else {}))
 

@@ -18,10 +18,11 @@ import pyarrow.parquet as pq
 
 from vitray import storage
 from vitray.data.scenes import LOOKS, NOVEL_DEFECTS, Look, draw_scenes, part_boxes, render, render_novel, seat_boxes
+from vitray.domain import INSPECTION
 from vitray.errors import VitrayError
 from vitray.png import encode
 
-CLASSES: tuple[str, ...] = ("passed", "Xplus", "Xminus", "Yplus", "Yminus")
+CLASSES: tuple[str, ...] = INSPECTION.classes
 # The parquet `label` column is a ClassLabel whose ids index the sorted names, as `datasets` sorts them.
 LABEL_NAMES: tuple[str, ...] = tuple(sorted(CLASSES))
 # `--defects novel`: seated parts with defects no training sees (a scratch, an empty seat, ...),

@@ -209,7 +209,7 @@ def _plot(record: dict[str, Any], seen: dict[str, np.ndarray], policy: Policy, c
     """reliability.png: confidence against accuracy before and after, and the defect-score histograms."""
     from matplotlib.figure import Figure
 
-    from vitray.evaluate import save_figure
+    from vitray.figures import save_figure
 
     fit, held = split_halves(seen["label"], config.seed)
     logits, labels = seen["logits"][held], seen["label"][held]

@@ -28,10 +28,10 @@ import pyarrow.fs as pafs
 from vitray import storage
 from vitray.decisions.nightly import NightDecisions
 from vitray.errors import VitrayError
-from vitray.explain import check_map_options  # imports torch only when used
 from vitray.inference import ATTENTION_MODES
 from vitray.interrupts import STOP_EXIT_CODES, Interrupts, stop_error
 from vitray.lease import STALE_S, Lease
+from vitray.rollout import check_map_options  # imports torch only when used
 from vitray.runtime import IN_PROCESS_MAX, runs_in_process
 from vitray.score import anomalies
 from vitray.score.compaction import compact

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vitray import storage
-from vitray.inference import NEGATIVE_LABEL
+from vitray.domain import OK_CLASS as NEGATIVE_LABEL
 from vitray.score.outputs import HIST_BINS
 THUMB_SIDE = 160
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",

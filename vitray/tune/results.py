@@ -199,7 +199,7 @@ def plot_search(trials: list[TrialSummary], metric: str, uri: str) -> None:
     ax_curve.grid(alpha=0.3)
     if best is not None:
         ax_curve.legend(fontsize=8)
-    from vitray.evaluate import save_figure
+    from vitray.figures import save_figure
 
     save_figure(fig, uri, dpi=110)
 
