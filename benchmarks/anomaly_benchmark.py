@@ -1,6 +1,6 @@
 """Every target of anomaly detection from good images, measured in one command.
 
-    python benchmarks/anomaly_benchmark.py --out DIR [--encoder PATH] [--seeds 1,2,3] [--good 1000] [--test 400]
+    python benchmarks/anomaly_benchmark.py --out DIR [--encoder PATH] [--seeds 1,2,3] [--styles synth,alt] [--good 1000] [--test 400]
                                            [--scale 1000,3000,10000] [--pretrain-epochs 100] [--only quality,scale,cost,search]
 
 - quality: per renderer and seed, a bank fitted on `--good` good images and measured on `--test`
@@ -65,15 +65,15 @@ def quality(args: argparse.Namespace, encoder: str) -> dict:
     from vitray.evaluate import evaluate_anomaly
 
     results: dict = {}
-    for style in RENDERERS:
+    for style in args.styles:
         runs = []
         for seed in args.seeds:
             root = os.path.join(args.out, "quality", f"{style}-{seed}")
             good = synth(os.path.join(root, "good"), args.good, 1000 + seed, style, ["--passed-fraction", "1.0"])
             test = synth(os.path.join(root, "test"), args.test, 2000 + seed, style,
                          ["--defects", "novel", "--passed-fraction", "0.5"])
-            fit = fit_bank(AnomalyConfig(data=good, model=encoder, out=os.path.join(root, "bank"), seed=seed,
-                                         in_process_max=10 ** 6))
+            fit = fit_bank(AnomalyConfig(data=good, model=encoder.format(seed=seed, style=style),
+                                         out=os.path.join(root, "bank"), seed=seed, in_process_max=10 ** 6))
             m = evaluate_anomaly(os.path.join(root, "bank"), test, os.path.join(root, "eval"), in_process_max=10 ** 6)
             runs.append({"seed": seed, "auroc": m["auroc"], "pointing_game": m["localization"]["pointing_game"],
                          "energy_in_box": m["localization"]["energy_in_box"],
@@ -205,7 +205,9 @@ def search(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--encoder")
+    parser.add_argument("--encoder", help="a ViT folder; {seed} and {style} in it are replaced per quality run "
+                                          "(e.g. the line's classifier trained on that renderer with that seed)")
+    parser.add_argument("--styles", type=lambda s: s.split(","), default=list(RENDERERS))
     parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 3])
     parser.add_argument("--good", type=int, default=1000)
     parser.add_argument("--test", type=int, default=400)
@@ -221,6 +223,8 @@ def main() -> None:
     path = os.path.join(args.out, "anomaly.json")
     report = json.load(open(path)) if os.path.exists(path) else {}
     encoder = encoder_for(args) if parts - {"search"} else None
+    if parts & {"scale", "cost"} and encoder and "{" in encoder:
+        parser.error("--encoder with {seed} or {style} serves --only quality")
     report["encoder"] = encoder
     for name, fn in (("quality", quality), ("scale", scale), ("cost", cost)):
         if name in parts:

@@ -15,8 +15,8 @@ class AnomalyConfig:
     model: str
     out: str
     format: str | None = None
-    layers: tuple[int, ...] | None = None  # encoder layers; None: the middle and three quarters up
-    neighbourhood: int = 3  # patches a side averaged around each patch
+    layers: tuple[int, ...] | None = None  # encoder layers; None: the patch embeddings and a quarter up
+    neighbourhood: int | None = None  # patches a side averaged around each patch; None: by the patch grid
     coreset: float = 0.1  # share of each chunk's patch features kept (greedy k-centre)
     max_bank: int = 16384  # rows the bank keeps at most, whatever the number of images
     chunk_patches: int = 16384  # patches per feature call (whole images); each call reduces its own
@@ -38,7 +38,7 @@ class AnomalyConfig:
             raise VitrayError(f"--holdout {self.holdout}: a share of the good images, in (0, 1)")
         if not 0 <= self.false_reject_rate < 1:
             raise VitrayError(f"--false-reject-rate {self.false_reject_rate}: a share, in [0, 1)")
-        if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
+        if self.neighbourhood is not None and (self.neighbourhood < 1 or self.neighbourhood % 2 == 0):
             raise VitrayError(f"--neighbourhood {self.neighbourhood}: an odd number of patches, at least 1")
         if self.gpus_per_worker < 0 or self.in_process_max < 0:
             raise VitrayError("--gpus-per-worker and --in-process-max must be at least 0")

@@ -37,10 +37,20 @@ class FeatureSpec:
 
 
 def default_layers(num_layers: int) -> tuple[int, ...]:
-    """The middle of the encoder and three quarters up: local detail and context, as PatchCore's
-    second and third stages (the last layers are specialised to the training objective)."""
-    low, high = max(1, round(num_layers / 2)), max(1, round(3 * num_layers / 4))
-    return (low,) if low == high else (low, high)
+    """The patch embeddings and the layer a quarter up: local detail first. A ViT's deeper layers
+    mix every patch with the whole image (and a classifier's are specialised to its classes), so a
+    small defect fades from its own patch's token there (docs/anomaly.md#choosing-the-layers)."""
+    return (0, max(1, round(num_layers / 4))) if num_layers >= 1 else (0,)
+
+
+FINE_GRID = 16  # patches a side from which a 3 x 3 neighbourhood is the default
+
+
+def default_neighbourhood(grid: tuple[int, int]) -> int:
+    """3 x 3 patches (PatchCore's local awareness) on a grid of at least 16 patches a side; on a
+    coarser grid a patch already covers a large part of the image, and averaging its neighbours
+    would dilute a small defect into the good context around it: 1."""
+    return 3 if min(grid) >= FINE_GRID else 1
 
 
 @dataclass
@@ -69,6 +79,15 @@ def encoder_config(uri: str) -> dict:
         raise VitrayError(f"{uri}: not a ViT encoder (model_type={model_type}); give a `vitray pretrain` "
                           "encoder, a vitray classifier or a transformers ViT folder")
     return config
+
+
+def encoder_grid(config: dict, uri: str) -> tuple[int, int]:
+    """The patch grid of an encoder's config.json, without loading its weights."""
+    from vitray.models.building import patch_side
+    from vitray.models.preprocessing import square_side
+
+    side = square_side(config.get("image_size", 224), uri) // patch_side(config.get("patch_size", 16))
+    return side, side
 
 
 def load_encoder(uri: str) -> Encoder:

@@ -20,7 +20,8 @@ from vitray import storage
 from vitray.anomaly.bank import META_FILE, Bank, BankMeta, save_bank, write_summary
 from vitray.anomaly.config import AnomalyConfig
 from vitray.anomaly.coreset import CappedBank, coreset_size, greedy_coreset
-from vitray.anomaly.features import FeatureSpec, default_layers, encoder_config, load_encoder, patch_features
+from vitray.anomaly.features import (FeatureSpec, default_layers, default_neighbourhood, encoder_config, encoder_grid,
+                                     load_encoder, patch_features)
 from vitray.domain import OK_CLASS as GOOD_LABEL
 from vitray.errors import VitrayError
 
@@ -85,7 +86,8 @@ def fit_bank(config: AnomalyConfig) -> FitResult:
         raise VitrayError(f"--out {config.out} lies inside --data {config.data}")
     model_config = encoder_config(model)
     layers = config.layers or default_layers(int(model_config.get("num_hidden_layers", 0)))
-    spec = FeatureSpec(tuple(layers), config.neighbourhood)
+    neighbourhood = config.neighbourhood or default_neighbourhood(encoder_grid(model_config, model))
+    spec = FeatureSpec(tuple(layers), neighbourhood)
     spec.check(int(model_config.get("num_hidden_layers", 0)), model)
     source = inspect_source(data, config.format)
     ids = good_ids(source)

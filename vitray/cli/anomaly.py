@@ -21,10 +21,11 @@ def add_anomaly(sub: Any) -> None:
                                    "backbone) or a transformers ViT folder")
     p.add_argument("--out", help="output folder or s3:// prefix for the bank")
     p.add_argument("--format", choices=("imagefolder", "parquet", "csv", "images"), help="(default: detected)")
-    p.add_argument("--layers", help="encoder layers whose patch tokens are used, e.g. 2,3 (0: the patch "
-                                    "embeddings; default: the middle and three quarters up)")
+    p.add_argument("--layers", help="encoder layers whose patch tokens are used, e.g. 0,3 (0: the patch "
+                                    "embeddings; default: 0 and the layer a quarter up)")
     p.add_argument("--neighbourhood", type=positive_int,
-                   help=f"patches a side averaged around each patch, odd (default {d('neighbourhood')})")
+                   help="patches a side averaged around each patch, odd (default: 3 on a grid of 16 patches a "
+                        "side or more, else 1)")
     p.add_argument("--coreset", type=float, help=f"share of each chunk's patches kept (default {d('coreset')})")
     p.add_argument("--max-bank", type=positive_int,
                    help=f"rows the bank keeps at most, whatever the number of images (default {d('max_bank')})")
