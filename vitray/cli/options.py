@@ -6,6 +6,7 @@ import sys
 from typing import Any, Sequence
 
 from vitray.errors import VitrayError
+from vitray.options import fraction, positive_int  # noqa: F401 - the option types every command module uses
 
 
 class Parser(argparse.ArgumentParser):
@@ -14,20 +15,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"vitray: error: {message} (see '{self.prog} --help')\n")
         raise SystemExit(2)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
 
 
 def ray_options(parser: argparse.ArgumentParser) -> None:

@@ -1,6 +1,6 @@
 """Bulk scoring with Ray Data, each image committed exactly once under OUT.
 
-`pipeline` holds the run (`score`, `ScoreConfig`), `outputs` the layout of OUT and the
+`config` holds the run's options (`ScoreConfig`), `pipeline` the run (`score`), `outputs` the layout of OUT and the
 commit protocol (the one module that knows the on-disk format), `planning` what is left
 to score, `compaction` the rewrite of a run's pieces into large files, `report` the HTML page.
 """
@@ -17,7 +17,8 @@ from vitray.score.outputs import (
     recover,
     write_piece,
 )
-from vitray.score.pipeline import SCORE_FORMATS, ScoreConfig, score, write_submission
+from vitray.score.config import SCORE_FORMATS, ScoreConfig
+from vitray.score.pipeline import score, write_submission
 from vitray.score.planning import committed_among, plan_run
 
 __all__ = ["ERRORS_SCHEMA", "PREDICTIONS_SCHEMA", "PiecePlan", "SCORE_FORMATS", "ScoreConfig", "attention_key",

@@ -28,85 +28,16 @@ import pyarrow.fs as pafs
 from vitray import storage
 from vitray.decisions.nightly import NightDecisions
 from vitray.errors import VitrayError
-from vitray.inference import ATTENTION_MODES
 from vitray.interrupts import STOP_EXIT_CODES, Interrupts, stop_error
-from vitray.lease import STALE_S, Lease
-from vitray.rollout import check_map_options  # imports torch only when used
-from vitray.runtime import IN_PROCESS_MAX, runs_in_process
+from vitray.lease import Lease
+from vitray.runtime import runs_in_process
 from vitray.score import anomalies
 from vitray.score.compaction import compact
+from vitray.score.config import ScoreConfig
 from vitray.score.outputs import PiecePlan, read_predictions, record_bad_names, recover, write_piece
 from vitray.score.planning import plan_run
 
 log = logging.getLogger(__name__)
-
-SCORE_FORMATS = ("images", "imagefolder", "parquet", "csv")
-ENGINES = ("torch", "onnx")
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    """One scoring run; every default lives here (the CLI reads them) and goes into the manifest."""
-
-    model: str  # trained model folder or s3:// prefix
-    input: str  # folder/prefix of images (recursive), or image folder / parquet / digit CSV
-    output: str  # folder or s3:// prefix: predictions/, errors/, attention/, runs/, report.html
-    format: str | None = None  # detected when None
-    attention: str = "defects"  # all | defects (not predicted `passed`) | none
-    method: str = "rollout"  # rollout | grad-rollout
-    head_fusion: str = "mean"
-    discard_ratio: float = 0.0
-    # Images per model call. Each call to the actor costs Ray ~5-10 ms besides the model:
-    # 256 kept a CPU actor busy where 64 left it waiting a quarter of the time.
-    batch_size: int = 256
-    workers: int = 1  # inference actors, each loads the model once
-    gpus_per_worker: float = 0.0
-    piece_rows: int = 512  # rows per committed piece (a kill loses at most the pieces in flight); compacted after
-    submission: str | None = None  # Kaggle ImageId,Label CSV (digit-recognizer CSV input only)
-    max_error_rate: float = 1.0  # fail the run (exit 1) above this share of undecodable images
-    lease_timeout: float = STALE_S  # seconds without a heartbeat after which OUT's lease is taken over
-    shared_fs: bool = False  # a local --output that every Ray node mounts (else s3:// on a multi-node cluster)
-    engine: str = "torch"  # torch | onnx (onnxruntime over the model's `vitray export`)
-    # A run with at most this many images to score and no Ray cluster given (no --ray-address or
-    # RAY_ADDRESS) scores in this process: starting Ray and its workers costs more than such a run
-    # (the same stages, pieces and commits). 0: always Ray.
-    in_process_max: int = IN_PROCESS_MAX
-    ray_address: str | None = None
-    verbose: bool = False
-    # With a calibrated model (vitray calibrate), a night whose images drifted from the
-    # calibration's ends the run with exit code 3 (for a cron); without, with one line.
-    fail_on_drift: bool = False
-    # An anomaly bank (vitray anomaly): each image's anomaly score, map and overlay beside the
-    # prediction; with a calibrated model, an image decided OK but anomalous goes to REVIEW.
-    anomaly: str | None = None
-
-    def check(self) -> None:
-        """One-line errors for option values, before anything is read."""
-        if self.attention not in ATTENTION_MODES:
-            raise VitrayError(f"--attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
-        check_map_options(self.method, self.head_fusion, self.discard_ratio)
-        if self.format is not None and self.format not in SCORE_FORMATS:
-            raise VitrayError(f"--format must be one of {', '.join(SCORE_FORMATS)}, got {self.format!r}")
-        for name in ("batch_size", "workers", "piece_rows"):
-            if int(getattr(self, name)) < 1:
-                raise VitrayError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.gpus_per_worker < 0:
-            raise VitrayError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
-        if self.engine not in ENGINES:
-            raise VitrayError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.engine == "onnx" and self.attention != "none" and \
-                (self.method, self.head_fusion, self.discard_ratio) != ("rollout", "mean", 0.0):
-            raise VitrayError("--engine onnx draws the default maps only (rollout, --head-fusion mean, no discard); "
-                              "use --engine torch for others")
-        if self.model.endswith(".onnx") and self.engine != "onnx":
-            raise VitrayError(f"--model {self.model} is an ONNX export: score it with --engine onnx")
-        if self.in_process_max < 0:
-            raise VitrayError(f"--in-process-max must be >= 0, got {self.in_process_max}")
-        if self.lease_timeout <= 0:
-            raise VitrayError(f"--lease-timeout must be positive, got {self.lease_timeout}")
-        if not 0.0 <= self.max_error_rate <= 1.0:
-            raise VitrayError(f"--max-error-rate must be between 0 and 1, got {self.max_error_rate}")
-
 
 @dataclass
 class _Totals:

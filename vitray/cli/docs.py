@@ -1,0 +1,61 @@
+"""The option tables of docs/cli.md, written from the commands' config dataclasses (`vitray.options`).
+
+    python -m vitray.cli.docs [--check] [docs/cli.md]
+
+Each table sits between `<!-- options: COMMAND -->` and `<!-- /options -->`; `--check` exits 1
+when one differs from its config (the test suite runs it), without it the file is rewritten.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Any
+
+MARKER = re.compile(r"(<!-- options: (?P<command>[a-z]+) -->\n)(?P<table>.*?)(<!-- /options -->)", re.S)
+
+
+def configs() -> dict[str, tuple[Any, tuple[str, ...]]]:
+    """Command → (its config dataclass, option fields its table leaves to the shared Ray options)."""
+    from vitray.score.config import ScoreConfig
+
+    return {"score": (ScoreConfig, ())}
+
+
+def tables(text: str) -> str:
+    """`text` with every marked table written from its command's config."""
+    from vitray.options import docs_rows
+
+    known = configs()
+
+    def table(match: re.Match) -> str:
+        command = match.group("command")
+        if command not in known:
+            raise KeyError(f"docs/cli.md names options of an unknown command {command!r}")
+        cls, skip = known[command]
+        return match.group(1) + "\n".join(docs_rows(cls, skip)) + "\n" + match.group(4)
+
+    return MARKER.sub(table, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", nargs="?", default="docs/cli.md")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a table differs, write nothing")
+    args = parser.parse_args(argv)
+    with open(args.path, encoding="utf-8") as f:
+        text = f.read()
+    written = tables(text)
+    if args.check:
+        if written != text:
+            print(f"{args.path}: option tables differ from the commands' options; run python -m vitray.cli.docs",
+                  file=sys.stderr)
+            return 1
+        return 0
+    with open(args.path, "w", encoding="utf-8") as f:
+        f.write(written)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
