@@ -168,15 +168,3 @@ def pool_hidden_states(hidden: Sequence[Any], spec: FeatureSpec, grid: tuple[int
             tokens = maps.reshape(len(tokens), -1, rows * cols).transpose(1, 2)
         per_layer.append(tokens)
     return torch.cat(per_layer, dim=-1)
-
-
-def parse_layers(text: str | Sequence[int] | None) -> tuple[int, ...] | None:
-    """`--layers 2,3` → (2, 3); None stays None (the default for the encoder)."""
-    if text is None:
-        return None
-    if not isinstance(text, str):
-        return tuple(int(v) for v in text)
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise VitrayError(f"--layers {text!r}: give encoder layers as numbers, e.g. 2,3") from None

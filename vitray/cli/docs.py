@@ -17,9 +17,11 @@ MARKER = re.compile(r"(<!-- options: (?P<command>[a-z]+) -->\n)(?P<table>.*?)(<!
 
 def configs() -> dict[str, tuple[Any, tuple[str, ...]]]:
     """Command → (its config dataclass, option fields its table leaves to the shared Ray options)."""
+    from vitray.anomaly.config import AnomalyConfig
+    from vitray.decisions.calibrate import CalibrateConfig
     from vitray.score.config import ScoreConfig
 
-    return {"score": (ScoreConfig, ())}
+    return {"calibrate": (CalibrateConfig, ()), "anomaly": (AnomalyConfig, ()), "score": (ScoreConfig, ())}
 
 
 def tables(text: str) -> str:

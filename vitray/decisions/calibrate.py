@@ -22,6 +22,7 @@ from vitray.decisions.drift import ALPHA, Reference
 from vitray.decisions.ood import METHODS, Gaussians, conformal_threshold, energy
 from vitray.decisions.policy import CALIBRATION_FILE, TENSORS_FILE, Policy
 from vitray.errors import VitrayError
+from vitray.options import fraction, option, positive_int
 from vitray.runtime import IN_PROCESS_MAX, runs_in_process
 
 log = logging.getLogger(__name__)
@@ -31,23 +32,45 @@ log = logging.getLogger(__name__)
 class CalibrateConfig:
     """Every option of a calibration, with its one default."""
 
-    model: str
-    data: str
-    out: str
-    format: str | None = None
-    ok_class: str = "passed"  # the class a part is shipped as
-    escape_rate: float = 0.005  # at most this share of defective parts decided OK...
-    false_reject_rate: float = 0.05  # ...and of OK parts decided NG...
-    confidence: float = 0.95  # ...each with this confidence over the draw of the calibration set
-    ood_method: str = "mahalanobis"
-    ood_rate: float = 0.01  # in-distribution images sent to review as unlike the calibration set
-    drift_alpha: float = ALPHA  # a stable night raises the drift alarm with at most this chance
-    batch_size: int = 256
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    in_process_max: int = IN_PROCESS_MAX
+    model: str = option(help="trained model folder or s3:// prefix (the calibration is written into it)",
+                        metavar="URI", required=True,
+                        doc="a trained model folder or `s3://` prefix; `calibration.json` and "
+                            "`calibration.safetensors` are written into it")
+    data: str = option(help="labelled held-out images, not used in training (local, file:// or s3://)",
+                       metavar="URI", required=True, doc="labelled images not used in training (any labelled format)")
+    out: str = option(help="output folder or s3:// prefix: calibration.json, reliability.png", metavar="URI",
+                      required=True,
+                      doc="`calibration.json` (the same), `calibration.safetensors`, `reliability.png`")
+    format: str | None = option(None, "data format", choices=("imagefolder", "parquet", "csv"),
+                                default_text="detected")
+    ok_class: str = option("passed", "the class a part ships as", metavar="NAME",
+                           doc="the class a part ships as; the defect score is 1 − its calibrated probability")
+    escape_rate: float = option(0.005, "at most this share of defective parts decided OK", parse=fraction,
+                                metavar="F", doc="at most this share of defective parts decided OK, at `--confidence`")
+    false_reject_rate: float = option(
+        0.05, "at most this share of OK parts decided NG; between the two thresholds parts go to review",
+        parse=fraction, metavar="F",
+        doc="at most this share of OK parts decided NG, at `--confidence`; parts between the two thresholds go to "
+            "REVIEW")
+    confidence: float = option(0.95, "with this confidence over the draw of the calibration set", parse=fraction,
+                               metavar="F", doc="the confidence of both bounds, over the draw of the calibration set")
+    ood_method: str = option("mahalanobis", "the out-of-distribution score", choices=METHODS,
+                             doc="the out-of-distribution score: Mahalanobis distance of the embedding to the "
+                                 "nearest class, or energy of the logits")
+    ood_rate: float = option(0.01, "share of in-distribution parts sent to review as unlike the calibration images",
+                             parse=fraction, metavar="F",
+                             doc="share of in-distribution parts the OOD threshold sends to REVIEW")
+    drift_alpha: float = option(ALPHA, "chance that a stable night raises the drift alarm", parse=fraction,
+                                metavar="F",
+                                doc="chance that a night like the calibration set raises the drift alarm")
+    batch_size: int = option(256, "images per model call", parse=positive_int, metavar="N")
+    workers: int = option(1, "inference actors", parse=positive_int, metavar="N")
+    gpus_per_worker: float = option(0.0, "GPUs per inference actor (0: CPU)", metavar="N")
+    in_process_max: int = option(IN_PROCESS_MAX, "with no Ray cluster given, a set of at most N images is "
+                                                 "calibrated in this process; 0: always Ray", metavar="N")
+    seed: int = option(0, "the split into halves", metavar="S",
+                       doc="the split of the set into the half that fits and the half that sets the thresholds")
     ray_address: str | None = None
-    seed: int = 0
 
     def check(self) -> None:
         from vitray.runtime import check_address
