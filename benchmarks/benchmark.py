@@ -231,7 +231,7 @@ def torch_train_rate(sizes: Sizes, pixels: Any, labels: Any, threads: int, epoch
 
     from vitray.models import build_model
     from vitray.data.sampling import class_weights
-    from vitray.train_loop import make_scheduler
+    from vitray.train.loop import make_scheduler
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -255,9 +255,9 @@ def torch_pretrain_rate(sizes: Sizes, pixels: Any, threads: int, epochs: int) ->
     import torch
 
     from vitray.models import build_model
-    from vitray.pretrain import PretrainConfig, mae_config
-    from vitray.pretrain_loop import build_mae, make_optimizer
-    from vitray.train_loop import make_scheduler
+    from vitray.train.loop import make_scheduler
+    from vitray.train.pretrain import PretrainConfig, mae_config
+    from vitray.train.pretrain_loop import build_mae, make_optimizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -361,7 +361,7 @@ def ray_train_rate(sizes: Sizes, data: str, out: str) -> list[float]:
 def ray_pretrain_rate(sizes: Sizes, data: str, out: str) -> list[float]:
     """Images/s per epoch of `vitray pretrain` (Ray Train, 1 worker) as its history.csv records them;
     without augmentation, as the bare loop (the images come from Ray's object store)."""
-    from vitray.pretrain import PretrainConfig, pretrain
+    from vitray.train.pretrain import PretrainConfig, pretrain
 
     shutil.rmtree(out, ignore_errors=True)
     result = pretrain(PretrainConfig(data=data, out=out, model=sizes.model, image_size=sizes.image_size,

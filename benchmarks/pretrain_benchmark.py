@@ -9,7 +9,7 @@ The situation of docs/pretrain.md: a line that makes many images and a person wh
 read), a labelled set of each size in --labels (the same renderer, passed at 2%, other seeds) and
 a separate test rendering (1,000 images, passed at 20%, as benchmarks/quality.py). Then:
 
-- pre-training: `vitray.pretrain.pretrain` on the unlabelled images, once; its images per second
+- pre-training: `vitray.train.pretrain.pretrain` on the unlabelled images, once; its images per second
   (the mean of its epochs after the first, which carries the start-up) is the throughput figure;
 - for each label count and seed: `vitray.train.train` from scratch (a preset sized for the data)
   and from the pre-trained encoder (`--model PRE/model`, full fine-tuning), the same recipe for
@@ -73,7 +73,7 @@ def render(out: str, plan: Plan) -> dict[str, str]:
 
 
 def pretrain_once(out: str, data: str, plan: Plan) -> dict:
-    from vitray.pretrain import PretrainConfig, pretrain
+    from vitray.train.pretrain import PretrainConfig, pretrain
 
     started = time.perf_counter()
     result = pretrain(PretrainConfig(data=data, out=out, model=plan.model, epochs=plan.pretrain_epochs,

@@ -14,7 +14,7 @@ from vitray.data import synth
 from vitray.data.preprocess import AugmentConfig, augment_batch, normalize, resize_image
 from vitray.models import PRESETS
 from vitray.data.sampling import class_weights
-from vitray.train_loop import make_scheduler
+from vitray.train.loop import make_scheduler
 from vitray.metrics import classification_metrics
 from vitray.rollout import attention_maps
 from vitray.localisation import energy_in_box, pointing_game

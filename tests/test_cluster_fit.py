@@ -129,7 +129,7 @@ def test_a_local_output_on_a_multi_node_cluster_needs_shared_fs(monkeypatch, tmp
 
 def test_train_refuses_a_local_output_on_several_nodes_before_building_datasets(ray_session, small, tmp_path,
                                                                            monkeypatch):
-    from vitray.train_data import load_training_data
+    from vitray.train.data import load_training_data
 
     monkeypatch.setattr(cluster, "node_resources", lambda: [{"CPU": 8.0}] * 3)
     with pytest.raises(VitrayError, match="pass --shared-fs"):

@@ -18,10 +18,10 @@ from conftest import synth_folder
 from vitray import storage
 from vitray.errors import VitrayError
 from vitray.models import Preprocessing, build_model
-from vitray.pretrain import (PretrainConfig, PretrainResult, encoder_of, mae_config, pretrain,
-                             save_encoder)
-from vitray.pretrain_loop import build_mae
-from vitray.train_config import TrainConfig
+from vitray.train.config import TrainConfig
+from vitray.train.pretrain import (PretrainConfig, PretrainResult, encoder_of, mae_config, pretrain,
+                                   save_encoder)
+from vitray.train.pretrain_loop import build_mae
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 from s3server import LOOPBACK, free_ports
 from vitray import storage, tracking
 from vitray.train import TrainConfig, train
-from vitray.train_loop import track_epoch
+from vitray.train.loop import track_epoch
 
 pytest.importorskip("mlflow")
 
@@ -285,6 +285,6 @@ def test_tracking_is_off_without_a_uri_and_imports_nothing(monkeypatch):
     assert tracking.resolve(None, "exp") == tracking.Tracking("file:///somewhere", "exp")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "nightly")
     assert tracking.resolve("http://h:5000") == tracking.Tracking("http://h:5000", "nightly")
-    code = "import sys, vitray.tracking, vitray.train, vitray.train_loop; print('mlflow' in sys.modules)"
+    code = "import sys, vitray.tracking, vitray.train.run, vitray.train.loop; print('mlflow' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr[-2000:]

@@ -27,7 +27,7 @@ from vitray import storage
 from vitray.errors import VitrayError
 from vitray.data.sampling import class_weights, stratified_split
 from vitray.train import TrainConfig, train
-from vitray.train_loop import make_scheduler
+from vitray.train.loop import make_scheduler
 
 VITRAY = [sys.executable, "-m", "vitray.cli"]
 
@@ -69,7 +69,7 @@ def test_class_weights_lift_a_rare_class():
 
 def test_layer_decay_slows_each_layer_below_the_head_and_keeps_weight_decay_off_vectors():
     from vitray.models import apply_finetune, build_model
-    from vitray.train_loop import parameter_groups
+    from vitray.train.loop import parameter_groups
 
     model, _ = build_model(None, ["a", "b"], 32)  # 4 layers
     rate = {id(p): g["lr"] for g in parameter_groups(model, 1e-3, 0.05, 0.5) for p in g["params"]}
@@ -110,7 +110,7 @@ def test_schedule_warms_up_then_decays_to_zero():
 def test_training_rows_come_in_a_mixed_order(ray_session, inspection):
     """An image folder lists its images class by class; training must not see them that way."""
     from vitray.data.sources import inspect_source
-    from vitray.train_data import image_dataset
+    from vitray.train.data import image_dataset
 
     source = inspect_source(inspection, None)
     rows = image_dataset(source, source.ids, 32, 3, shuffle_seed=0).take_all()
@@ -243,8 +243,8 @@ def test_kaggle_csv_trains_directly(without_ray, tmp_path):
 
 def test_the_box_attention_weight_is_on_for_data_with_boxes_unless_given(tmp_path):
     from vitray.models.specs import PRETRAINED_HERE
-    from vitray.train_config import BOX_ATTENTION, BOX_ATTENTION_PRETRAINED_HERE
-    from vitray.train_data import box_attention_weight
+    from vitray.train.config import BOX_ATTENTION, BOX_ATTENTION_PRETRAINED_HERE
+    from vitray.train.data import box_attention_weight
 
     def weight(given, has_boxes, finetune="full"):
         return box_attention_weight(TrainConfig(data="d", out="o", box_attention=given, finetune=finetune), has_boxes)
@@ -274,7 +274,7 @@ def test_the_box_attention_term_trains_on_the_boxes_of_a_parquet(without_ray, tm
     """Data with boxes trains with the term by default (recorded in args.json), boxes moved with the
     augmentation; --box-attention 0 turns it off; the exported model is a plain one."""
     from vitray.data import synth
-    from vitray.train_config import BOX_ATTENTION
+    from vitray.train.config import BOX_ATTENTION
 
     data = tmp_path / "data"
     synth.write(str(data), n=96, size=32, seed=6, passed_fraction=0.1, fmt="parquet")
@@ -295,7 +295,7 @@ def test_the_box_attention_term_trains_on_the_boxes_of_a_parquet(without_ray, tm
 def test_export_best_exports_the_epoch_of_the_best_validation_macro_f1(ray_session, small, tmp_path):
     import torch
 
-    from vitray.checkpoints import load_state
+    from vitray.train.checkpoints import load_state
     from vitray.models import load_trained
 
     out = tmp_path / "best"
@@ -406,7 +406,7 @@ def _plant_pickle(folder, marker) -> None:
 
 
 def test_a_planted_pickle_is_refused_without_running_it(tmp_path):
-    from vitray.checkpoints import check_resume, complete_checkpoints, load_state
+    from vitray.train.checkpoints import check_resume, complete_checkpoints, load_state
 
     marker = tmp_path / "ran"
     _plant_pickle(tmp_path / "out" / "train" / "epoch-0001", marker)
@@ -533,7 +533,7 @@ def without_ray(monkeypatch):
 
 
 def test_where_a_training_runs(monkeypatch):
-    from vitray.train_data import trains_in_process
+    from vitray.train.data import trains_in_process
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
@@ -556,7 +556,7 @@ def test_where_a_training_runs(monkeypatch):
 def test_a_small_training_runs_here_without_ray_and_keeps_what_a_ray_run_keeps(without_ray, small, s3, tmp_path):
     import torch
 
-    from vitray.checkpoints import load_state
+    from vitray.train.checkpoints import load_state
     from vitray.models import load_trained
 
     out = tmp_path / "here"

@@ -67,7 +67,7 @@ def test_a_second_training_on_the_same_output_is_refused(without_ray, few, tmp_p
 
 def test_a_resume_refuses_options_that_change_the_run_and_takes_the_rest(without_ray, few, tmp_path, capsys):
     from vitray.train import train
-    from vitray.train_config import TrainConfig
+    from vitray.train.config import TrainConfig
 
     out = tmp_path / "run"
     base = dict(data=few, out=str(out), epochs=2, batch_size=4, seed=1)

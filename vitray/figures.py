@@ -1,5 +1,6 @@
-"""Figures as PNGs: the confusion matrix, the training curves, and `save_figure`, which writes any
-matplotlib figure through `vitray.storage` (so OUT may be a local folder or an s3:// prefix).
+"""Figures as PNGs: the confusion matrix, the training and pre-training curves, an MAE's
+reconstructions, and `save_figure`, which writes any matplotlib figure through `vitray.storage`
+(so OUT may be a local folder or an s3:// prefix).
 """
 from __future__ import annotations
 
@@ -107,3 +108,66 @@ def save_figure(fig: Any, uri: str, dpi: int = 120) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     storage.write_bytes(uri, buf.getvalue())
+
+
+def plot_pretrain_curves(history: list[dict[str, Any]], uri: str) -> None:
+    """Pre-training's curves.png: the reconstruction losses, the learning rate and the throughput by epoch."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [row["epoch"] for row in history]
+    fig = Figure(figsize=(13, 3.8), layout="constrained")
+    losses, rate, speed = fig.subplots(1, 3, sharex=True)
+    losses.plot(epochs, [row["loss"] for row in history], marker="o", markersize=3, label="train")
+    losses.plot(epochs, [row["val_loss"] for row in history], marker="o", markersize=3, label="validation")
+    losses.legend(fontsize=9)
+    rate.plot(epochs, [row["lr"] for row in history], marker="o", markersize=3)
+    rate.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    speed.plot(epochs, [row["images_per_s"] for row in history], marker="o", markersize=3)
+    titles = ("masked-patch reconstruction loss", "learning rate", "images per second")
+    for ax, title in zip((losses, rate, speed), titles):
+        ax.set(title=title, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    save_figure(fig, uri)
+
+
+def plot_reconstructions(mae: Any, images: np.ndarray, prep: Any, uri: str, seed: int = 0) -> None:
+    """Pre-training's reconstructions.png: a row per image (uint8 NHWC): the image, what the encoder saw, the reconstruction.
+
+    The reconstruction shows the visible patches as they were and the decoder's prediction in the
+    masked ones. A model trained on normalised patches (norm_pix_loss) predicts each patch's
+    pattern, not its brightness and contrast: those are taken from the true patch to show it, as
+    MAE's own visualisation does.
+    """
+    import torch
+    from matplotlib.figure import Figure
+
+    from vitray.data.preprocess import normalize
+    x = normalize(torch.from_numpy(np.ascontiguousarray(images)), prep.mean, prep.std)
+    target = mae.patchify(x)
+    with torch.inference_mode():
+        scores = torch.rand(len(x), target.shape[1], generator=torch.Generator().manual_seed(seed))
+        out = mae(pixel_values=x, noise=scores)
+    predicted = out.logits.float()
+    if mae.config.norm_pix_loss:
+        predicted = predicted * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
+    hidden = out.mask.unsqueeze(-1)  # 1 where masked
+    grey = torch.tensor([(0.5 - m) / s for m, s in zip(prep.mean, prep.std)]).repeat(target.shape[-1] // prep.channels)
+    panels = {"image": target, f"masked ({mae.config.mask_ratio:.0%})": target * (1 - hidden) + grey * hidden,
+              "reconstruction": target * (1 - hidden) + predicted * hidden}
+    mean = torch.tensor(prep.mean).view(1, -1, 1, 1)
+    std = torch.tensor(prep.std).view(1, -1, 1, 1)
+    fig = Figure(figsize=(1.9 * len(panels), 1.9 * len(x)), layout="constrained")
+    axes = fig.subplots(len(x), len(panels), squeeze=False)
+    for col, (title, patches) in enumerate(panels.items()):
+        pixels = (mae.unpatchify(patches, x.shape[-2:]) * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        for row, ax in enumerate(axes[:, col]):
+            grey_image = pixels.shape[-1] == 1
+            ax.imshow(pixels[row, ..., 0] if grey_image else pixels[row], cmap="gray" if grey_image else None,
+                      vmin=0, vmax=1, interpolation="nearest")
+            ax.set_axis_off()
+        axes[0, col].set_title(title, fontsize=10)
+    if mae.config.norm_pix_loss:
+        fig.suptitle("masked patches: the predicted pattern at the true patch's mean and contrast", fontsize=7)
+    save_figure(fig, uri)

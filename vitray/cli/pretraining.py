@@ -9,7 +9,7 @@ from vitray.cli.training import tracking_options
 
 
 def add_pretrain(sub: Any) -> None:
-    from vitray.pretrain import FORMATS, PretrainConfig
+    from vitray.train.pretrain import FORMATS, PretrainConfig
 
     d = lambda name: option_default(PretrainConfig, name)  # noqa: E731
     p = sub.add_parser("pretrain", help="masked-autoencoder pre-training on unlabelled images",
@@ -42,7 +42,7 @@ def add_pretrain(sub: Any) -> None:
 
 
 def pretrain_config(args: argparse.Namespace) -> Any:
-    from vitray.pretrain import PretrainConfig, config_fields
+    from vitray.train.pretrain import PretrainConfig, config_fields
 
     values = given(args, config_fields(), required=("data", "out"))
     return PretrainConfig(**values)
@@ -50,7 +50,7 @@ def pretrain_config(args: argparse.Namespace) -> Any:
 
 def run_pretrain(args: argparse.Namespace) -> int:
     from vitray import storage
-    from vitray.pretrain import pretrain
+    from vitray.train.pretrain import pretrain
 
     config = pretrain_config(args)
     config.check()

@@ -40,7 +40,7 @@ def add_tune(sub: Any) -> None:
 
 
 def tune_config(args: argparse.Namespace) -> Any:
-    from vitray.train_config import TrainConfig, config_fields
+    from vitray.train.config import TrainConfig, config_fields
     from vitray.tune import SEARCHABLE, SearchConfig
 
     values = given(args, [*config_fields(), *TUNE_OPTIONS, "workers_per_trial"], required=("data", "out"))

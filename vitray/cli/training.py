@@ -9,7 +9,7 @@ from vitray.runtime import IN_PROCESS_MAX
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
-    from vitray.train_config import TrainConfig
+    from vitray.train.config import TrainConfig
 
     d = lambda name: option_default(TrainConfig, name)  # noqa: E731
     p.add_argument("--data", help="training data: image folder, parquet, digit CSV (local, file:// or s3://)")
@@ -54,7 +54,7 @@ def tracking_options(p: argparse.ArgumentParser) -> None:
 
 
 def train_config(args: argparse.Namespace) -> Any:
-    from vitray.train_config import TrainConfig, config_fields
+    from vitray.train.config import TrainConfig, config_fields
 
     values = given(args, config_fields(), required=("data", "out"))
     return TrainConfig(**values)
@@ -79,7 +79,7 @@ def run_train(args: argparse.Namespace) -> int:
     from vitray import storage
     from vitray.domain import OK_CLASS
     from vitray.metrics import format_report
-    from vitray.train import train
+    from vitray.train.run import train
 
     config = train_config(args)
     config.check()

@@ -11,9 +11,9 @@ from typing import Any, Sequence
 
 from vitray import storage
 from vitray.errors import VitrayError
-from vitray.train import TrainResult
-from vitray.train_config import TrainConfig
-from vitray.train_data import TrainingData
+from vitray.train.config import TrainConfig
+from vitray.train.data import TrainingData
+from vitray.train.run import TrainResult
 from vitray.tune.space import SEARCHABLE, SearchConfig, trial_config
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def export_best(config: SearchConfig, best: TrialSummary, data: TrainingData) ->
     """`finish()` of the best trial into OUT/best: its checkpoint that is best by the search's metric."""
     import ray.train
 
-    from vitray.train import RUN_NAME, finish
+    from vitray.train.run import RUN_NAME, finish
 
     trial = trial_config(config.base, best.params, best.trial_id)
     run = storage.resolve(storage.join(trial.out, RUN_NAME))

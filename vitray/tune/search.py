@@ -13,9 +13,9 @@ from typing import Any, Sequence
 from vitray import storage, tracking
 from vitray.errors import VitrayError
 from vitray.interrupts import STOP_EXIT_CODES, stop_error
-from vitray.train import TrainResult, check_steps
-from vitray.train_config import TrainConfig
-from vitray.train_data import TrainingData
+from vitray.train.config import TrainConfig
+from vitray.train.data import TrainingData
+from vitray.train.run import TrainResult, check_steps
 from vitray.tune.results import TrialSummary, export_best, fmt, plot_search, summarize, write_trials_csv
 from vitray.tune.space import METRICS, SearchConfig, Space, trial_config
 
@@ -51,7 +51,7 @@ def search(config: SearchConfig) -> SearchResult:
     per output, by the output's lease.
     """
     from vitray import runs
-    from vitray.train import check_outside_data
+    from vitray.train.run import check_outside_data
 
     config.check()
     config = dataclasses.replace(config, base=config.base.located())
@@ -67,7 +67,7 @@ def search(config: SearchConfig) -> SearchResult:
 def _search(config: SearchConfig) -> SearchResult:
     import ray.tune
 
-    from vitray.train_data import load_training_data
+    from vitray.train.data import load_training_data
 
     # Tune's TensorBoard logger warns once about the labels list in the metrics; the numbers still reach it.
     logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.ERROR)
@@ -206,8 +206,8 @@ def run_trial(params: dict[str, Any], base: TrainConfig, data: TrainingData, sea
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from vitray.checkpoints import check_resume, prune_checkpoints
-    from vitray.train import RUN_NAME, fit, make_trainer
+    from vitray.train.checkpoints import check_resume, prune_checkpoints
+    from vitray.train.run import RUN_NAME, fit, make_trainer
 
     config = trial_config(base, params, ray.tune.get_context().get_trial_id())
     run = storage.join(config.out, RUN_NAME)
@@ -232,8 +232,8 @@ def run_trial(params: dict[str, Any], base: TrainConfig, data: TrainingData, sea
 
 def _last_report(config: TrainConfig) -> dict[str, Any] | None:
     """The metrics of the newest complete checkpoint of a trial's training run, if it has one."""
-    from vitray.checkpoints import complete_checkpoints, read_record
-    from vitray.train import RUN_NAME
+    from vitray.train.checkpoints import complete_checkpoints, read_record
+    from vitray.train.run import RUN_NAME
 
     saved = complete_checkpoints(storage.join(config.out, RUN_NAME))
     return read_record(saved[0][1]).get("metrics") if saved else None

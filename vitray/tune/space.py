@@ -7,7 +7,7 @@ from typing import Any
 
 from vitray import storage
 from vitray.errors import VitrayError
-from vitray.train_config import TrainConfig
+from vitray.train.config import TrainConfig
 
 # Options a search may vary, with the type a trial's value takes.
 SEARCHABLE: dict[str, type] = {"lr": float, "epochs": int, "batch_size": int, "finetune": str}

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from vitray import storage, tracking
-from vitray.checkpoints import (STATE_FILE, checkpoint_name, complete_checkpoints, keep_best_and_newest, load_state,
-                                save_state, store_checkpoint, write_history)
 from vitray.data import batches as windows
 from vitray.progress import send
+from vitray.train.checkpoints import (STATE_FILE, checkpoint_name, complete_checkpoints, keep_best_and_newest,
+                                      load_state, save_state, store_checkpoint, write_history)
 
 PROGRESS_EVERY_S = 1.0  # how often rank 0 tells the driver how far an epoch is
 
@@ -111,8 +111,8 @@ def _set_up(cfg: dict[str, Any]) -> _Run:
     import torch
 
     from vitray.attention import register_weights_attention
-    from vitray.rollout import patch_grid
     from vitray.models import apply_finetune, build_model
+    from vitray.rollout import patch_grid
 
     run = cfg["run"]
     quiet_train_reports()
@@ -217,8 +217,8 @@ def _train_epoch(cfg: dict[str, Any], state: _Run, shard: Any, epoch: int) -> tu
     import torch
 
     from vitray.data.preprocess import normalize
-    from vitray.rollout import rollout
     from vitray.localisation import box_attention_loss
+    from vitray.rollout import rollout
 
     run = cfg["run"]
     state.model.train()
@@ -307,7 +307,7 @@ def all_reduce(t: Any) -> Any:
 
 
 def _validate(model: Any, val_data: Any, cfg: dict[str, Any], device: Any, amp: bool) -> dict[str, Any]:
-    """Every worker scores its share of the validation set (vitray.train.data_config); the counts are summed."""
+    """Every worker scores its share of the validation set (vitray.train.data.data_config); the counts are summed."""
     import torch
 
     from vitray.data.preprocess import normalize

@@ -15,7 +15,7 @@ import numpy as np
 from vitray import storage
 from vitray.data.sampling import stratified_split
 from vitray.errors import VitrayError
-from vitray.train_config import TrainConfig
+from vitray.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def box_attention_weight(config: Any, has_boxes: bool) -> float:
     Off by default for a model pre-trained elsewhere (a hub ViT): not measured there.
     """
     from vitray.models.specs import PRESETS, pretrained_here
-    from vitray.train_config import BOX_ATTENTION, BOX_ATTENTION_PRETRAINED_HERE
+    from vitray.train.config import BOX_ATTENTION, BOX_ATTENTION_PRETRAINED_HERE
 
     trains_attention = config.finetune != "head"
     if config.box_attention is None:

@@ -1,7 +1,7 @@
 """Data-parallel ViT training on Ray Train (Train V2), with validation, checkpoints and export.
 
-`train(TrainConfig(...))` reads the data with Ray Data (`vitray.train_data`: decode and
-resize stream in Ray tasks), runs `train_loop_per_worker` (`vitray.train_loop`) on N
+`train(TrainConfig(...))` reads the data with Ray Data (`vitray.train.data`: decode and
+resize stream in Ray tasks), runs `train_loop_per_worker` (`vitray.train.loop`) on N
 workers, keeps a checkpoint per epoch and exports the last (or best) as a plain
 transformers model with its metrics, history and plots beside it. A small data set on no
 cluster trains in this process instead (Ray Train's local mode), without starting Ray.
@@ -16,14 +16,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from vitray import runs, storage
-from vitray.checkpoints import (CHECKPOINTS_KEPT, RECORD_FILE, STATE_FILE, check_resume, complete_checkpoints,
-                                load_state, prune_checkpoints, scored_checkpoints, write_history)
 from vitray.data.preprocess import AugmentConfig
 from vitray.data.sampling import balanced_rates, class_weights
 from vitray.errors import VitrayError
 from vitray.runtime import verbose
-from vitray.train_config import TrainConfig
-from vitray.train_data import TrainingData, data_config, load_training_data
+from vitray.train.checkpoints import (CHECKPOINTS_KEPT, RECORD_FILE, STATE_FILE, check_resume, complete_checkpoints,
+                                      load_state, prune_checkpoints, scored_checkpoints, write_history)
+from vitray.train.config import TrainConfig
+from vitray.train.data import TrainingData, data_config, load_training_data
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def make_trainer(config: TrainConfig, data: TrainingData, callbacks: Sequence[An
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from vitray.train_loop import train_loop_per_worker
+    from vitray.train.loop import train_loop_per_worker
 
     out = storage.resolve(config.out)
     use_gpu = config.gpus_per_worker > 0

@@ -2,7 +2,7 @@
 
 `pretrain(PretrainConfig(...))` streams the images with Ray Data as `vitray train` does (any
 labels are ignored), trains transformers' `ViTMAEForPreTraining` data-parallel (the workers run
-`vitray.pretrain_loop`), keeps a checkpoint per epoch (the same command resumes), and exports the
+`vitray.train.pretrain_loop`), keeps a checkpoint per epoch (the same command resumes), and exports the
 encoder as a plain transformers ViT in OUT/model that `vitray train --model OUT/model` fine-tunes
 on a few labelled images, with history.csv, curves.png and reconstructions.png beside it.
 """
@@ -17,7 +17,7 @@ import numpy as np
 
 from vitray import runs, storage
 from vitray.errors import VitrayError
-from vitray.train import TrainingProgress, check_outside_data
+from vitray.train.run import TrainingProgress, check_outside_data
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,8 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
 
 def _pretrain(config: PretrainConfig) -> PretrainResult:
     from vitray import tracking
-    from vitray.checkpoints import check_resume, prune_checkpoints
-    from vitray.train import fit, interrupted
+    from vitray.train.checkpoints import check_resume, prune_checkpoints
+    from vitray.train.run import fit, interrupted
 
     run = storage.join(config.out, RUN_NAME)
     tracked, status = None, "FAILED"
@@ -178,7 +178,7 @@ def load_pretraining_data(config: PretrainConfig) -> PretrainingData:
     from vitray.data.sources import detect_format, inspect_source
     from vitray.models import input_size_for, preprocessing_for
     from vitray.runtime import RayOptions, init_ray
-    from vitray.train_data import DATA_CPUS, image_dataset, peek_shape
+    from vitray.train.data import DATA_CPUS, image_dataset, peek_shape
 
     storage.require(config.data, "pre-training data")
     fmt = config.format or detect_format(config.data)
@@ -270,8 +270,8 @@ def make_pretrainer(config: PretrainConfig, data: PretrainingData, progress: Any
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from vitray.pretrain_loop import pretrain_loop_per_worker
-    from vitray.train_data import data_config
+    from vitray.train.data import data_config
+    from vitray.train.pretrain_loop import pretrain_loop_per_worker
 
     out = storage.resolve(config.out)
     gpu = {"GPU": config.gpus_per_worker} if config.gpus_per_worker > 0 else {}
@@ -301,9 +301,10 @@ class PretrainProgress(TrainingProgress):
 
 def finish(config: PretrainConfig, data: PretrainingData) -> PretrainResult:
     """From the newest complete checkpoint: OUT/model, history.csv, curves.png, reconstructions.png, args.json."""
-    from vitray.checkpoints import STATE_FILE, complete_checkpoints, load_state, write_history
+    from vitray.figures import plot_pretrain_curves, plot_reconstructions
     from vitray.models.specs import PRETRAINED_HERE
-    from vitray.pretrain_loop import HISTORY_COLUMNS, build_mae
+    from vitray.train.checkpoints import STATE_FILE, complete_checkpoints, load_state, write_history
+    from vitray.train.pretrain_loop import HISTORY_COLUMNS, build_mae
 
     saved = complete_checkpoints(storage.join(config.out, RUN_NAME))
     if not saved:
@@ -318,7 +319,7 @@ def finish(config: PretrainConfig, data: PretrainingData) -> PretrainResult:
     save_encoder(encoder, data.prep, storage.join(config.out, "model"))
     history = state["history"]
     write_history(storage.join(config.out, "history.csv"), history, HISTORY_COLUMNS)
-    plot_history(history, storage.join(config.out, "curves.png"))
+    plot_pretrain_curves(history, storage.join(config.out, "curves.png"))
     shown = data.val_ds.take(SHOWN)
     plot_reconstructions(mae, np.stack([row["image"] for row in shown]), data.prep,
                          storage.join(config.out, "reconstructions.png"), config.seed)
@@ -359,73 +360,3 @@ def save_encoder(encoder: Any, prep: Any, uri: str) -> None:
         for name in sorted(os.listdir(local), key=lambda n: (n == CONFIG_FILE, n)):
             with open(os.path.join(local, name), "rb") as f:
                 storage.write_bytes(storage.join(uri, name), f.read())
-
-
-# --------------------------------------------------------------------------- figures
-
-
-def plot_history(history: list[dict[str, Any]], uri: str) -> None:
-    """curves.png: the reconstruction losses, the learning rate and the throughput by epoch."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    from vitray.figures import save_figure
-
-    epochs = [row["epoch"] for row in history]
-    fig = Figure(figsize=(13, 3.8), layout="constrained")
-    losses, rate, speed = fig.subplots(1, 3, sharex=True)
-    losses.plot(epochs, [row["loss"] for row in history], marker="o", markersize=3, label="train")
-    losses.plot(epochs, [row["val_loss"] for row in history], marker="o", markersize=3, label="validation")
-    losses.legend(fontsize=9)
-    rate.plot(epochs, [row["lr"] for row in history], marker="o", markersize=3)
-    rate.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    speed.plot(epochs, [row["images_per_s"] for row in history], marker="o", markersize=3)
-    titles = ("masked-patch reconstruction loss", "learning rate", "images per second")
-    for ax, title in zip((losses, rate, speed), titles):
-        ax.set(title=title, xlabel="epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    save_figure(fig, uri)
-
-
-def plot_reconstructions(mae: Any, images: np.ndarray, prep: Any, uri: str, seed: int = 0) -> None:
-    """reconstructions.png: a row per image (uint8 NHWC): the image, what the encoder saw, the reconstruction.
-
-    The reconstruction shows the visible patches as they were and the decoder's prediction in the
-    masked ones. A model trained on normalised patches (norm_pix_loss) predicts each patch's
-    pattern, not its brightness and contrast: those are taken from the true patch to show it, as
-    MAE's own visualisation does.
-    """
-    import torch
-    from matplotlib.figure import Figure
-
-    from vitray.data.preprocess import normalize
-    from vitray.figures import save_figure
-
-    x = normalize(torch.from_numpy(np.ascontiguousarray(images)), prep.mean, prep.std)
-    target = mae.patchify(x)
-    with torch.inference_mode():
-        scores = torch.rand(len(x), target.shape[1], generator=torch.Generator().manual_seed(seed))
-        out = mae(pixel_values=x, noise=scores)
-    predicted = out.logits.float()
-    if mae.config.norm_pix_loss:
-        predicted = predicted * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
-    hidden = out.mask.unsqueeze(-1)  # 1 where masked
-    grey = torch.tensor([(0.5 - m) / s for m, s in zip(prep.mean, prep.std)]).repeat(target.shape[-1] // prep.channels)
-    panels = {"image": target, f"masked ({mae.config.mask_ratio:.0%})": target * (1 - hidden) + grey * hidden,
-              "reconstruction": target * (1 - hidden) + predicted * hidden}
-    mean = torch.tensor(prep.mean).view(1, -1, 1, 1)
-    std = torch.tensor(prep.std).view(1, -1, 1, 1)
-    fig = Figure(figsize=(1.9 * len(panels), 1.9 * len(x)), layout="constrained")
-    axes = fig.subplots(len(x), len(panels), squeeze=False)
-    for col, (title, patches) in enumerate(panels.items()):
-        pixels = (mae.unpatchify(patches, x.shape[-2:]) * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-        for row, ax in enumerate(axes[:, col]):
-            grey_image = pixels.shape[-1] == 1
-            ax.imshow(pixels[row, ..., 0] if grey_image else pixels[row], cmap="gray" if grey_image else None,
-                      vmin=0, vmax=1, interpolation="nearest")
-            ax.set_axis_off()
-        axes[0, col].set_title(title, fontsize=10)
-    if mae.config.norm_pix_loss:
-        fig.suptitle("masked patches: the predicted pattern at the true patch's mean and contrast", fontsize=7)
-    save_figure(fig, uri)

@@ -1,6 +1,6 @@
 """What each Ray Train worker runs for MAE pre-training: its shard in, reconstruction steps, a checkpoint per epoch.
 
-The shape of `vitray.train_loop`, whose pieces it takes as they are: the windows of rows
+The shape of `vitray.train.loop`, whose pieces it takes as they are: the windows of rows
 (shuffled and lightly augmented, seeded), the warm-up and cosine schedule, the restore from the
 newest complete checkpoint. What differs is the model (transformers' `ViTMAEForPreTraining`),
 the loss (its own: mean squared error on the masked patches) and the masks, drawn from the
@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from vitray.checkpoints import checkpoint_name, save_state, write_history
 from vitray.data import batches as windows
 from vitray.progress import send
-from vitray.train_loop import (PROGRESS_EVERY_S, all_reduce, check_trained, make_scheduler, quiet_train_reports,
+from vitray.train.checkpoints import checkpoint_name, save_state, write_history
+from vitray.train.loop import (PROGRESS_EVERY_S, all_reduce, check_trained, make_scheduler, quiet_train_reports,
                                restore_state, to_tensor, track_epoch, worker_batches)
 
 HISTORY_COLUMNS = ("epoch", "loss", "val_loss", "lr", "images_per_s")
@@ -30,7 +30,7 @@ NO_DECAY = ("cls_token", "mask_token")
 
 @dataclass
 class _Run:
-    """One worker's pre-training objects (among them what `vitray.train_loop.restore_state` and `worker_batches` use)."""
+    """One worker's pre-training objects (among them what `vitray.train.loop.restore_state` and `worker_batches` use)."""
 
     rank: int
     world: int
@@ -91,7 +91,7 @@ def build_mae(mae_config: dict[str, Any], start_from: str | None = None) -> Any:
     if start_from is not None:
         from vitray.models import build_model
 
-        # The same names, tensor for tensor (vitray.pretrain.encoder_of maps them back); the ViT's
+        # The same names, tensor for tensor (vitray.train.pretrain.encoder_of maps them back); the ViT's
         # positions, learned or not, stay fixed while the MAE trains, as MAE's own are.
         model.vit.load_state_dict(build_model(start_from, ["image"])[0].vit.state_dict())
     return model
