@@ -1,10 +1,13 @@
 """benchmarks/benchmark.py's measuring pieces, without running the benchmark (minutes, and a speed figure
 means nothing on a shared test machine): start-up drops out of the steady rate, the memory peak
-sees the Ray processes under the driver, and the table shows every ratio against its target."""
+sees the Ray processes under the driver, and the table shows every ratio against its target.
+
+The tables are read as Markdown tables (columns, rows, the figures in their cells), not as prose."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,19 +17,51 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import benchmark  # noqa: E402 - benchmarks/ is not a package
+import measuring  # noqa: E402
+import scoring_speed  # noqa: E402
+
+NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
+
+
+def markdown_tables(text: str) -> list[list[list[str]]]:
+    """Every Markdown table in `text`: its rows (the header first, no separator row), each a list of cells."""
+    tables, rows = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [cell.strip() for cell in line.strip()[1:-1].split("|")]
+            if not all(set(cell) <= {"-"} and cell for cell in cells):
+                rows.append(cells)
+        elif rows:
+            tables.append(rows)
+            rows = []
+    return tables
+
+
+def table_headed(text: str, first: str) -> list[list[str]]:
+    """The table whose header's first cell starts with `first`; every row has the header's columns."""
+    found = [t for t in markdown_tables(text) if t[0][0].startswith(first)]
+    assert len(found) == 1, text
+    header, *rows = found[0]
+    assert rows and all(len(row) == len(header) for row in rows), found[0]
+    return found[0]
+
+
+def numbers(cell: str) -> list[float]:
+    """The figures in a cell, as numbers (thousands separators allowed)."""
+    return [float(n.replace(",", "")) for n in NUMBER.findall(cell)]
 
 
 def test_steady_rate_starts_at_the_first_committed_piece() -> None:
     # 20 s of start-up before the first piece, then 100 images/s.
     stamps = [(20.0, 512), (25.12, 1024), (30.24, 1536), (120.0, 10_512)]
-    assert benchmark.steady_rate(stamps) == pytest.approx(100.0)
+    assert measuring.steady_rate(stamps) == pytest.approx(100.0)
     # `vitray score` also reports its start (nothing scored yet): that is not a piece.
-    assert benchmark.steady_rate(benchmark.committed([(0.5, 0)] + stamps)) == pytest.approx(100.0)
+    assert measuring.steady_rate(measuring.committed([(0.5, 0)] + stamps)) == pytest.approx(100.0)
 
 
 def test_steady_rate_needs_several_pieces() -> None:
     with pytest.raises(RuntimeError, match="too few"):
-        benchmark.steady_rate([(3.0, 60), (4.0, 120)])
+        measuring.steady_rate([(3.0, 60), (4.0, 120)])
 
 
 def test_score_runs_use_vitray_scores_defaults() -> None:
@@ -34,7 +69,7 @@ def test_score_runs_use_vitray_scores_defaults() -> None:
     from vitray.score import ScoreConfig
 
     defaults = ScoreConfig(model="m", input="i", output="o")
-    assert (benchmark.Sizes.score_batch, benchmark.Sizes.piece_rows) == (defaults.batch_size, defaults.piece_rows)
+    assert (measuring.Sizes.score_batch, measuring.Sizes.piece_rows) == (defaults.batch_size, defaults.piece_rows)
 
 
 def test_peak_memory_counts_child_processes() -> None:
@@ -42,8 +77,8 @@ def test_peak_memory_counts_child_processes() -> None:
                               "import time; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
                               "time.sleep(30)"])
     try:
-        before = benchmark.PeakMemory.sample()
-        with benchmark.PeakMemory(interval_s=0.1) as memory:
+        before = measuring.PeakMemory.sample()
+        with measuring.PeakMemory(interval_s=0.1) as memory:
             deadline = time.monotonic() + 30  # the child touches its 300 MB meanwhile
             while memory.peak - before <= 200 * 2**20 and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -72,14 +107,23 @@ def test_table_shows_every_ratio_with_its_target_and_figures() -> None:
                     "pretrain_pairs": [{"ratio": 0.92, "ray_epochs": [500.0, 920.0], "torch_epochs": [800.0, 1000.0]}]},
     }, "gpu": {"skipped": "no CUDA device"}}
     text = benchmark.table(results)
-    for name in benchmark.TARGETS:
-        assert name in text
-    assert "| attention_overhead | 2.00 | <= 1.15 | NO |" in text
-    assert "median of pairs 2.00, 1.90" in text
-    assert "best 380 / 400 img/s; median of pairs 0.93, 0.97, 0.95" in text  # train_ray_vs_torch
-    assert "| pretrain_ray_vs_torch | 0.92 | >= 0.9 | yes | best 920 / 1,000 img/s |" in text
-    assert "1,000 / 1,400 img/s" in text  # score_vs_forward's two figures
-    assert "GPU part: no CUDA device" in text
+    header, *rows = table_headed(text, "ratio")
+    assert header == ["ratio", "measured", "target", "met", "from"]
+    by_name = {row[0]: row for row in rows}
+    assert set(by_name) == set(benchmark.TARGETS)
+    for name, (_, measured, target, met, source) in by_name.items():
+        op, bar = benchmark.TARGETS[name]
+        assert float(measured) == pytest.approx(ratios[name], abs=0.005)
+        assert target.startswith(op) and numbers(target) == [bar]
+        assert met in ("yes", "NO") and (met == "yes") == results["cpu"]["met"][name]
+        assert numbers(source), name  # the figures the ratio divides
+    # Each ratio's row carries the figures it was taken from: the best epochs and every pair's ratio.
+    assert {380, 400, 0.93, 0.97, 0.95} <= set(numbers(by_name["train_ray_vs_torch"][4]))
+    assert {920, 1000} <= set(numbers(by_name["pretrain_ray_vs_torch"][4]))
+    assert {1000, 1400} <= set(numbers(by_name["score_vs_forward"][4]))
+    assert {1000, 500, 2.0, 1.9} <= set(numbers(by_name["attention_overhead"][4]))
+    assert {2700, 2500, 10000, 1000} <= set(numbers(by_name["memory_growth"][4]))
+    assert "no CUDA device" in text  # a part that did not run says why
 
 
 @pytest.mark.slow
@@ -95,21 +139,21 @@ def test_the_quick_benchmark_measures_every_ratio_in_one_command(ray_session, tm
     ratios = results["cpu"]["ratios"]
     assert set(ratios) == set(benchmark.TARGETS) and all(value > 0 for value in ratios.values()), ratios
     assert results["sizes"]["warm_up"] is False
-    for name in benchmark.TARGETS:
-        assert f"| {name} | " in proc.stdout, proc.stdout[-3000:]
+    _, *rows = table_headed(proc.stdout, "ratio")
+    assert {row[0] for row in rows} == set(benchmark.TARGETS), proc.stdout[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["benchmark.json"]  # scratch data removed
 
 
 def test_score_outputs_go_to_tmpfs_unless_told(tmp_path) -> None:
     work = str(tmp_path / "work")
-    assert benchmark.scores_folder("work", work) == os.path.join(work, "scores")
-    assert benchmark.scores_folder(str(tmp_path / "fast"), work).startswith(str(tmp_path / "fast"))
+    assert scoring_speed.scores_folder("work", work) == os.path.join(work, "scores")
+    assert scoring_speed.scores_folder(str(tmp_path / "fast"), work).startswith(str(tmp_path / "fast"))
     if os.access("/dev/shm", os.W_OK):
-        assert benchmark.scores_folder("auto", work).startswith("/dev/shm/")
+        assert scoring_speed.scores_folder("auto", work).startswith("/dev/shm/")
 
 
 def test_file_create_cost_is_measured_and_cleaned_up(tmp_path) -> None:
-    assert benchmark.file_create_ms(str(tmp_path), files=20) > 0
+    assert measuring.file_create_ms(str(tmp_path), files=20) > 0
     assert os.listdir(tmp_path) == []
 
 
@@ -170,9 +214,12 @@ def test_table_shows_the_start_up_figures_against_their_plain_scripts_when_measu
           "explain_3_images": {"vitray_s": 4.0, "plain_s": 4.6, "ratio": 0.87},
           "train": {"images": 300, "vitray": {"exit_s": 6.6}, "on_ray": {"exit_s": 38.0}, "plain": {"exit_s": 4.9},
                     "ratio": 1.35, "ratio_on_ray": 7.76}}
-    text = benchmark.table({"startup": up})
-    assert "| `vitray score`, 2,000 PNGs, in its own process | 5.1 s | 5.7 s | 0.89 | <= 1.5 |" in text
-    assert "| the same, first committed piece | 4.4 s | | | <= 8 s |" in text
-    assert "| `vitray explain`, 3 images | 4.0 s | 4.6 s | 0.87 | <= 2 |" in text
-    assert "| the same on an embedded Ray | 38.0 s | 4.9 s | 7.76 | |" in text
-    assert "start-up" not in benchmark.table({"cpu": {"skipped": "ray is not installed here"}})
+    header, *rows = table_headed(benchmark.table({"startup": up}), "start-up")
+    assert len(header) == 5  # what, vitray, plain script, ratio, target
+    figures = [numbers(" ".join(row[1:])) for row in rows]
+    # score in its own process and its first piece, on Ray, explain, train in its own process and on Ray
+    assert figures == [[5.1, 5.7, 0.89, 1.5], [4.4, 8], [26.6, 5.7, 4.67], [4.0, 4.6, 0.87, 2],
+                       [6.6, 4.9, 1.35], [38.0, 4.9, 7.76]]
+    assert "2,000" in rows[0][0] and "300" in rows[4][0]  # the sizes measured
+    skipped = benchmark.table({"cpu": {"skipped": "ray is not installed here"}})
+    assert not markdown_tables(skipped) and "ray is not installed here" in skipped
