@@ -123,3 +123,26 @@ def test_no_module_imports_a_private_name_from_another():
                 found += [f"{path.relative_to(PACKAGE.parent)}: {node.module}.{a.name}" for a in node.names
                           if a.name.startswith("_") and not a.name.startswith("__")]
     assert found == []
+
+
+# Modules that others are splitting now; each is to come under the bar and leave this list.
+LONG_FOR_NOW = {"vitray/storage.py", "vitray/score/outputs.py", "vitray/score/pipeline.py", "vitray/score/report.py",
+                "vitray/data/scenes.py", "benchmarks/scale.py"}
+
+
+def test_every_module_reads_in_one_sitting():
+    """At most 400 lines a module, in vitray/ and benchmarks/."""
+    root = PACKAGE.parent
+    paths = sorted(PACKAGE.rglob("*.py")) + sorted((root / "benchmarks").glob("*.py"))
+    long = {str(p.relative_to(root)): n for p in paths if (n := len(p.read_text().splitlines())) > 400}
+    assert set(long) <= LONG_FOR_NOW, {k: v for k, v in long.items() if k not in LONG_FOR_NOW}
+
+
+def test_shared_leaf_modules_import_no_command():
+    """Metrics, figures, the weights attention, the rollout maths and the domain serve the commands and
+    the training loop; they import only storage, errors, each other and the data's preprocessing."""
+    leaves = {"vitray.metrics", "vitray.figures", "vitray.attention", "vitray.rollout", "vitray.domain"}
+    allowed = leaves | {"vitray", "vitray.storage", "vitray.errors", "vitray.data.preprocess"}
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    found = {name: internal_imports(paths[name], set(paths)) - allowed for name in sorted(leaves)}
+    assert found == {name: set() for name in sorted(leaves)}
