@@ -190,7 +190,7 @@ class Predictor(_Stage):
             model_uri, attn_implementation=self.weights_attention if self.one_pass else "sdpa")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # On a CPU a few dozen images at a time keep a layer's activations (and weights) nearer
-        # the caches: 64 per pass ran 7% faster than 256 at once; a GPU wants the whole batch.
+        # the caches (docs/benchmarks.md#what-the-scoring-rate-rests-on); a GPU wants the whole batch.
         cpu = self.device.type != "cuda"
         self.map_chunk = MAP_CHUNK_CPU if cpu else None
         self.forward_chunk = FORWARD_CHUNK_CPU if cpu else None

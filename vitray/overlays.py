@@ -75,7 +75,7 @@ def overlay_maps(images: np.ndarray, maps: np.ndarray, alpha: float = 0.6, peak:
     a = np.rint(alpha * 255.0 * up).astype(np.uint16)
     keep = 255 - a
     # One channel at a time over flat pixel rows: numpy's loops over a trailing axis of 3 with
-    # a broadcast weight ran 3x slower than these (0.11 → 0.04 ms per 64 px overlay).
+    # a broadcast weight ran slower than these (docs/benchmarks.md#what-the-scoring-rate-rests-on).
     pixels = images.reshape(-1, 3)
     out = np.empty_like(pixels)
     for c, table in enumerate(_jet_channels()):

@@ -26,9 +26,10 @@ PREEMPTION_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Train's watcher of nod
 # glibc's malloc hands blocks over 128 kB back to the kernel when they are freed, and gets
 # fresh zeroed pages on the next batch: a page fault per 4 kB of every large tensor. Keeping
 # blocks up to 32 MiB (glibc's largest mmap threshold) and 256 MiB of free heap in the
-# process cut the page faults of a tiny ViT's forward passes twentyfold and its time by
-# ~25% (docs/benchmarks.md). Read by glibc when a process starts: Ray's workers get them in
-# the runtime env (jobs/runtime_env*.yaml on a cluster), a running process `tune_malloc`.
+# process cuts most of those faults and the time they cost a tiny ViT's forward passes
+# (docs/benchmarks.md#what-the-scoring-rate-rests-on). Read by glibc when a process starts:
+# Ray's workers get them in the runtime env (jobs/runtime_env*.yaml on a cluster), a running
+# process `tune_malloc`.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 _MALLOPT = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_MMAP_THRESHOLD_": -3}  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
 
@@ -48,7 +49,8 @@ class RayOptions:
     # vitray.progress); Ray's logs and the workers' output stay in Ray's log files.
     quiet: bool = field(default_factory=lambda: not verbose())
     # Ray Train's controller cleans up through the state API, which the dashboard serves;
-    # scoring and evaluation need neither, and an embedded Ray starts ~2 s sooner without it.
+    # scoring and evaluation need neither, and an embedded Ray starts sooner without it
+    # (docs/benchmarks.md#start-up-of-a-small-run).
     dashboard: bool = True
 
 
@@ -290,8 +292,8 @@ def _worker_env(quiet: bool) -> dict[str, str]:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     # Train's controller polls its workers every 2 s by default, and steps of a run (the
-    # workers up, the end) wait for the next poll: 1.5 s of a small run (benchmarks/startup.py,
-    # "train"). A poll is one call per worker.
+    # workers up, the end) wait for the next poll, seconds of a small run
+    # (docs/benchmarks.md#a-small-training). A poll is one call per worker.
     os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
     env_vars = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
                 TRAIN_POLL_ENV: os.environ[TRAIN_POLL_ENV], **malloc_env()}
@@ -321,8 +323,9 @@ def _start_embedded(options: RayOptions, env_vars: dict[str, str], log_level: in
     # tasks and actors, which do start that many. Its own setting, read when it starts.
     os.environ.setdefault(STARTUP_ENV, str(options.num_cpus or embedded_cpus()))
     # Nothing drains the node of an embedded Ray: Train's preemption watcher (an actor per
-    # run, ~1.5 s of CPU to start) has nothing to watch. Set before the raylet starts, so
-    # that the runs of other processes joining this Ray skip it too.
+    # run, a process to start: docs/benchmarks.md#a-small-training) has nothing to watch.
+    # Set before the raylet starts, so that the runs of other processes joining this Ray
+    # skip it too.
     os.environ.setdefault(PREEMPTION_ENV, "0")
     env_vars[PREEMPTION_ENV] = os.environ[PREEMPTION_ENV]
     ray.init(num_cpus=options.num_cpus or embedded_cpus(), include_dashboard=options.dashboard,

@@ -103,7 +103,7 @@ class AugmentConfig:
     def for_labels(cls, labels: Sequence[str], domain: Domain = INSPECTION) -> "AugmentConfig":
         h, v = flip_maps(labels, domain)
         # The domain's classes are displacements of a given size along an axis: a zoom changes the
-        # size and a turn mixes the axes, so they get neither (docs/benchmarks.md, the defaults' figures).
+        # size and a turn mixes the axes, so they get neither (docs/benchmarks.md#inspection-images).
         geometric = bool(labels) and set(labels) <= set(domain.classes)
         return cls(hflip=tuple(h) if h is not None else None, vflip=tuple(v) if v is not None else None,
                    **({"rotate": 0.0, "scale": 0.0} if geometric else {}))

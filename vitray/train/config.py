@@ -31,7 +31,7 @@ class TrainConfig:
     image_size: int | None = None
     epochs: int = 30
     lr: float | None = None  # None: resolved_lr()'s rule
-    batch_size: int = 32  # per worker; 32 beat 64 on both digits and inspection images (see README)
+    batch_size: int = 32  # per worker; the recipe exploration's choice (docs/benchmarks.md#inspection-images)
     workers: int = 1
     gpus_per_worker: float = 0.0
     finetune: str = "full"
