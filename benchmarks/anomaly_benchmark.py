@@ -133,20 +133,21 @@ def cost(args: argparse.Namespace, encoder: str) -> dict:
     import torch
 
     from vitray.anomaly import AnomalyScorer
-    from vitray.data.preprocess import normalize
     from vitray.data.readers import iter_encoded
     from vitray.data.sources import inspect_source
     from vitray.inference import Predictor, PredictOptions, prepare_images
 
     torch.set_num_threads(1)  # as an inference actor holding one CPU
     model = classifier_over(encoder, os.path.join(args.out, "cost", "classifier"))
-    root = os.path.join(args.out, "quality", f"synth-{args.seeds[0]}")
+    root = os.path.join(args.out, "quality", f"{args.styles[0]}-{args.seeds[0]}")
     bank = os.path.join(root, "bank")  # fitted on the encoder = this classifier's backbone
     test = inspect_source(os.path.join(root, "test"))
     batch = prepare_images(next(iter_encoded(test)), 64, 3)
     images = {"id": batch["id"][:256], "image": batch["image"][:256], "error_kind": batch["error_kind"][:256]}
     predictor, scorer = Predictor(model, PredictOptions()), AnomalyScorer(bank)
-    classifier = predictor.model
+    # The scoring stage of `vitray score --anomaly`: the bank read from the classifier's own pass.
+    with_head = Predictor(model, PredictOptions(anomaly=bank))
+    assert with_head.anomaly.shared
 
     def alone() -> None:
         predictor(dict(images))
@@ -155,11 +156,7 @@ def cost(args: argparse.Namespace, encoder: str) -> dict:
         predictor(scorer(dict(images)))
 
     def one_pass() -> None:
-        x = normalize(torch.from_numpy(images["image"]), scorer.encoder.prep.mean, scorer.encoder.prep.std)
-        with torch.inference_mode():
-            out = classifier(pixel_values=x, output_hidden_states=True)
-            torch.softmax(out.logits.float(), dim=-1)
-        scorer.score_hidden_states(out.hidden_states)
+        with_head(dict(images))
 
     timings: dict[str, list[float]] = {"alone": [], "two_stages": [], "one_pass": []}
     for fn in (alone, two_stages, one_pass):
