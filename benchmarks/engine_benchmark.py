@@ -28,11 +28,11 @@ def _model(folder: str, spec: str | None, size: int) -> str:
 
 
 def measure(model: str, size: int, batch: int, attention: str, rounds: int) -> dict:
-    from vitray.export import export_onnx
+    from vitray.export import ExportConfig, export_onnx
     from vitray.inference import OnnxPredictor, PredictOptions, Predictor
 
     onnx_path = os.path.join(os.path.dirname(model), f"{os.path.basename(model)}-{attention}.onnx")
-    export_onnx(model, onnx_path, attention=attention != "none")
+    export_onnx(ExportConfig(model, onnx_path, attention=attention != "none"))
     options = PredictOptions(attention=attention)
     engines = {"torch": Predictor(model, options), "onnx": OnnxPredictor(open(onnx_path, "rb").read(), options)}
     images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)

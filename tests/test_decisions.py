@@ -195,7 +195,7 @@ def test_the_onnx_export_carries_the_calibration_and_decides_as_pytorch_does(tin
 
     from vitray.data import synth
     from vitray.decisions.calibrate import CalibrateConfig, calibrate
-    from vitray.export import export_onnx
+    from vitray.export import ExportConfig, export_onnx
     from vitray.inference import OnnxPredictor, PredictOptions, Predictor
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -204,7 +204,7 @@ def test_the_onnx_export_carries_the_calibration_and_decides_as_pytorch_does(tin
     synth.write(str(tmp_path / "val"), n=240, size=32, seed=4, passed_fraction=0.3)
     calibrate(CalibrateConfig(model=str(model), data=str(tmp_path / "val"), out=str(tmp_path / "cal"),
                               false_reject_rate=0.2))
-    export_onnx(str(model), str(tmp_path / "model.onnx"), attention=True)
+    export_onnx(ExportConfig(str(model), str(tmp_path / "model.onnx"), attention=True))
     images = np.stack([s.image for s in synth.generate(64, passed_fraction=0.3, size=32, seed=9)])
     batch = {"id": np.arange(64).astype(str).astype(object), "image": images,
              "error_kind": np.array([""] * 63 + ["corrupt"], dtype=object),

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from vitray.errors import VitrayError
-from vitray.export import export_onnx, onnx_model, read_metadata
+from vitray.export import ExportConfig, export_onnx, onnx_model, read_metadata
 from vitray.inference import OnnxPredictor, PredictOptions, Predictor
 from vitray.score import ScoreConfig, score
 
@@ -22,7 +22,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "score_onn
 @pytest.fixture(scope="module")
 def exported(tiny_model, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("onnx") / "tiny.onnx")
-    export_onnx(tiny_model, out, attention=True)
+    export_onnx(ExportConfig(tiny_model, out, attention=True))
     return out
 
 
@@ -75,12 +75,12 @@ def test_the_graph_takes_any_batch_size_and_carries_its_preprocessing(tiny_model
 
 def test_refusals_are_one_line(tiny_model, exported, tmp_path):
     with pytest.raises(VitrayError, match="name the file .onnx"):
-        export_onnx(tiny_model, str(tmp_path / "model.bin"))
+        export_onnx(ExportConfig(tiny_model, str(tmp_path / "model.bin")))
     with pytest.raises(VitrayError, match="not an ONNX model"):
         (tmp_path / "junk.onnx").write_bytes(b"junk")
         onnx_model(str(tmp_path / "junk.onnx"), maps=False)
     plain = str(tmp_path / "plain.onnx")
-    export_onnx(tiny_model, plain)
+    export_onnx(ExportConfig(tiny_model, plain))
     with pytest.raises(VitrayError, match="exported without maps"):
         onnx_model(plain, maps=True)
     with pytest.raises(VitrayError, match="--engine onnx"):

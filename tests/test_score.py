@@ -26,7 +26,7 @@ from vitray.data.preprocess import resize_image
 from vitray.data.decode import decode_image
 from vitray.errors import VitrayError
 from vitray.lease import Lease, LeaseLost
-from vitray.explain import explain_images
+from vitray.explain import ExplainConfig, explain_images
 from vitray.overlays import overlay
 from vitray.score import (
     PREDICTIONS_SCHEMA,
@@ -513,14 +513,14 @@ def test_explain_writes_overlay_input_and_map_per_image(tiny_model, tmp_path, ca
         assert amap.shape == (8, 8) and amap.max() == pytest.approx(1.0)
         overlay_size = png_size(str(out / f"{name}.png"))
         assert overlay_size == png_size(str(out / f"{name}_input.png")) and min(overlay_size) >= 224
-    results = explain_images(tiny_model, images[:1], str(tmp_path / "grad"), method="grad-rollout")
+    results = explain_images(ExplainConfig(tuple(images[:1]), tiny_model, str(tmp_path / "grad"), method="grad-rollout"))
     assert results[0]["label"] in INSPECTION_LABELS and 0 < results[0]["score"] <= 1
 
     (tmp_path / "broken.png").write_bytes(b"nope")
     with pytest.raises(VitrayError, match="broken.png: not-an-image"):
-        explain_images(tiny_model, [str(tmp_path / "broken.png")], str(tmp_path / "x"))
+        explain_images(ExplainConfig((str(tmp_path / "broken.png"),), tiny_model, str(tmp_path / "x")))
     with pytest.raises(VitrayError, match="--discard-ratio"):
-        explain_images(tiny_model, images, str(tmp_path / "x"), discard_ratio=1.5)
+        explain_images(ExplainConfig(tuple(images), tiny_model, str(tmp_path / "x"), discard_ratio=1.5))
 
 
 def test_ctrl_c_while_the_summary_is_written_says_every_image_is_in(tiny_model, tmp_path, monkeypatch):

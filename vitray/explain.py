@@ -7,16 +7,31 @@ import io
 import os
 import posixpath
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from vitray.attention import register_weights_attention
-from vitray.rollout import attention_maps, check_map_options
+from vitray.options import option
+from vitray.rollout import attention_maps, check_map_options, discard_ratio_option, head_fusion_option, method_option
 
 
-def explain_images(model: str, images: Sequence[str], out: str, method: str = "rollout",
-                   head_fusion: str = "mean", discard_ratio: float = 0.0) -> list[dict]:
+@dataclass(frozen=True)
+class ExplainConfig:
+    """`vitray explain IMAGE...`: each option once (`vitray.options`); the images are positional."""
+
+    images: tuple[str, ...]
+    model: str = option(help="trained model folder or s3:// prefix", metavar="URI", required=True,
+                        doc="a trained model folder or `s3://` prefix")
+    out: str = option(help="output folder or s3:// prefix", metavar="URI", required=True,
+                      doc="output folder or `s3://` prefix")
+    method: str = method_option()
+    head_fusion: str = head_fusion_option()
+    discard_ratio: float = discard_ratio_option()
+
+
+def explain_images(config: ExplainConfig) -> list[dict]:
     """Attention maps for a few images, without Ray; returns one dict per image.
 
     Writes `OUT/<name>.png` (overlay on the image as the model saw it, with label and
@@ -33,10 +48,12 @@ def explain_images(model: str, images: Sequence[str], out: str, method: str = "r
     from vitray.overlays import overlay
     from vitray.png import encode
 
+    images, out, method = list(config.images), config.out, config.method
+    head_fusion, discard_ratio = config.head_fusion, config.discard_ratio
     check_map_options(method, head_fusion, discard_ratio)
     if not images:
         raise VitrayError("explain: give at least one image")
-    net, prep, labels = load_trained(model, attn_implementation=register_weights_attention())
+    net, prep, labels = load_trained(config.model, attn_implementation=register_weights_attention())
     pixels = []
     for uri in images:  # every image is checked before anything is written
         try:

@@ -16,18 +16,33 @@ import json
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 from vitray import storage
 from vitray.errors import VitrayError
+from vitray.options import option, positive_int
 
 METADATA_KEY = "vitray"
 CALIBRATION_KEY = "vitray_calibration"
 DEFAULT_OPSET = 18
 
 
-def export_onnx(model_uri: str, out_uri: str, attention: bool = False, opset: int | None = None) -> dict:
-    """Export the model at `model_uri` to `out_uri` (.onnx, local or s3://); returns its metadata."""
+@dataclass(frozen=True)
+class ExportConfig:
+    """`vitray export`: each option once (`vitray.options`)."""
+
+    model: str = option(help="trained model folder or s3:// prefix", metavar="URI", required=True,
+                        doc="a trained model folder or `s3://` prefix")
+    out: str = option(help="the .onnx file to write (local or s3://)", metavar="FILE.onnx", required=True,
+                      doc="the file to write (local or `s3://`)")
+    attention: bool = option(False, "also output the attention rollout map (head fusion mean, no discard)")
+    opset: int = option(DEFAULT_OPSET, "the ONNX opset", parse=positive_int, metavar="N")
+
+
+def export_onnx(config: ExportConfig) -> dict:
+    """Export `config.model` to `config.out` (.onnx, local or s3://); returns its metadata."""
+    model_uri, out_uri, attention, opset = config.model, config.out, config.attention, config.opset
     if not out_uri.endswith(".onnx"):
         raise VitrayError(f"--out {out_uri}: name the file .onnx")
     _require_onnx()
@@ -75,7 +90,7 @@ def onnx_model(model_uri: str, maps: bool) -> tuple[list[str], Any, tuple[int, i
         data = storage.read_bytes(model_uri)
     else:
         with tempfile.TemporaryDirectory() as d:
-            export_onnx(model_uri, os.path.join(d, "model.onnx"), attention=maps)
+            export_onnx(ExportConfig(model_uri, os.path.join(d, "model.onnx"), attention=maps))
             with open(os.path.join(d, "model.onnx"), "rb") as f:
                 data = f.read()
     meta = metadata_of(data, model_uri)

@@ -139,6 +139,27 @@ def patch_grid(config: Any) -> tuple[int, int]:
     return height // patch_h, width // patch_w
 
 
+def method_option() -> Any:
+    """The `--method` option of the commands that draw maps (`vitray.options`)."""
+    from vitray.options import option
+
+    return option("rollout", "how maps are made", choices=METHODS,
+                  doc="`rollout` or `grad-rollout` (see [attention maps](attention-maps.md))")
+
+
+def head_fusion_option() -> Any:
+    from vitray.options import option
+
+    return option("mean", "how a layer's heads are combined (rollout)", choices=HEAD_FUSIONS,
+                  doc="how rollout combines a layer's heads: `mean`, `max`, `min`")
+
+
+def discard_ratio_option() -> Any:
+    from vitray.options import option
+
+    return option(0.0, "share of the weakest attention links dropped per layer, in [0, 1)", metavar="F")
+
+
 def check_map_options(method: str, head_fusion: str, discard_ratio: float) -> None:
     """One-line errors for the map options of `explain` and `score`."""
     from vitray.errors import VitrayError

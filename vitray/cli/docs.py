@@ -19,9 +19,12 @@ def configs() -> dict[str, tuple[Any, tuple[str, ...]]]:
     """Command → (its config dataclass, option fields its table leaves to the shared Ray options)."""
     from vitray.anomaly.config import AnomalyConfig
     from vitray.decisions.calibrate import CalibrateConfig
+    from vitray.explain import ExplainConfig
+    from vitray.export import ExportConfig
     from vitray.score.config import ScoreConfig
 
-    return {"calibrate": (CalibrateConfig, ()), "anomaly": (AnomalyConfig, ()), "score": (ScoreConfig, ())}
+    return {"calibrate": (CalibrateConfig, ()), "anomaly": (AnomalyConfig, ()), "score": (ScoreConfig, ()),
+            "explain": (ExplainConfig, ()), "export": (ExportConfig, ())}
 
 
 def tables(text: str) -> str:

@@ -71,29 +71,23 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def add_explain(sub: Any) -> None:
-    from vitray.attention import HEAD_FUSIONS
-    from vitray.rollout import METHODS
+    from vitray.explain import ExplainConfig
+    from vitray.options import add_options
 
     p = sub.add_parser("explain", help="attention maps for a few images",
                        description="Where the model looked: for each IMAGE, OUT/<name>.png (overlay), "
                                    "OUT/<name>_input.png (the image as the model saw it) and OUT/<name>.npy "
                                    "(the map on the patch grid). No Ray needed.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (local, file:// or s3://)")
-    p.add_argument("--model", required=True, help="trained model folder or s3:// prefix")
-    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
-    p.add_argument("--method", choices=METHODS, default="rollout")
-    p.add_argument("--head-fusion", choices=HEAD_FUSIONS, default="mean",
-                   help="how a layer's heads are combined (rollout; default mean)")
-    p.add_argument("--discard-ratio", type=float, default=0.0,
-                   help="share of the weakest attention links dropped per layer, in [0, 1) (default 0)")
+    add_options(p, ExplainConfig)
     p.set_defaults(func=run_explain)
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    from vitray.explain import explain_images
+    from vitray.explain import ExplainConfig, explain_images
+    from vitray.options import config_from
 
-    results = explain_images(args.model, args.images, args.out, method=args.method, head_fusion=args.head_fusion,
-                             discard_ratio=args.discard_ratio)
+    results = explain_images(config_from(ExplainConfig, args, images=tuple(args.images)))
     width = max(len(r["image"]) for r in results)
     for r in results:
         print(f"{r['image']:<{width}}  {r['label']}  {r['score']:.3f}")

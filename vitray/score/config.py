@@ -3,13 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vitray.attention import HEAD_FUSIONS
 from vitray.errors import VitrayError
 from vitray.inference import ATTENTION_MODES
 from vitray.lease import STALE_S
 from vitray.options import fraction, option, positive_int
-from vitray.rollout import METHODS as MAP_METHODS
-from vitray.rollout import check_map_options
+from vitray.rollout import check_map_options, discard_ratio_option, head_fusion_option, method_option
 from vitray.runtime import IN_PROCESS_MAX
 
 SCORE_FORMATS = ("images", "imagefolder", "parquet", "csv")
@@ -37,12 +35,9 @@ class ScoreConfig:
         choices=ATTENTION_MODES,
         doc="which images get an attention map and an overlay: `all`, `defects` (those not predicted `passed`), "
             "`none`")
-    method: str = option("rollout", "how maps are made", choices=MAP_METHODS,
-                         doc="`rollout` or `grad-rollout` (see [attention maps](attention-maps.md))")
-    head_fusion: str = option("mean", "how a layer's heads are combined (rollout)", choices=HEAD_FUSIONS,
-                              doc="how rollout combines a layer's heads: `mean`, `max`, `min`")
-    discard_ratio: float = option(0.0, "share of the weakest attention links dropped per layer, in [0, 1)",
-                                  metavar="F")
+    method: str = method_option()
+    head_fusion: str = head_fusion_option()
+    discard_ratio: float = discard_ratio_option()
     batch_size: int = option(
         256, "images per model call", parse=positive_int, metavar="N",
         doc="images per call to an inference actor (each call costs Ray a few ms besides the model: "
