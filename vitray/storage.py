@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from vitray.errors import VitrayError
@@ -241,15 +243,36 @@ class Listing:
     bad_names: list[str] = field(default_factory=list)
 
 
+@dataclass
+class PathListing:
+    """`Listing` for inputs of millions of files: paths and sizes as Arrow arrays, sorted by path,
+    with no Python object per file (what the driver holds of a night's input)."""
+
+    paths: pa.Array  # string
+    sizes: pa.Array  # int64
+    bad_names: list[str] = field(default_factory=list)
+
+
 def list_files(uri: str, recursive: bool = True) -> list[pafs.FileInfo]:
     """Files under a prefix (sorted by path); storage failures as one line.
 
     Local names that are not valid UTF-8 are left out with a warning; `walk` returns them.
     """
     listing = walk(uri, recursive)
-    for name in listing.bad_names:
-        log.warning("skipping %s: the file name is not valid UTF-8", name)
+    _warn_bad_names(listing.bad_names)
     return listing.files
+
+
+def list_paths(uri: str, recursive: bool = True) -> PathListing:
+    """`list_files` as Arrow arrays (`walk_paths`); names that are not valid UTF-8 left out with a warning."""
+    listing = walk_paths(uri, recursive)
+    _warn_bad_names(listing.bad_names)
+    return PathListing(listing.paths, listing.sizes)
+
+
+def _warn_bad_names(names: list[str]) -> None:
+    for name in names:
+        log.warning("skipping %s: the file name is not valid UTF-8", name)
 
 
 def walk(uri: str, recursive: bool = True) -> Listing:
@@ -262,23 +285,61 @@ def walk(uri: str, recursive: bool = True) -> Listing:
     """
     loc = resolve(uri)
     if loc.is_s3:
-        try:
-            selector = pafs.FileSelector(loc.path, recursive=recursive, allow_not_found=True)
-            infos = loc.fs.get_file_info(selector)
-        except OSError as exc:
-            raise VitrayError(describe_error(uri, exc)) from None
-        return Listing(sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path))
+        return Listing(sorted(_s3_files(uri, loc, recursive), key=lambda i: i.path))
+    listing = walk_paths(uri, recursive)
+    files = [pafs.FileInfo(path, type=pafs.FileType.File, size=size)
+             for path, size in zip(listing.paths.to_pylist(), listing.sizes.to_pylist())]
+    return Listing(files, listing.bad_names)
+
+
+def walk_paths(uri: str, recursive: bool = True) -> PathListing:
+    """What `walk` finds, as Arrow arrays: the listing of an input of millions of files."""
+    loc = resolve(uri)
+    if loc.is_s3:
+        # pyarrow lists S3 into one FileInfo per key (its Python API has no pages): turned into
+        # arrays a slice at a time, then let go.
+        infos = _s3_files(uri, loc, recursive)
+        paths = [pa.array([i.path for i in infos[at:at + LIST_CHUNK]], pa.string())
+                 for at in range(0, len(infos), LIST_CHUNK)]
+        sizes = [pa.array([i.size for i in infos[at:at + LIST_CHUNK]], pa.int64())
+                 for at in range(0, len(infos), LIST_CHUNK)]
+        del infos
+        return _sorted_listing(paths, sizes, [])
     try:
         return _walk_local(loc.path, recursive)
     except OSError as exc:
         raise VitrayError(describe_error(uri, exc)) from None
 
 
-def _walk_local(root: str, recursive: bool) -> Listing:
+LIST_CHUNK = 65_536  # files turned into Arrow arrays at a time while listing
+
+
+def _s3_files(uri: str, loc: Location, recursive: bool) -> list[pafs.FileInfo]:
+    try:
+        selector = pafs.FileSelector(loc.path, recursive=recursive, allow_not_found=True)
+        infos = loc.fs.get_file_info(selector)
+    except OSError as exc:
+        raise VitrayError(describe_error(uri, exc)) from None
+    return [i for i in infos if i.type == pafs.FileType.File]
+
+
+def _sorted_listing(paths: list[pa.Array], sizes: list[pa.Array], bad: list[str]) -> PathListing:
+    import pyarrow.compute as pc
+
+    all_paths = pa.chunked_array(paths, pa.string()).combine_chunks()
+    all_sizes = pa.chunked_array(sizes, pa.int64()).combine_chunks()
+    # Arrow orders strings by their UTF-8 bytes, which is the code-point order of Python's sort.
+    order = pc.sort_indices(all_paths)
+    return PathListing(all_paths.take(order), all_sizes.take(order), sorted(bad))
+
+
+def _walk_local(root: str, recursive: bool) -> PathListing:
     if not os.path.isdir(root):
-        return Listing([])
+        return PathListing(pa.array([], pa.string()), pa.array([], pa.int64()))
     base = os.path.realpath(root)
-    files: list[pafs.FileInfo] = []
+    names: list[str] = []
+    sizes: list[int] = []
+    chunks: tuple[list[pa.Array], list[pa.Array]] = ([], [])
     bad: list[str] = []
     seen: set[tuple[int, int]] = set()
     stack = [os.fsencode(root)]
@@ -316,8 +377,15 @@ def _walk_local(root: str, recursive: bool) -> Listing:
             except OSError as exc:
                 log.warning("skipping %s: %s", name, exc.strerror or exc)
                 continue
-            files.append(pafs.FileInfo(name, type=pafs.FileType.File, size=size))
-    return Listing(sorted(files, key=lambda i: i.path), sorted(bad))
+            names.append(name)
+            sizes.append(size)
+            if len(names) == LIST_CHUNK:
+                chunks[0].append(pa.array(names, pa.string()))
+                chunks[1].append(pa.array(sizes, pa.int64()))
+                names, sizes = [], []
+    chunks[0].append(pa.array(names, pa.string()))
+    chunks[1].append(pa.array(sizes, pa.int64()))
+    return _sorted_listing(*chunks, bad)
 
 
 def _inside(path: str, base: str) -> bool:
@@ -378,3 +446,26 @@ def same_or_inside(inner: str, outer: str) -> bool:
 def relative(root: Location, path: str) -> str:
     """The path of a file relative to a root location, with `/` separators."""
     return posixpath.relpath(path, root.path)
+
+
+def relative_paths(root: Location, paths: pa.Array) -> pa.Array:
+    """`relative` of every path of an Arrow string array, in Arrow.
+
+    A path under the root with nothing to normalise (no `//`, `.` or `..` part: every local
+    listing, and S3 keys but odd ones) loses the root's prefix; the others go through `relative`.
+    """
+    import pyarrow.compute as pc
+
+    paths = paths.cast(pa.string())
+    prefix = root.path if root.path.endswith("/") else root.path + "/"
+    if posixpath.normpath(root.path) != root.path or root.path.startswith("//"):
+        plain = pa.array(np.zeros(len(paths), dtype=bool))
+    else:
+        plain = pc.fill_null(pc.and_(pc.starts_with(paths, prefix),
+                                     pc.invert(pc.match_substring_regex(paths, r"//|/\.\.?(/|$)|/$"))), False)
+    out = pc.utf8_slice_codeunits(paths, len(prefix))  # in code points, as len() counts them
+    odd = pc.invert(plain)
+    if pc.any(odd).as_py():
+        others = [relative(root, p) for p in paths.filter(odd).to_pylist()]
+        out = pc.replace_with_mask(out, odd, pa.array(others, pa.string()))
+    return out
