@@ -7,11 +7,14 @@ endpoint); credentials come from the standard AWS chain and are never printed.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
 import posixpath
 import secrets
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -58,14 +61,23 @@ def s3_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**_s3_options(endpoint), connect_timeout=5, request_timeout=60)
 
 
-def _s3_options(endpoint: str | None) -> dict[str, Any]:
+def _s3_endpoint(endpoint: str | None) -> tuple[str | None, str]:
+    """The S3 endpoint URL (None: AWS's own) and the region, from the argument or the standard variables."""
     endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    if not endpoint:
+        return None, region
+    parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
+    return f"{parsed.scheme or 'http'}://{parsed.netloc}", region
+
+
+def _s3_options(endpoint: str | None) -> dict[str, Any]:
+    url, region = _s3_endpoint(endpoint)
     kwargs: dict[str, Any] = {"region": region}
-    if endpoint:
-        parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
+    if url:
+        parsed = urlparse(url)
         kwargs["endpoint_override"] = parsed.netloc
-        kwargs["scheme"] = parsed.scheme or "http"
+        kwargs["scheme"] = parsed.scheme
     return kwargs
 
 
@@ -165,6 +177,95 @@ def read_bytes(uri: str) -> bytes:
         raise VitrayError(f"not found: {uri}") from None
     except OSError as exc:
         raise VitrayError(describe_error(uri, exc)) from None
+
+
+@dataclass(frozen=True)
+class FileReader:
+    """Reads whole files under one location by path, in any process (it travels to Ray's tasks).
+
+    On S3 each file is one GetObject: pyarrow's input streams send a HeadObject before every
+    GET, twice the requests per image (docs/scale.md), and its Python API cannot be handed the
+    size a listing already has. Local files are read through pyarrow as everywhere else.
+    Failures are OSErrors (FileNotFoundError, PermissionError, ...) with a one-line message.
+    """
+
+    fs: pafs.FileSystem
+    s3_endpoint: str | None = None  # the endpoint URL, None for AWS's own (S3 only)
+    s3_region: str | None = None  # set on S3 only
+
+    def read(self, path: str) -> bytes:
+        if self.s3_region is None:
+            with self.fs.open_input_stream(path) as f:
+                return f.read()
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, _, key = path.partition("/")
+        try:
+            body = s3_client(self.s3_endpoint, self.s3_region).get_object(Bucket=bucket, Key=key)["Body"]
+            try:
+                return body.read()
+            finally:
+                body.close()
+        except (BotoCoreError, ClientError) as exc:
+            raise s3_os_error(exc) from None
+
+
+def file_reader(uri: str, endpoint: str | None = None) -> FileReader:
+    """A FileReader for the files under a URI, with the S3 settings of this process (see `resolve`)."""
+    loc = resolve(uri, endpoint)
+    if not loc.is_s3:
+        return FileReader(loc.fs)
+    url, region = _s3_endpoint(endpoint)
+    return FileReader(loc.fs, url, region)
+
+
+# A boto3 client costs tens of milliseconds to make (it loads the S3 service model): one per
+# process, endpoint and credentials, shared by the threads of a Ray worker (clients are thread-safe).
+_S3_CLIENTS: dict[tuple[str | None, str, str], Any] = {}
+_S3_CLIENTS_LOCK = threading.Lock()
+
+
+def s3_client(endpoint_url: str | None, region: str) -> Any:
+    """This process's boto3 S3 client for an endpoint, with the timeouts of `s3_filesystem`.
+
+    Credentials come from the standard AWS chain when the client is made; a change of the
+    AWS_* credential variables (tests, a rotated key in the environment) makes a new one.
+    """
+    chain = "\0".join(os.environ.get(k, "") for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                          "AWS_SESSION_TOKEN", "AWS_PROFILE"))
+    key = (endpoint_url, region, hashlib.sha256(chain.encode()).hexdigest())  # no secret kept in the clear
+    with _S3_CLIENTS_LOCK:
+        client = _S3_CLIENTS.get(key)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            # Path-style addressing on an S3-compatible endpoint, as pyarrow's S3 filesystem does.
+            extra = {"s3": {"addressing_style": "path"}} if endpoint_url else {}
+            config = Config(connect_timeout=5, read_timeout=60, retries={"mode": "standard"}, **extra)
+            client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region,
+                                                    config=config)
+            _S3_CLIENTS[key] = client
+    return client
+
+
+def s3_os_error(exc: BaseException) -> OSError:
+    """A boto3 failure as the OSError pyarrow would raise: a missing key is FileNotFoundError, a
+    refusal PermissionError, anything else (throttling past its retries, an unreachable
+    endpoint) an OSError; the message is one line, the secret never in it."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if secret:
+        text = text.replace(secret, "***")
+    response = getattr(exc, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if code in ("NoSuchKey", "NoSuchBucket", "NotFound", "404") or status == 404:
+        return FileNotFoundError(errno.ENOENT, text)
+    if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403") or status == 403 or \
+            type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+        return PermissionError(errno.EACCES, text)
+    return OSError(errno.EIO, text)
 
 
 def write_bytes(uri: str, data: bytes, durable: bool = False) -> None:
