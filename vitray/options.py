@@ -81,10 +81,12 @@ def _shown_default(f: dataclasses.Field, o: Option) -> str | None:
     return None if default is None or isinstance(default, bool) or o.required else str(default)
 
 
-def add_options(parser: argparse.ArgumentParser, cls: Any, skip: Sequence[str] = ()) -> None:
-    """One flag per option field of `cls` (a bool field is a switch), its default the field's."""
+def add_options(parser: argparse.ArgumentParser, cls: Any, skip: Sequence[str] = (),
+                only: Sequence[str] | None = None) -> None:
+    """One flag per option field of `cls` (a bool field is a switch), its default the field's; `skip`
+    leaves some out, `only` takes just those."""
     for f, o in options_of(cls):
-        if f.name in skip:
+        if f.name in skip or (only is not None and f.name not in only):
             continue
         shown = _shown_default(f, o)
         help_text = o.help + (f" (default {shown})" if shown is not None else "")

@@ -22,9 +22,10 @@ def configs() -> dict[str, tuple[Any, tuple[str, ...]]]:
     from vitray.explain import ExplainConfig
     from vitray.export import ExportConfig
     from vitray.score.config import ScoreConfig
+    from vitray.train.config import TrainConfig
 
     return {"calibrate": (CalibrateConfig, ()), "anomaly": (AnomalyConfig, ()), "score": (ScoreConfig, ()),
-            "explain": (ExplainConfig, ()), "export": (ExportConfig, ())}
+            "explain": (ExplainConfig, ()), "export": (ExportConfig, ()), "train": (TrainConfig, ())}
 
 
 def tables(text: str) -> str:

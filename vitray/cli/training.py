@@ -4,44 +4,18 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vitray.cli.options import given, in_process_option, option_default, positive_int, ray_options, summary
+from vitray.cli.options import given, in_process_option, positive_int, ray_options, summary
 from vitray.runtime import IN_PROCESS_MAX
 
 
+TRAIN_ONLY = ("in_process_max", "fresh")  # `tune`'s trials run on Ray and resume by the search
+
+
 def add_train_options(p: argparse.ArgumentParser) -> None:
+    from vitray.options import add_options
     from vitray.train.config import TrainConfig
 
-    d = lambda name: option_default(TrainConfig, name)  # noqa: E731
-    p.add_argument("--data", help="training data: image folder, parquet, digit CSV (local, file:// or s3://)")
-    p.add_argument("--out", help="output folder or s3:// prefix")
-    p.add_argument("--val", help="validation data (default: a stratified split of --data)")
-    p.add_argument("--val-fraction", type=float, help=f"share of --data held out (default {d('val_fraction')})")
-    p.add_argument("--format", choices=("imagefolder", "parquet", "csv"), help="data format (default: detected)")
-    p.add_argument("--model", help="preset (vit-tiny, vit-small, ...), folder, s3:// prefix or hub id "
-                                   "(default: a from-scratch preset sized for the data)")
-    p.add_argument("--image-size", type=int, help="input side in pixels (default: the data's, or the model's)")
-    p.add_argument("--epochs", type=int, help=f"(default {d('epochs')})")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3; 1e-4 for full fine-tuning "
-                                            "of a model pre-trained elsewhere than by vitray pretrain)")
-    p.add_argument("--batch-size", type=int, help=f"per worker (default {d('batch_size')})")
-    p.add_argument("--workers", type=int, help=f"Ray Train workers (default {d('workers')})")
-    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker; > 0 trains on GPU with bf16 (default 0)")
-    p.add_argument("--finetune", help="full | head | last:K | lora:R (default full)")
-    p.add_argument("--class-weights", choices=("auto", "loss", "none"),
-                   help="rare classes: auto draws every class equally often per epoch (class-balanced "
-                        "sampling); loss weights the loss by inverse class frequency (default auto)")
-    p.add_argument("--augment", choices=("auto", "none"), help="label-aware flips, shifts, lighting (default auto)")
-    p.add_argument("--layer-decay", type=float, metavar="F",
-                   help="layer-wise learning-rate decay: each encoder layer learns at F times the rate of the "
-                        "one above it, the head at --lr (default 1: one rate)")
-    p.add_argument("--export", choices=("last", "best"),
-                   help="the epoch exported as the model: the last (default), or the best by validation macro-F1")
-    p.add_argument("--box-attention", type=float, metavar="W",
-                   help="weight of a loss term that keeps the attention map on each image's box, for data "
-                        "with boxes (FRAMEimages parquet); 0 turns it off (default 1 for a from-scratch preset "
-                        "on data with boxes, else 0)")
-    p.add_argument("--seed", type=int, help=f"(default {d('seed')})")
-    tracking_options(p)
+    add_options(p, TrainConfig, skip=TRAIN_ONLY)
     ray_options(p)
     # A config may also set the recipe's fields that have no flag (weight_decay, label_smoothing, ...).
     p.set_defaults(config_extra=TrainConfig)
@@ -64,14 +38,11 @@ def add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train a ViT with Ray Train",
                        description="Train a ViT (from scratch or fine-tuned) on labelled images with Ray Train; "
                                    "writes OUT/model, metrics.json, history.csv and plots.")
+    from vitray.options import add_options
+    from vitray.train.config import TrainConfig
+
     add_train_options(p)
-    p.add_argument("--in-process-max", type=int, metavar="N",
-                   help="with no Ray cluster given, a data set of at most N images trains in this process (Ray "
-                        "Train's local mode), without starting Ray; 0: always on Ray (default "
-                        f"{IN_PROCESS_MAX})")
-    p.add_argument("--fresh", action="store_true", default=None,
-                   help="discard the checkpoints under --out and start from the first epoch (a resume keeps "
-                        "the options the run began with)")
+    add_options(p, TrainConfig, only=TRAIN_ONLY)
     p.set_defaults(func=run_train)
 
 

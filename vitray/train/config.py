@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 
 from vitray import storage
 from vitray.errors import VitrayError
+from vitray.options import option
 from vitray.runtime import IN_PROCESS_MAX
 
 CLASS_WEIGHTS = ("auto", "loss", "none")
@@ -22,38 +23,101 @@ BOX_ATTENTION_PRETRAINED_HERE = 0.1
 class TrainConfig:
     """Every option of a training run, with its one default."""
 
-    data: str
-    out: str
-    val: str | None = None
-    val_fraction: float = 0.1
-    format: str | None = None
-    model: str | None = None  # preset, folder, s3:// prefix or hub id; None: a preset sized for the data
-    image_size: int | None = None
-    epochs: int = 30
-    lr: float | None = None  # None: resolved_lr()'s rule
-    batch_size: int = 32  # per worker; the recipe exploration's choice (docs/benchmarks.md#inspection-images)
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    finetune: str = "full"
-    class_weights: str = "auto"  # auto: class-balanced sampling; loss: inverse-frequency loss weights; none
-    augment: str = "auto"  # auto: label-aware flips where safe, shifts, lighting; none
-    export: str = "last"  # the epoch exported: last, or best (by validation macro-F1)
-    box_attention: float | None = None  # weight of the box-attention term; None: BOX_ATTENTION for data with boxes
+    data: str = option(help="training data: image folder, parquet, digit CSV (local, file:// or s3://)",
+                       metavar="URI", required=True,
+                       doc="labelled training data (see [Data formats](#data-formats))")
+    out: str = option(help="output folder or s3:// prefix", metavar="URI", required=True,
+                      doc="output folder or `s3://` prefix; the same `--out` resumes an interrupted run, with the "
+                          "options it began with ([what a resume may change](reliability.md#resuming-a-training)); "
+                          "one run per output at a time")
+    val: str | None = option(None, "validation data (default: a stratified split of --data)", metavar="URI",
+                             doc="validation data; without it, a stratified split of `--data`")
+    val_fraction: float = option(0.1, "share of --data held out", metavar="F",
+                                 doc="share of `--data` held out for validation")
+    format: str | None = option(None, "data format", choices=("imagefolder", "parquet", "csv"),
+                                default_text="detected")
+    model: str | None = option(
+        None, "preset (vit-tiny, vit-small, ...), folder, s3:// prefix or hub id", metavar="M",
+        default_text="a preset sized for the data",
+        doc="a preset (`vit-tiny`, `vit-small`, `vit-base`), a folder or `s3://` prefix in `save_pretrained` "
+            "layout, or a Hugging Face hub id such as `google/vit-base-patch16-224` (a new head for the data's "
+            "classes)")
+    image_size: int | None = option(None, "input side in pixels", parse=int, metavar="N",
+                                    default_text="the data's, or the model's")
+    epochs: int = option(30, "passes over the training data (the schedule's length)", metavar="N")
+    lr: float | None = option(
+        None, "peak learning rate", parse=float, metavar="F",
+        default_text="1e-3; 1e-4 for full fine-tuning of a pretrained model, unless vitray pretrain pre-trained it",
+        doc="peak learning rate ([pretrain.md](pretrain.md) on the rate for a vitray encoder)")
+    # The recipe exploration's choice (docs/benchmarks.md#inspection-images).
+    batch_size: int = option(32, "per worker", metavar="N")
+    workers: int = option(1, "Ray Train workers", metavar="N",
+                          doc="Ray Train data-parallel workers (1 CPU each)")
+    gpus_per_worker: float = option(
+        0.0, "GPUs per worker; > 0 trains on GPU with bf16", metavar="N",
+        doc="GPUs per worker; above 0 trains on GPU with bf16 autocast. A fraction packs workers onto one GPU")
+    finetune: str = option(
+        "full", "full | head | last:K | lora:R", metavar="POLICY",
+        doc="`full`, `head` (classifier only), `last:K` (last K encoder layers, final norm and head), `lora:R` "
+            "(LoRA rank R on the query and value projections, plus the head; merged into the exported model)")
+    class_weights: str = option(
+        "auto", "rare classes: auto draws every class equally often per epoch (class-balanced sampling); loss "
+                "weights the loss by inverse class frequency", choices=CLASS_WEIGHTS,
+        doc="`auto`: class-balanced sampling (every class drawn equally often per epoch, in each worker's windows "
+            "of 8 batches, before augmentation, so each draw of a rare image is augmented its own way; an epoch "
+            "keeps its length); `loss`: loss weighted by inverse class frequency; `none`")
+    augment: str = option("auto", "label-aware flips, shifts, lighting", choices=("auto", "none"),
+                          doc="`auto`: label-aware flips, shifts and lighting (below); `none`")
+    export: str = option(
+        "last", "the epoch exported as the model: the last, or the best by validation macro-F1", choices=EXPORTS,
+        doc="the epoch exported as `model/`: `last`, or `best` (by validation macro-F1); `metrics.json` holds that "
+            "epoch's validation figures")
+    box_attention: float | None = option(
+        None, "weight of a loss term that keeps the attention map on each image's box, for data with boxes "
+              "(FRAMEimages parquet); 0 turns it off", parse=float, metavar="W",
+        default_text="on data with boxes: 1 for a from-scratch preset, 0.1 for an encoder of `vitray pretrain`; "
+                     "else 0",
+        doc="for data with boxes (a FRAMEimages parquet's `response`): add W × max(0, log ½ − log e) to the loss, "
+            "e being the share of the image's attention rollout inside its box, so that the default map keeps at "
+            "least half its mass on the part ([attention maps](attention-maps.md#training-the-maps-onto-the-box)); "
+            "0 turns it off; a vitray encoder gets a tenth (the full weight cost it macro-F1: "
+            "[pretrain](pretrain.md#a-light-box-attention-term-on-the-encoder-the-default)); for a model "
+            "pre-trained elsewhere it is opt-in; a weight for data without boxes or with `--finetune head` is "
+            "refused")
+    # Recipe fields without a flag: a --config may set them (`config_extra`).
     weight_decay: float = 0.05
-    layer_decay: float = 1.0  # each encoder layer's rate times this per layer below the head (1: one rate)
+    layer_decay: float = option(
+        1.0, "layer-wise learning-rate decay: each encoder layer learns at F times the rate of the one above it, "
+             "the head at --lr (1: one rate)", metavar="F",
+        doc="layer-wise learning-rate decay: encoder layer k of L learns at `--lr` × F^(L+1−k), the embeddings at "
+            "× F^(L+1), the final norm and the head at `--lr` (BEiT's and MAE's fine-tuning recipe); 1: one rate")
     warmup_fraction: float = 0.1
     label_smoothing: float = 0.1
     grad_clip: float = 1.0
     max_failures: int = 3
-    seed: int = 0
+    seed: int = option(
+        0, "seeds the split, the order, the initialisation and every draw", metavar="S",
+        doc="seeds the validation split, the order of the training rows, the model's initialisation and every "
+            "draw of the class balance and augmentation (per window of rows, from the seed, the epoch, the "
+            "worker's rank and the rows): the same command on the same data and number of workers trains the "
+            "same model, at no cost in throughput")
     ray_address: str | None = None
     shared_fs: bool = False  # a local --out that every node of a multi-node cluster mounts
-    # `vitray train` with no cluster named trains a data set of at most this many images in its own
-    # process (Ray Train's local mode), without starting Ray; 0: always on Ray. Tune's trials run on Ray.
-    in_process_max: int = IN_PROCESS_MAX
-    mlflow: str | None = None  # MLflow tracking URI (else $MLFLOW_TRACKING_URI; neither: untracked)
-    mlflow_experiment: str | None = None  # default "vitray"
-    fresh: bool = False  # discard the checkpoints under `out` and start from the first epoch
+    mlflow: str | None = option(
+        None, "track the run in MLflow at URI (neither it nor $MLFLOW_TRACKING_URI: not tracked)", metavar="URI",
+        default_text="$MLFLOW_TRACKING_URI",
+        doc="track the run in MLflow: params, per-epoch metrics (rank 0), final metrics, outputs and model "
+            "([tracking](tracking.md)); neither set: not tracked")
+    mlflow_experiment: str | None = option(None, "the MLflow experiment", metavar="NAME", default_text="vitray")
+    # `vitray train` only (tune's trials run on Ray and resume by the search):
+    in_process_max: int = option(
+        IN_PROCESS_MAX, "with no Ray cluster given, a data set of at most N images trains in this process (Ray "
+                        "Train's local mode), without starting Ray; 0: always on Ray", metavar="N",
+        doc="with no Ray cluster given (no `--ray-address`, no `RAY_ADDRESS`), a data set of at most N images "
+            "(training and validation) trains in this process, without starting Ray (below); 0: always on Ray")
+    fresh: bool = option(False, "discard the checkpoints under --out and start from the first epoch (a resume keeps "
+                                "the options the run began with)",
+                         doc="discard the checkpoints under `--out` and start again from the first epoch")
 
     def located(self) -> "TrainConfig":
         """The same config with local paths absolute: Ray's workers run in other folders than the driver."""
