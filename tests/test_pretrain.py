@@ -58,9 +58,8 @@ def pretrained(ray_session, line, tmp_path_factory) -> Run:
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(pretrain, PretrainConfig(data=line["unlabelled"], out=str(out), epochs=EPOCHS,
                                                        workers=2, batch_size=8))
-        for _ in range(1200):
-            if second.exists() or running.done():
-                break
+        deadline = time.monotonic() + 600  # a loaded machine takes minutes to start Ray Train's workers
+        while not (second.exists() or running.done()) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert second.exists() and not running.done(), "the run never reached epoch 2, or ended before the kill"
         victim = _train_worker_pids()[-1]
