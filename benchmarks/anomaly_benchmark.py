@@ -62,7 +62,7 @@ def encoder_for(args: argparse.Namespace) -> str:
 
 def quality(args: argparse.Namespace, encoder: str) -> dict:
     from vitray.anomaly import AnomalyConfig, fit_bank
-    from vitray.evaluate import evaluate_anomaly
+    from vitray.evaluate import EvaluateConfig, evaluate_anomaly
 
     results: dict = {}
     for style in args.styles:
@@ -74,7 +74,8 @@ def quality(args: argparse.Namespace, encoder: str) -> dict:
                          ["--defects", "novel", "--passed-fraction", "0.5"])
             fit = fit_bank(AnomalyConfig(data=good, model=encoder.format(seed=seed, style=style),
                                          out=os.path.join(root, "bank"), seed=seed, in_process_max=10 ** 6))
-            m = evaluate_anomaly(os.path.join(root, "bank"), test, os.path.join(root, "eval"), in_process_max=10 ** 6)
+            m = evaluate_anomaly(EvaluateConfig(test, os.path.join(root, "eval"), anomaly=os.path.join(root, "bank"),
+                                                 in_process_max=10 ** 6))
             runs.append({"seed": seed, "auroc": m["auroc"], "pointing_game": m["localization"]["pointing_game"],
                          "energy_in_box": m["localization"]["energy_in_box"],
                          "false_reject_rate": m["false_reject_rate"], "detection_rate": m["detection_rate"],

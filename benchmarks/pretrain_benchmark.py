@@ -86,14 +86,14 @@ def pretrain_once(out: str, data: str, plan: Plan) -> dict:
 
 def fine_tune(out: str, data: str, test: str, model: str | None, seed: int, plan: Plan) -> dict:
     """One arm's training on the labelled images and its figures on the test rendering."""
-    from vitray.evaluate import evaluate
+    from vitray.evaluate import EvaluateConfig, evaluate
     from vitray.train import TrainConfig, train
 
     started = time.perf_counter()
     train(TrainConfig(data=data, out=os.path.join(out, "train"), model=model, epochs=plan.epochs, seed=seed,
                       lr=plan.lr, workers=plan.workers, gpus_per_worker=plan.gpus_per_worker))
-    metrics = evaluate(os.path.join(out, "train", "model"), test, os.path.join(out, "evaluate"),
-                       gpus_per_worker=plan.gpus_per_worker)
+    metrics = evaluate(EvaluateConfig(test, os.path.join(out, "evaluate"), model=os.path.join(out, "train", "model"),
+                                      gpus_per_worker=plan.gpus_per_worker))
     passed = metrics["per_class"]["passed"]["recall"]
     return {"macro_f1": round(metrics["macro_f1"], 4), "passed_recall": round(passed, 4),
             "accuracy": round(metrics["accuracy"], 4), "seconds": round(time.perf_counter() - started, 1)}

@@ -11,12 +11,12 @@ from conftest import as_a_fresh_process_without_ray
 
 def test_evaluate_counts_an_undecodable_image_as_skipped(ray_session, tiny_model, tmp_path):
     from vitray.data import synth
-    from vitray.evaluate import evaluate
+    from vitray.evaluate import EvaluateConfig, evaluate
 
     data = tmp_path / "data"
     synth.write(str(data), n=30, size=32, seed=5, passed_fraction=0.2, fmt="imagefolder")
     (data / "Xplus" / "cut-short.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
-    metrics = evaluate(tiny_model, str(data), str(tmp_path / "eval"))
+    metrics = evaluate(EvaluateConfig(str(data), str(tmp_path / "eval"), model=tiny_model))
     assert metrics["n"] == 30 and metrics["skipped"] == 1
     assert np.sum(metrics["confusion_matrix"]) == 30
     saved = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
@@ -27,11 +27,11 @@ def test_evaluate_counts_an_undecodable_image_as_skipped(ray_session, tiny_model
 def test_evaluate_scores_the_maps_against_the_boxes_of_the_data(ray_session, tiny_model, tmp_path, monkeypatch):
     from vitray.data import synth
     from vitray.data.sources import inspect_source
-    from vitray.evaluate import evaluate
+    from vitray.evaluate import EvaluateConfig, evaluate
 
     data = tmp_path / "data"
     synth.write(str(data), n=40, size=32, seed=6, passed_fraction=0.1, fmt="parquet")
-    metrics = evaluate(tiny_model, str(data), str(tmp_path / "eval"), batch_size=16, in_process_max=0)
+    metrics = evaluate(EvaluateConfig(str(data), str(tmp_path / "eval"), model=tiny_model, batch_size=16, in_process_max=0))
     assert metrics["n"] == 40 and metrics["skipped"] == 0
     where = metrics["localization"]
     source = inspect_source(str(data), None)
@@ -40,6 +40,6 @@ def test_evaluate_scores_the_maps_against_the_boxes_of_the_data(ray_session, tin
     assert 0.0 <= where["pointing_game"] <= 1.0 and 0.0 <= where["energy_in_box"] <= 1.0
     # With no cluster named, so small a set is evaluated in this process, to the same figures.
     as_a_fresh_process_without_ray(monkeypatch)
-    here = evaluate(tiny_model, str(data), str(tmp_path / "here"), batch_size=16)
+    here = evaluate(EvaluateConfig(str(data), str(tmp_path / "here"), model=tiny_model, batch_size=16))
     assert here["confusion_matrix"] == metrics["confusion_matrix"] and here["n"] == 40
     assert here["localization"] == pytest.approx(where, abs=1e-4)

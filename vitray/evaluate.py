@@ -6,6 +6,7 @@ The metrics are `vitray.metrics`'; the figures `vitray.figures`'.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -15,16 +16,49 @@ from vitray.domain import OK_CLASS
 from vitray.errors import VitrayError
 from vitray.figures import plot_confusion
 from vitray.metrics import anomaly_metrics, classification_metrics
+from vitray.options import option, positive_int
 from vitray.runtime import IN_PROCESS_MAX, runs_in_process
 
 log = logging.getLogger(__name__)
 
 
-def evaluate(model_uri: str, data_uri: str, out_uri: str, fmt: str | None = None, batch_size: int = 256,
-             workers: int = 1, gpus_per_worker: float = 0.0, ray_address: str | None = None,
-             mlflow: str | None = None, mlflow_experiment: str | None = None,
-             in_process_max: int = IN_PROCESS_MAX) -> dict:
-    """Metrics of a trained model on labelled data: OUT/evaluation.json and OUT/confusion_matrix.png.
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """`vitray evaluate`: each option once (`vitray.options`). `evaluate` reads `model`,
+    `evaluate_anomaly` reads `anomaly`; the command runs either or both."""
+
+    data: str = option(help="labelled data (local, file:// or s3://)", metavar="URI", required=True,
+                       doc="labelled data; its classes must be among the model's")
+    out: str = option(help="output folder or s3:// prefix", metavar="URI", required=True,
+                      doc="output folder or `s3://` prefix: `evaluation.json`, `confusion_matrix.png`, "
+                          "`anomaly.json`")
+    model: str | None = option(None, "trained model folder or s3:// prefix (may be left out with --anomaly)",
+                               metavar="URI",
+                               doc="a trained model folder or `s3://` prefix; required unless `--anomaly` is given")
+    anomaly: str | None = option(
+        None, "also (or, without --model, only) measure an anomaly bank of `vitray anomaly` on the data: image "
+              "AUROC of passed against the other classes, and the maps against the boxes", metavar="BANK",
+        doc="also measure an anomaly bank of `vitray anomaly` (without `--model`, only the bank): "
+            "`OUT/anomaly.json` (below)")
+    format: str | None = option(None, "data format", choices=("imagefolder", "parquet", "csv"),
+                                default_text="detected")
+    batch_size: int = option(256, "images per model call", parse=positive_int, metavar="N")
+    workers: int = option(1, "inference actors", parse=positive_int, metavar="N",
+                          doc="inference actors; each loads the model once")
+    gpus_per_worker: float = option(0.0, "GPUs per inference actor (0: CPU)", metavar="N")
+    in_process_max: int = option(IN_PROCESS_MAX, "with no Ray cluster given, a set of at most N images is "
+                                                 "evaluated in this process, without starting Ray; 0: always Ray",
+                                 metavar="N")
+    mlflow: str | None = option(None, "log the metrics to an MLflow run at URI (neither it nor "
+                                      "$MLFLOW_TRACKING_URI: not tracked)", metavar="URI",
+                                default_text="$MLFLOW_TRACKING_URI",
+                                doc="track the evaluation as one MLflow run ([tracking](tracking.md))")
+    mlflow_experiment: str | None = option(None, "the MLflow experiment", metavar="NAME", default_text="vitray")
+    ray_address: str | None = None
+
+
+def evaluate(config: EvaluateConfig) -> dict:
+    """Metrics of `config.model` on labelled data: OUT/evaluation.json and OUT/confusion_matrix.png.
 
     When the data has boxes (FRAMEimages `response`), the default attention maps of
     the defect images (by their label, whatever the model predicted) are scored against them
@@ -35,6 +69,12 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, fmt: str | None = None
     from vitray.inference import PredictOptions, model_info
     from vitray.models.specs import portable
 
+    if config.model is None:
+        raise VitrayError("--model is required (on the command line or in --config)")
+    model_uri, data_uri, out_uri, fmt = config.model, config.data, config.out, config.format
+    batch_size, workers, gpus_per_worker = config.batch_size, config.workers, config.gpus_per_worker
+    ray_address, in_process_max = config.ray_address, config.in_process_max
+    mlflow, mlflow_experiment = config.mlflow, config.mlflow_experiment
     if batch_size < 1 or workers < 1 or in_process_max < 0:
         raise VitrayError("--batch-size and --workers must be at least 1, --in-process-max at least 0")
     # Ray's actors run in other folders than the driver: every local path they get is absolute.
@@ -138,10 +178,8 @@ def _localisation(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarr
 ANOMALY_FILE = "anomaly.json"
 
 
-def evaluate_anomaly(bank_uri: str, data_uri: str, out_uri: str, fmt: str | None = None, batch_size: int = 256,
-                     workers: int = 1, gpus_per_worker: float = 0.0, ray_address: str | None = None,
-                     in_process_max: int = IN_PROCESS_MAX) -> dict:
-    """How well an anomaly bank tells good images from defective ones: OUT/anomaly.json.
+def evaluate_anomaly(config: EvaluateConfig) -> dict:
+    """How well the anomaly bank `config.anomaly` tells good images from defective ones: OUT/anomaly.json.
 
     `data_uri` is labelled: `passed` images are good, every other class a defect. Reports the
     image AUROC (all defects, and each kind against the good images), the rates at the bank's
@@ -152,6 +190,11 @@ def evaluate_anomaly(bank_uri: str, data_uri: str, out_uri: str, fmt: str | None
     from vitray.anomaly.bank import read_meta
     from vitray.data.sources import inspect_source
 
+    if config.anomaly is None:
+        raise VitrayError("--anomaly BANK is required to measure a bank")
+    bank_uri, data_uri, out_uri, fmt = config.anomaly, config.data, config.out, config.format
+    batch_size, workers, gpus_per_worker = config.batch_size, config.workers, config.gpus_per_worker
+    ray_address, in_process_max = config.ray_address, config.in_process_max
     if batch_size < 1 or workers < 1 or in_process_max < 0:
         raise VitrayError("--batch-size and --workers must be at least 1, --in-process-max at least 0")
     bank_uri, data_uri, out_uri = storage.absolute(bank_uri), storage.absolute(data_uri), storage.absolute(out_uri)

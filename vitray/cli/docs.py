@@ -19,13 +19,15 @@ def configs() -> dict[str, tuple[Any, tuple[str, ...]]]:
     """Command → (its config dataclass, option fields its table leaves to the shared Ray options)."""
     from vitray.anomaly.config import AnomalyConfig
     from vitray.decisions.calibrate import CalibrateConfig
+    from vitray.evaluate import EvaluateConfig
     from vitray.explain import ExplainConfig
     from vitray.export import ExportConfig
     from vitray.score.config import ScoreConfig
     from vitray.train.config import TrainConfig
 
     return {"calibrate": (CalibrateConfig, ()), "anomaly": (AnomalyConfig, ()), "score": (ScoreConfig, ()),
-            "explain": (ExplainConfig, ()), "export": (ExportConfig, ()), "train": (TrainConfig, ())}
+            "explain": (ExplainConfig, ()), "export": (ExportConfig, ()), "train": (TrainConfig, ()),
+            "evaluate": (EvaluateConfig, ())}
 
 
 def tables(text: str) -> str:

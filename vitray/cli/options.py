@@ -50,9 +50,3 @@ def summary(headline: str, outputs: dict[str, str], next_command: str) -> str:
     width = max(len(name) for name in outputs)
     return "\n".join([headline, *(f"  {name:<{width}}  {where}" for name, where in outputs.items()),
                       f"next: {next_command}"])
-
-
-def in_process_option(p: argparse.ArgumentParser, default: int) -> None:
-    p.add_argument("--in-process-max", type=int, default=default, metavar="N",
-                   help="with no Ray cluster given, a run of at most N images is done in this process, without "
-                        f"starting Ray (faster for small runs); 0: always Ray (default {default})")

@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vitray.cli.options import given, in_process_option, positive_int, ray_options, summary
-from vitray.runtime import IN_PROCESS_MAX
+from vitray.cli.options import given, ray_options, summary
 
 
 TRAIN_ONLY = ("in_process_max", "fresh")  # `tune`'s trials run on Ray and resume by the search
@@ -73,21 +72,13 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_evaluate(sub: Any) -> None:
+    from vitray.evaluate import EvaluateConfig
+    from vitray.options import add_options
+
     p = sub.add_parser("evaluate", help="metrics of a model on labelled data",
                        description="Accuracy, macro-F1, per-class report and confusion matrix of a trained "
-                                   "model on a labelled data set.")
-    p.add_argument("--model", help="trained model folder or s3:// prefix (may be left out with --anomaly)")
-    p.add_argument("--anomaly", metavar="BANK",
-                   help="also (or, without --model, only) measure an anomaly bank of `vitray anomaly` on the "
-                        "data: image AUROC of passed against the other classes, and the maps against the boxes")
-    p.add_argument("--data", required=True, help="labelled data (local, file:// or s3://)")
-    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
-    p.add_argument("--format", choices=("imagefolder", "parquet", "csv"))
-    p.add_argument("--batch-size", type=positive_int, default=256, help="images per model call (default 256)")
-    p.add_argument("--workers", type=positive_int, default=1, help="inference actors (default 1)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per inference actor (default 0: CPU)")
-    in_process_option(p, IN_PROCESS_MAX)
-    tracking_options(p)
+                                   "model on a labelled data set; with --anomaly, an anomaly bank's AUROC.")
+    add_options(p, EvaluateConfig)
     ray_options(p)
     p.set_defaults(func=run_evaluate)
 
@@ -95,9 +86,11 @@ def add_evaluate(sub: Any) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     from vitray import storage
     from vitray.errors import VitrayError
-    from vitray.evaluate import ANOMALY_FILE, evaluate, evaluate_anomaly
+    from vitray.evaluate import ANOMALY_FILE, EvaluateConfig, evaluate, evaluate_anomaly
     from vitray.metrics import format_report
+    from vitray.options import config_from
 
+    config = config_from(EvaluateConfig, args, ray_address=args.ray_address)
     if not args.model and not args.anomaly:
         raise VitrayError("--model is required (on the command line or in --config), or --anomaly BANK to "
                           "measure an anomaly bank")
@@ -108,18 +101,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     outputs: dict[str, str] = {}
     headline = []
     if args.model:
-        metrics = evaluate(args.model, args.data, args.out, fmt=args.format, batch_size=args.batch_size,
-                           workers=args.workers, gpus_per_worker=args.gpus_per_worker, ray_address=args.ray_address,
-                           mlflow=args.mlflow, mlflow_experiment=args.mlflow_experiment,
-                           in_process_max=args.in_process_max)
+        metrics = evaluate(config)
         print(format_report(metrics))
         headline.append(f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
         outputs.update({"evaluation": storage.join(args.out, "evaluation.json"),
                         "confusion matrix": storage.join(args.out, "confusion_matrix.png")})
     if args.anomaly:
-        result = evaluate_anomaly(args.anomaly, args.data, args.out, fmt=args.format, batch_size=args.batch_size,
-                                  workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                                  ray_address=args.ray_address, in_process_max=args.in_process_max)
+        result = evaluate_anomaly(config)
         loc = result["localization"]
         headline.append(f"anomaly AUROC {result['auroc']:.3f}, detected {result['detection_rate']:.1%} at "
                         f"{result['false_reject_rate']:.1%} false rejects"
