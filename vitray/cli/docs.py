@@ -1,6 +1,6 @@
 """The option tables of docs/cli.md, written from the commands' config dataclasses (`vitray.options`).
 
-    python -m vitray.cli.docs [--check] [docs/cli.md]
+    python -m vitray.cli.docs [--check] [FILE ...]   (default: docs/cli.md, docs/pretrain.md)
 
 Each table sits between `<!-- options: COMMAND -->` and `<!-- /options -->`; `--check` exits 1
 when one differs from its config (the test suite runs it), without it the file is rewritten.
@@ -12,6 +12,7 @@ import re
 import sys
 from typing import Any
 
+DOCS = ("docs/cli.md", "docs/pretrain.md")  # the files with option tables
 MARKER = re.compile(r"(<!-- options: (?P<command>[a-z]+) -->\n)(?P<table>.*?)(<!-- /options -->)", re.S)
 
 
@@ -24,10 +25,11 @@ def configs() -> dict[str, tuple[Any, tuple[str, ...]]]:
     from vitray.export import ExportConfig
     from vitray.score.config import ScoreConfig
     from vitray.train.config import TrainConfig
+    from vitray.train.pretrain import PretrainConfig
 
     return {"calibrate": (CalibrateConfig, ()), "anomaly": (AnomalyConfig, ()), "score": (ScoreConfig, ()),
             "explain": (ExplainConfig, ()), "export": (ExportConfig, ()), "train": (TrainConfig, ()),
-            "evaluate": (EvaluateConfig, ())}
+            "evaluate": (EvaluateConfig, ()), "pretrain": (PretrainConfig, ())}
 
 
 def tables(text: str) -> str:
@@ -48,20 +50,24 @@ def tables(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("path", nargs="?", default="docs/cli.md")
+    parser.add_argument("paths", nargs="*", default=list(DOCS))
     parser.add_argument("--check", action="store_true", help="exit 1 when a table differs, write nothing")
     args = parser.parse_args(argv)
-    with open(args.path, encoding="utf-8") as f:
-        text = f.read()
-    written = tables(text)
-    if args.check:
-        if written != text:
-            print(f"{args.path}: option tables differ from the commands' options; run python -m vitray.cli.docs",
-                  file=sys.stderr)
-            return 1
-        return 0
-    with open(args.path, "w", encoding="utf-8") as f:
-        f.write(written)
+    differ = []
+    for path in args.paths:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        written = tables(text)
+        if written == text:
+            continue
+        differ.append(path)
+        if not args.check:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(written)
+    if args.check and differ:
+        print(f"{', '.join(differ)}: option tables differ from the commands' options; run python -m vitray.cli.docs",
+              file=sys.stderr)
+        return 1
     return 0
 
 

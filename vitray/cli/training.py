@@ -20,12 +20,6 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(config_extra=TrainConfig)
 
 
-def tracking_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mlflow", metavar="URI", help="track the run in MLflow at URI (default: $MLFLOW_TRACKING_URI; "
-                                                   "neither: not tracked)")
-    p.add_argument("--mlflow-experiment", metavar="NAME", help="the MLflow experiment (default vitray)")
-
-
 def train_config(args: argparse.Namespace) -> Any:
     from vitray.train.config import TrainConfig, config_fields
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from vitray import runs, storage
 from vitray.errors import VitrayError
+from vitray.options import fraction, option
 from vitray.train.run import TrainingProgress, check_outside_data
 
 log = logging.getLogger(__name__)
@@ -35,30 +36,63 @@ FORMATS = ("imagefolder", "parquet", "csv", "images")
 class PretrainConfig:
     """Every option of a pre-training run, with its one default."""
 
-    data: str
-    out: str
-    format: str | None = None
+    data: str = option(
+        help="images: a folder or prefix (recursive; labels ignored), parquet or digit CSV (local, file:// or s3://)",
+        metavar="URI", required=True,
+        doc="the images: a folder or prefix (recursively; sub-folder names are not read as labels), Parquet in the "
+            "Hugging Face image layout, or the digit-recognizer CSV")
+    out: str = option(
+        help="output folder or s3:// prefix; the same --out resumes", metavar="URI", required=True,
+        doc="output folder or `s3://` prefix; the same `--out` resumes, with the options it began with ([what a "
+            "resume may change](reliability.md#resuming-a-training)); one run per output at a time")
+    format: str | None = option(None, "data format", choices=FORMATS, default_text="detected",
+                                doc="`imagefolder` or `images` (both read as plain images), `parquet`, `csv`")
     # A preset (a new ViT) or a ViT to go on from (folder, s3:// prefix, hub id: its encoder, a new decoder);
     # None: the preset `vitray train` would size for the data.
-    model: str | None = None
-    image_size: int | None = None  # None: as `vitray train` (the data's side; under 16 px, 32)
-    epochs: int = 300  # 300 beat 100 fine-tuned on 300 labels, on two renderings (docs/pretrain.md)
-    # Half the patches hidden: on 3,000 images of 64 patches, the encoder fine-tuned better than at
-    # MAE's 0.75 (docs/pretrain.md, "The mask ratio"); slower, as the encoder sees twice the patches.
-    mask_ratio: float = 0.5
-    lr: float = 1e-3  # peak; warm-up, then cosine decay to zero
-    batch_size: int = 64  # per worker
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    augment: str = "auto"  # auto: small shifts and lighting (no flips, turns or zooms); none
+    model: str | None = option(
+        None, "a preset (vit-tiny, vit-small, vit-base), or a ViT to go on from (folder, s3:// prefix, hub id)",
+        metavar="M", default_text="the preset `vitray train` sizes for the data",
+        doc="a preset (`vit-tiny`, `vit-small`, `vit-base`): a new ViT; or a ViT to go on from (a folder, `s3://` "
+            "prefix or hub id, an earlier `OUT/model` too): its encoder and its preprocessing, a new decoder")
+    image_size: int | None = option(
+        None, "input side of a preset", parse=int, metavar="N",
+        default_text="as `vitray train`: the data's side (under 16 px: 32)",
+        doc="input side of a preset; the patch size follows (28 → 4, 32 → 4, 64 → 8, 224 → 16)")
+    epochs: int = option(
+        300, "passes over the images", metavar="N",
+        doc="MAE wants many: the paper trains 800-1600 on ImageNet; here 300 gave the fine-tuned encoder 0.005 to "
+            "0.028 more macro-F1 than 100 ([measured](#longer-pre-training-and-layer-wise-rate-decay))")
+    mask_ratio: float = option(
+        0.5, "share of patches hidden", metavar="F",
+        doc="share of each image's patches hidden from the encoder; MAE's 0.75 fine-tuned 0.03 to 0.05 macro-F1 "
+            "worse on 300 labels here ([measured](#the-mask-ratio)); a lower ratio costs time (the encoder sees "
+            "more patches)")
+    lr: float = option(1e-3, "peak learning rate", metavar="F", default_text="1e-3",
+                       doc="peak learning rate; warm-up over 10% of the steps, then cosine to zero")
+    batch_size: int = option(64, "per worker", metavar="N")
+    workers: int = option(1, "Ray Train workers", metavar="N", doc="Ray Train data-parallel workers (1 CPU each)")
+    gpus_per_worker: float = option(0.0, "GPUs per worker; > 0 trains on GPU with bf16", metavar="N",
+                                    doc="above 0: on GPU, with bf16 autocast")
+    augment: str = option(
+        "auto", "auto: small shifts and lighting", choices=("auto", "none"),
+        doc="`auto`: shifts of up to 1/16 of the side and a little brightness and contrast jitter; `none`")
+    # Recipe fields without a flag: a --config may set them (`config_extra`).
     norm_pix_loss: bool = True  # MAE's target: each patch's pixels normalised by its own mean and variance
-    val_fraction: float = 0.05  # held out: the validation loss and the reconstructions figure
+    val_fraction: float = option(
+        0.05, "share held out", parse=fraction, metavar="F",
+        doc="images held out (at random, seeded): the validation loss each epoch and the reconstructions figure")
     weight_decay: float = 0.05
     warmup_fraction: float = 0.1
-    seed: int = 0
-    mlflow: str | None = None  # MLflow tracking URI (else $MLFLOW_TRACKING_URI; neither: untracked)
-    mlflow_experiment: str | None = None  # default "vitray"
-    fresh: bool = False  # discard the checkpoints under `out` and start from the first epoch
+    seed: int = option(0, "the split, the order, the initialisation, the augmentation and the masks", metavar="S")
+    mlflow: str | None = option(
+        None, "track the run in MLflow at URI (neither it nor $MLFLOW_TRACKING_URI: not tracked)", metavar="URI",
+        default_text="$MLFLOW_TRACKING_URI",
+        doc="track the run: params, per-epoch losses (rank 0), final losses, outputs and model "
+            "([tracking](tracking.md))")
+    mlflow_experiment: str | None = option(None, "the MLflow experiment", metavar="NAME", default_text="vitray")
+    fresh: bool = option(False, "discard the checkpoints under --out and start from the first epoch (a resume keeps "
+                                "the options the run began with)",
+                         doc="discard the checkpoints under `--out` and start again from the first epoch")
     ray_address: str | None = None
     shared_fs: bool = False  # a local --out that every node of a multi-node cluster mounts
     max_failures: int = 3  # worker failures a run recovers from (from its newest checkpoint)
