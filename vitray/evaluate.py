@@ -17,6 +17,7 @@ from vitray.errors import VitrayError
 from vitray.figures import plot_confusion
 from vitray.metrics import anomaly_metrics, classification_metrics
 from vitray.options import option, positive_int
+from vitray.runs import mlflow_experiment_option, mlflow_option
 from vitray.runtime import IN_PROCESS_MAX, runs_in_process
 
 log = logging.getLogger(__name__)
@@ -49,11 +50,8 @@ class EvaluateConfig:
     in_process_max: int = option(IN_PROCESS_MAX, "with no Ray cluster given, a set of at most N images is "
                                                  "evaluated in this process, without starting Ray; 0: always Ray",
                                  metavar="N")
-    mlflow: str | None = option(None, "log the metrics to an MLflow run at URI (neither it nor "
-                                      "$MLFLOW_TRACKING_URI: not tracked)", metavar="URI",
-                                default_text="$MLFLOW_TRACKING_URI",
-                                doc="track the evaluation as one MLflow run ([tracking](tracking.md))")
-    mlflow_experiment: str | None = option(None, "the MLflow experiment", metavar="NAME", default_text="vitray")
+    mlflow: str | None = mlflow_option("track the evaluation as one MLflow run ([tracking](tracking.md))")
+    mlflow_experiment: str | None = mlflow_experiment_option()
     ray_address: str | None = None
 
 

@@ -89,3 +89,26 @@ def record_options(run_uri: str, options: dict[str, Any], resuming: bool) -> Non
 
 def _shown(value: Any) -> str:
     return "(none)" if value is None else str(value)
+
+
+def fresh_option() -> Any:
+    """The `--fresh` option of the commands that resume (`vitray.options`)."""
+    from vitray.options import option
+
+    return option(False, "discard the checkpoints under --out and start from the first epoch (a resume keeps the "
+                         "options the run began with)",
+                  doc="discard the checkpoints under `--out` and start again from the first epoch")
+
+
+def mlflow_option(doc: str) -> Any:
+    """The `--mlflow URI` option of the tracked commands (`vitray.options`); `doc`: what it tracks."""
+    from vitray.options import option
+
+    return option(None, "track the run in MLflow at URI (neither it nor $MLFLOW_TRACKING_URI: not tracked)",
+                  metavar="URI", default_text="$MLFLOW_TRACKING_URI", doc=doc)
+
+
+def mlflow_experiment_option() -> Any:
+    from vitray.options import option
+
+    return option(None, "the MLflow experiment", metavar="NAME", default_text="vitray")

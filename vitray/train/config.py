@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from vitray import storage
 from vitray.errors import VitrayError
 from vitray.options import option
+from vitray.runs import fresh_option, mlflow_experiment_option, mlflow_option
 from vitray.runtime import IN_PROCESS_MAX
 
 CLASS_WEIGHTS = ("auto", "loss", "none")
@@ -103,21 +104,16 @@ class TrainConfig:
             "same model, at no cost in throughput")
     ray_address: str | None = None
     shared_fs: bool = False  # a local --out that every node of a multi-node cluster mounts
-    mlflow: str | None = option(
-        None, "track the run in MLflow at URI (neither it nor $MLFLOW_TRACKING_URI: not tracked)", metavar="URI",
-        default_text="$MLFLOW_TRACKING_URI",
-        doc="track the run in MLflow: params, per-epoch metrics (rank 0), final metrics, outputs and model "
-            "([tracking](tracking.md)); neither set: not tracked")
-    mlflow_experiment: str | None = option(None, "the MLflow experiment", metavar="NAME", default_text="vitray")
+    mlflow: str | None = mlflow_option("track the run in MLflow: params, per-epoch metrics (rank 0), final metrics, "
+                                       "outputs and model ([tracking](tracking.md)); neither set: not tracked")
+    mlflow_experiment: str | None = mlflow_experiment_option()
     # `vitray train` only (tune's trials run on Ray and resume by the search):
     in_process_max: int = option(
         IN_PROCESS_MAX, "with no Ray cluster given, a data set of at most N images trains in this process (Ray "
                         "Train's local mode), without starting Ray; 0: always on Ray", metavar="N",
         doc="with no Ray cluster given (no `--ray-address`, no `RAY_ADDRESS`), a data set of at most N images "
             "(training and validation) trains in this process, without starting Ray (below); 0: always on Ray")
-    fresh: bool = option(False, "discard the checkpoints under --out and start from the first epoch (a resume keeps "
-                                "the options the run began with)",
-                         doc="discard the checkpoints under `--out` and start again from the first epoch")
+    fresh: bool = fresh_option()
 
     def located(self) -> "TrainConfig":
         """The same config with local paths absolute: Ray's workers run in other folders than the driver."""

@@ -84,15 +84,10 @@ class PretrainConfig:
     weight_decay: float = 0.05
     warmup_fraction: float = 0.1
     seed: int = option(0, "the split, the order, the initialisation, the augmentation and the masks", metavar="S")
-    mlflow: str | None = option(
-        None, "track the run in MLflow at URI (neither it nor $MLFLOW_TRACKING_URI: not tracked)", metavar="URI",
-        default_text="$MLFLOW_TRACKING_URI",
-        doc="track the run: params, per-epoch losses (rank 0), final losses, outputs and model "
-            "([tracking](tracking.md))")
-    mlflow_experiment: str | None = option(None, "the MLflow experiment", metavar="NAME", default_text="vitray")
-    fresh: bool = option(False, "discard the checkpoints under --out and start from the first epoch (a resume keeps "
-                                "the options the run began with)",
-                         doc="discard the checkpoints under `--out` and start again from the first epoch")
+    mlflow: str | None = runs.mlflow_option("track the run: params, per-epoch losses (rank 0), final losses, outputs and "
+                                       "model ([tracking](tracking.md))")
+    mlflow_experiment: str | None = runs.mlflow_experiment_option()
+    fresh: bool = runs.fresh_option()
     ray_address: str | None = None
     shared_fs: bool = False  # a local --out that every node of a multi-node cluster mounts
     max_failures: int = 3  # worker failures a run recovers from (from its newest checkpoint)
