@@ -7,8 +7,7 @@ fit (on Ray Data actors or in this process) and sets the threshold, `scorer` add
 
 The names below load their module on first use, so that the CLI checks options without torch.
 """
-import importlib
-from typing import Any
+from vitray.lazy import lazy_names
 
 _HOMES = {
     "config": ("AnomalyConfig",),
@@ -18,14 +17,4 @@ _HOMES = {
     "fit": ("FitResult", "fit_bank"),
     "scorer": ("AnomalyScorer", "anomaly_overlay_png", "image_scores"),
 }
-_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
-
-__all__ = sorted(_HOME_OF)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOME_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_HOME_OF[name]}"), name)
-    globals()[name] = value
-    return value
+__all__, __getattr__ = lazy_names(__name__, globals(), _HOMES)

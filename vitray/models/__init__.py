@@ -20,8 +20,7 @@ the fine-tune policies and counts parameters.
 The names below load their module on first use (PEP 562), so that checking options does not
 import PyTorch and transformers.
 """
-import importlib
-from typing import Any
+from vitray.lazy import lazy_names
 
 _HOMES = {
     "specs": ("DEFAULT_PRESET", "PRESETS", "parse_finetune"),
@@ -31,14 +30,4 @@ _HOMES = {
     "preprocessing": ("CONFIG_FILE", "PREPROCESSOR_FILE", "Preprocessing"),
     "trained": ("describe_trained", "export_model", "load_trained"),
 }
-_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
-
-__all__ = sorted(_HOME_OF)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOME_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_HOME_OF[name]}"), name)
-    globals()[name] = value
-    return value
+__all__, __getattr__ = lazy_names(__name__, globals(), _HOMES)
