@@ -412,7 +412,7 @@ def walk_paths(uri: str, recursive: bool = True) -> PathListing:
         raise VitrayError(describe_error(uri, exc)) from None
 
 
-LIST_CHUNK = 65_536  # files turned into Arrow arrays at a time while listing
+LIST_CHUNK = 8_192  # files turned into Arrow arrays at a time while listing
 
 
 def _s3_files(uri: str, loc: Location, recursive: bool) -> list[pafs.FileInfo]:
@@ -427,11 +427,15 @@ def _s3_files(uri: str, loc: Location, recursive: bool) -> list[pafs.FileInfo]:
 def _sorted_listing(paths: list[pa.Array], sizes: list[pa.Array], bad: list[str]) -> PathListing:
     import pyarrow.compute as pc
 
-    all_paths = pa.chunked_array(paths, pa.string()).combine_chunks()
-    all_sizes = pa.chunked_array(sizes, pa.int64()).combine_chunks()
+    all_paths = pa.chunked_array(paths, pa.string())
+    all_sizes = pa.chunked_array(sizes, pa.int64())
     # Arrow orders strings by their UTF-8 bytes, which is the code-point order of Python's sort.
+    # A listing is mostly in order already (folders are walked in name order): then no copy.
     order = pc.sort_indices(all_paths)
-    return PathListing(all_paths.take(order), all_sizes.take(order), sorted(bad))
+    if len(order) < 2 or pc.all(pc.equal(order, pa.array(np.arange(len(order), dtype=np.uint64)))).as_py():
+        return PathListing(all_paths.combine_chunks(), all_sizes.combine_chunks(), sorted(bad))
+    return PathListing(pc.take(all_paths, order).combine_chunks(), pc.take(all_sizes, order).combine_chunks(),
+                       sorted(bad))
 
 
 def _walk_local(root: str, recursive: bool) -> PathListing:
