@@ -224,3 +224,151 @@ def test_decompression_bomb_is_refused(monkeypatch):
     with pytest.raises(ImageError) as err:
         decode_image(_png(_rgb(20, 20, 1)))
     assert err.value.kind == "too-large"
+
+
+# --------------------------------------------------------------------------- inputs of many files
+
+
+def test_image_files_are_read_once_each_in_the_order_of_the_ids(imagefolder):
+    from vitray.data.readers import iter_encoded
+
+    source = inspect_source(str(imagefolder), "images")
+    got = [i for batch in iter_encoded(source, ["dog/0.png", "cat/1.png", "dog/0.png", "none.png"])
+           for i in batch["id"]]
+    assert got == ["dog/0.png", "cat/1.png"]
+    assert [int(v) for b in iter_encoded(inspect_source(str(imagefolder)), ["dog/2.png"]) for v in b["label"]] == [1]
+
+
+def test_ids_are_one_arrow_array_used_as_a_list():
+    from vitray.data.sources import Ids
+
+    ids = Ids(["b/1.png", "a/2.png", "c.png"])
+    assert ids == ["b/1.png", "a/2.png", "c.png"] and ids != ["b/1.png"] and Ids([]) == []
+    assert len(ids) == 3 and ids[0] == "b/1.png" and ids[-1] == "c.png" and ids[np.int64(1)] == "a/2.png"
+    assert ids[1:] == ["a/2.png", "c.png"] and list(ids) == ["b/1.png", "a/2.png", "c.png"]
+    assert "c.png" in ids and "d.png" not in ids and not Ids([])
+    arrow = pa.array(ids, pa.string())  # handed to Arrow without a copy
+    assert arrow.equals(ids.array) and arrow.buffers()[2].address == ids.array.buffers()[2].address
+    assert np.isin(ids, ["c.png"]).tolist() == [False, False, True]
+
+
+def test_the_driver_holds_no_python_object_per_image(tmp_path):
+    """A night's input is listed and planned as Arrow arrays: what the driver keeps in Python's
+    own heap does not grow with the number of images."""
+    import tracemalloc
+
+    from vitray.score.planning import plan_run
+
+    n = 20_000
+    root = tmp_path / "night"
+    for d in range(100):
+        (root / f"cam{d:02d}").mkdir(parents=True)
+    for i in range(n):
+        (root / f"cam{i % 100:02d}" / f"{i:07d}.png").touch()
+    (tmp_path / "few").mkdir()
+    (tmp_path / "few" / "a.png").touch()
+    plan_run(str(tmp_path / "out"), inspect_source(str(tmp_path / "few"), "images").ids)  # imports warmed up
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        source = inspect_source(str(root), "images")
+        planned = plan_run(str(tmp_path / "out"), source.ids)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(planned.remaining) == n and planned.remaining[5] == "cam00/0000500.png"
+    # 8 bytes per image are the labels' numpy array; a Python str per id alone would be ~75.
+    assert held < 16 * n, f"{held / n:.0f} bytes per image in Python's heap"
+
+
+def _counting_proxy(s3, monkeypatch):
+    """benchmarks/scale.py's counting proxy in front of the S3 server, and the AWS variables pointing at it."""
+    import sys
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "benchmarks"))
+    import scale
+
+    host, port = s3.endpoint.split("://")[1].split(":")
+    scale.Counting.upstream = (host, int(port))
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), scale.Counting)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.server_address[1]}")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    return proxy, scale.Counting.counts
+
+
+@pytest.mark.s3
+def test_an_image_on_s3_is_read_with_one_request(s3, s3_prefix, monkeypatch):
+    from vitray import storage
+    from vitray.data.readers import iter_encoded
+
+    blobs = {f"cam{i % 2}/{i}.png": _png(_rgb(6, 6, i)) for i in range(5)}
+    for name, blob in blobs.items():
+        storage.write_bytes(f"{s3_prefix}/in/{name}", blob)
+    proxy, counts = _counting_proxy(s3, monkeypatch)
+    try:
+        source = inspect_source(f"{s3_prefix}/in", "images")
+        counts.clear()
+        got = {i: d for batch in iter_encoded(source) for i, d in zip(batch["id"], batch["data"])}
+        assert dict(counts) == {"GET": 5}  # no HeadObject before each GetObject
+    finally:
+        proxy.shutdown()
+    assert got == blobs
+
+
+@pytest.mark.s3
+def test_images_on_s3_are_read_by_ray(ray_session, s3_prefix):
+    from vitray import storage
+
+    for i in range(3):
+        storage.write_bytes(f"{s3_prefix}/in/{i}.png", _png(_rgb(4, 5, 40 * i)))
+    rows = {r["id"]: r for r in read_images(inspect_source(f"{s3_prefix}/in")).take_all()}
+    assert sorted(rows) == ["0.png", "1.png", "2.png"] and rows["2.png"]["image"][0, 0, 0] == 80
+
+
+@pytest.mark.s3
+def test_s3_read_failures_are_the_readers_one_line_reasons(s3, s3_prefix, monkeypatch):
+    from s3server import free_ports
+    from vitray import storage
+    from vitray.data.readers import read_file
+
+    uri = f"{s3_prefix}/in/a.png"
+    storage.write_bytes(uri, b"png")
+    path = storage.resolve(uri).path
+    assert read_file(storage.file_reader(s3_prefix), path) == (b"png", None)
+
+    storage.delete(storage.resolve(uri))
+    assert read_file(storage.file_reader(s3_prefix), path) == (
+        None, "the file is gone (deleted or moved after the input was listed)")
+
+    storage.write_bytes(uri, b"png")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-" + s3.secret_key)
+    assert read_file(storage.file_reader(s3_prefix), path) == (None, "cannot read the file: no permission")
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+    down = f"http://127.0.0.1:{free_ports(1)[0]}"
+    data, reason = read_file(storage.file_reader(s3_prefix, endpoint=down), path)
+    assert data is None and reason.startswith("cannot read the file: Could not connect to the endpoint URL")
+    assert "\n" not in reason and s3.secret_key not in reason
+
+
+@pytest.mark.parametrize("code,status,error,reason", [
+    ("NoSuchKey", 404, FileNotFoundError, "the file is gone (deleted or moved after the input was listed)"),
+    ("AccessDenied", 403, PermissionError, "cannot read the file: no permission"),
+    ("SlowDown", 503, OSError, "cannot read the file: An error occurred (SlowDown) when calling the GetObject "
+                               "operation: Please reduce your request rate."),
+])
+def test_s3_errors_become_the_oserrors_of_a_local_read(code, status, error, reason):
+    from botocore.exceptions import ClientError
+
+    from vitray import storage
+    from vitray.data.readers import unreadable
+
+    failure = ClientError({"Error": {"Code": code, "Message": "Please reduce your request rate."
+                                     if code == "SlowDown" else code},
+                           "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+    exc = storage.s3_os_error(failure)
+    assert type(exc) is error and unreadable("b/k.png", exc) == reason

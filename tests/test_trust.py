@@ -201,17 +201,16 @@ def test_config_switches_read_as_yaml_and_words_say(few, tmp_path):
 
 
 def test_a_file_gone_between_listing_and_reading_says_so(tmp_path):
-    import pyarrow.fs as pafs
-
-    from vitray.data.readers import _read_task
+    from vitray import storage
+    from vitray.data.readers import read_file
 
     (tmp_path / "there.png").write_bytes(b"x")
     (tmp_path / "dangling.png").symlink_to(tmp_path / "nowhere.png")
-    fs = pafs.LocalFileSystem()
+    reader = storage.file_reader(str(tmp_path))
     reasons = {}
     for name in ("gone.png", "dangling.png"):
-        task = {"kind": "file", "id": name, "path": str(tmp_path / name), "label": -1}
-        reasons[name] = _read_task(task, fs, None)["read_error"][0]
+        reasons[name] = read_file(reader, str(tmp_path / name))[1]
+    assert read_file(reader, str(tmp_path / "there.png")) == (b"x", None)
     assert reasons["gone.png"] == "the file is gone (deleted or moved after the input was listed)"
     assert "a broken link" in reasons["dangling.png"]
 

@@ -12,15 +12,17 @@ import os
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from vitray import storage
 from vitray.errors import VitrayError
 from vitray.data.decode import ImageError, decode_image
-from vitray.data.sources import KAGGLE_SIDE, NO_BOX, Source, parse_response
+from vitray.data.sources import KAGGLE_SIDE, NO_BOX, Ids, Source, parse_response
 
 log = logging.getLogger(__name__)
-READ_BLOCK = 64  # read tasks (image files, table parts) per block of a Ray Dataset
+READ_BLOCK = 64  # image files or table parts per block of a Ray Dataset
 
 
 def _empty_batch() -> dict[str, list]:
@@ -42,32 +44,52 @@ def unreadable(path: str, exc: OSError) -> str:
     return f"cannot read the file: {exc.strerror or str(exc).splitlines()[0][:200] or type(exc).__name__}"
 
 
-def _read_task(task: dict[str, Any], fs: pafs.FileSystem, keep: frozenset[str] | None) -> dict[str, list]:
-    """Encoded bytes (or, for CSV, pixels) of the images one task covers."""
-    out = _empty_batch()
+def read_file(reader: storage.FileReader, path: str) -> tuple[bytes | None, str | None]:
+    """One listed image file's bytes, or None and what kept it from being read, in words."""
+    try:
+        return reader.read(path), None
+    except OSError as exc:
+        return None, unreadable(path, exc)  # recorded as an unreadable image by the decoder
 
-    def add(id_: str, path: str, label: int, bbox: tuple, data: bytes | None, image: np.ndarray | None,
-            unread: str | None = None) -> None:
-        out["read_error"].append(unread)
+
+def _read_files(batch: dict[str, np.ndarray], reader: storage.FileReader) -> dict[str, Any]:
+    """Ray Data UDF: image files (id, path, label) in, their bytes out (not yet decoded)."""
+    out = _empty_batch()
+    for id_, path, label in zip(batch["id"], batch["path"], batch["label"]):
+        data, unread = read_file(reader, path)
         out["id"].append(id_)
         out["path"].append(path)
-        out["label"].append(label)
+        out["label"].append(int(label))
+        out["bbox"].append(list(NO_BOX))
+        out["data"].append(data)
+        out["image"].append(None)
+        out["read_error"].append(unread)
+    return _as_columns(out)
+
+
+def _read_part(task: dict[str, Any], fs: pafs.FileSystem, keep: np.ndarray | None,
+               row_labels: np.ndarray) -> dict[str, list]:
+    """Encoded bytes (or, for CSV, pixels) of the rows of one table part that `keep` marks (all when None).
+
+    `keep` and `row_labels` are per row of the source, the part's rows from its `row_offset` on.
+    """
+    out = _empty_batch()
+
+    def add(i: int, id_: str, path: str, bbox: tuple, data: bytes | None, image: np.ndarray | None) -> None:
+        out["read_error"].append(None)
+        out["id"].append(id_)
+        out["path"].append(path)
+        # Labels come from the driver's one pass over the label columns, so that a
+        # class list fixed up front (a model's) maps every row the same way.
+        out["label"].append(int(row_labels[task["row_offset"] + i]))
         out["bbox"].append(list(bbox))
         out["data"].append(data)
         out["image"].append(image)
 
-    kind = task["kind"]
-    if kind == "file":
-        if keep is not None and task["id"] not in keep:
-            return out
-        try:
-            with fs.open_input_stream(task["path"]) as f:
-                data = f.read()
-            unread = None
-        except OSError as exc:
-            data, unread = None, unreadable(task["path"], exc)  # recorded as an unreadable image by the decoder
-        add(task["id"], task["path"], task["label"], NO_BOX, data, None, unread)
-    elif kind == "parquet":
+    def kept(i: int) -> bool:
+        return keep is None or bool(keep[task["row_offset"] + i])
+
+    if task["kind"] == "parquet":
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(fs.open_input_file(task["path"]))
@@ -76,13 +98,13 @@ def _read_task(task: dict[str, Any], fs: pafs.FileSystem, keep: frozenset[str] |
         images = table.column("image").to_pylist()
         labels_col = table.column(task["label_col"]).to_pylist() if task["label_col"] else [None] * len(images)
         for i, (img, lab) in enumerate(zip(images, labels_col)):
-            id_ = f"{task['rel']}#{task['first_row'] + i}"
-            if keep is not None and id_ not in keep:
+            if not kept(i):
                 continue
+            id_ = f"{task['rel']}#{task['first_row'] + i}"
             box = parse_response(lab, id_)[1] if task["label_col"] == "response" else NO_BOX
             data = img.get("bytes") if isinstance(img, dict) else img
-            add(id_, f"{task['path']}#{task['first_row'] + i}", -1, box, data or b"", None)
-    elif kind == "csv":
+            add(i, id_, f"{task['path']}#{task['first_row'] + i}", box, data or b"", None)
+    elif task["kind"] == "csv":
         from pyarrow import csv as pacsv
 
         with fs.open_input_stream(task["path"]) as f:
@@ -91,19 +113,22 @@ def _read_task(task: dict[str, Any], fs: pafs.FileSystem, keep: frozenset[str] |
         pixels = np.stack([table.column(c).to_numpy() for c in cols], axis=1)
         pixels = np.clip(pixels, 0, 255).astype(np.uint8).reshape(-1, KAGGLE_SIDE, KAGGLE_SIDE, 1)
         for i in range(table.num_rows):
-            id_ = f"{task['rel']}#{i}"
-            if keep is not None and id_ not in keep:
-                continue
-            add(id_, f"{task['path']}#{i}", -1, NO_BOX, None, pixels[i])
+            if kept(i):
+                add(i, f"{task['rel']}#{i}", f"{task['path']}#{i}", NO_BOX, None, pixels[i])
     return out
 
 
 def first_image(source: Source, tries: int = 64) -> np.ndarray:
     """The first decodable image among the first `tries`, read on the driver (to size a model)."""
-    fs = storage.resolve(source.uri).fs
-    keep = frozenset(source.ids[:tries])
-    for task in source.tasks[:tries]:
-        part = _read_task(task, fs, keep if task["kind"] != "file" else None)
+    if source.paths is not None:
+        reader = storage.file_reader(source.uri)
+        parts = ({"data": [read_file(reader, path)[0]], "image": [None]} for path in source.paths[:tries].to_pylist())
+    else:
+        fs = storage.resolve(source.uri).fs
+        keep = np.zeros(len(source.ids), dtype=bool)
+        keep[:tries] = True
+        parts = (_read_part(task, fs, keep, source.row_labels) for task in source.tasks[:tries])
+    for part in parts:
         for data, image in zip(part["data"], part["image"]):
             if image is not None:
                 return image
@@ -114,17 +139,14 @@ def first_image(source: Source, tries: int = 64) -> np.ndarray:
     raise VitrayError(f"{source.uri}: none of the first {tries} images could be decoded")
 
 
-def _read_tasks(batch: dict[str, np.ndarray], fs: pafs.FileSystem, keep: frozenset[str] | None,
-                label_of: dict[str, int]) -> dict[str, Any]:
-    """Ray Data UDF: task rows in, image rows (not yet decoded) out."""
+def _read_parts(batch: dict[str, np.ndarray], fs: pafs.FileSystem, keep: np.ndarray | None,
+                row_labels: np.ndarray) -> dict[str, Any]:
+    """Ray Data UDF: table parts (JSON) in, image rows (not yet decoded) out."""
     out = _empty_batch()
     for raw in batch["task"]:
-        part = _read_task(json.loads(raw), fs, keep)
+        part = _read_part(json.loads(raw), fs, keep, row_labels)
         for key in out:
             out[key].extend(part[key])
-    # Labels come from the driver's one pass over the label columns, so that a
-    # class list fixed up front (a model's) maps every row the same way.
-    out["label"] = [label_of.get(i, -1) for i in out["id"]]
     return _as_columns(out)
 
 
@@ -159,36 +181,69 @@ def read_encoded(source: Source, ids: Iterable[str] | None = None, parallelism: 
     """
     import ray.data
 
-    items, args, batch = _encoded_tasks(source, ids)
-    # A block per READ_BLOCK tasks, not one per free CPU: each Ray Data task process costs
-    # more to start (~1.5 s of CPU) than a small input takes to read, and a large input
-    # still gets blocks enough to spread over a cluster.
+    if source.paths is not None:
+        files = _file_rows(source, ids)
+        # A block per READ_BLOCK files, not one per free CPU: each Ray Data task process costs
+        # more to start (~1.5 s of CPU) than a small input takes to read, and a large input
+        # still gets blocks enough to spread over a cluster. The rows go to Ray as Arrow
+        # blocks: no Python object per image on the driver.
+        rows = -(-files.num_rows // parallelism) if parallelism else READ_BLOCK
+        ds = _from_arrow_blocks([files.slice(at, rows) for at in range(0, files.num_rows, rows)])
+        return ds.map_batches(_read_files, fn_args=(storage.file_reader(source.uri),), batch_size=FILES_PER_BATCH,
+                              batch_format="numpy")
+    items, args = _part_items(source, ids)
     blocks = parallelism or max(1, -(-len(items) // READ_BLOCK))
     ds = ray.data.from_items(items, override_num_blocks=min(blocks, max(1, len(items))))
-    return ds.map_batches(_read_tasks, fn_args=args, batch_size=batch, batch_format="numpy")
+    return ds.map_batches(_read_parts, fn_args=args, batch_size=1, batch_format="numpy")
 
 
 def iter_encoded(source: Source, ids: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
     """What `read_encoded` reads, in this process: batches of the same columns, in the same order."""
-    items, args, batch = _encoded_tasks(source, ids)
-    for start in range(0, len(items), batch):
-        yield _read_tasks({"task": np.array([i["task"] for i in items[start:start + batch]], dtype=object)}, *args)
+    if source.paths is not None:
+        files = _file_rows(source, ids)
+        reader = storage.file_reader(source.uri)
+        for start in range(0, files.num_rows, FILES_PER_BATCH):
+            part = files.slice(start, FILES_PER_BATCH)
+            yield _read_files({name: np.array(part.column(name).to_pylist(), dtype=object if name != "label"
+                                              else np.int64) for name in part.column_names}, reader)
+        return
+    items, args = _part_items(source, ids)
+    for item in items:
+        yield _read_parts({"task": np.array([item["task"]], dtype=object)}, *args)
 
 
-def _encoded_tasks(source: Source, ids: Iterable[str] | None) -> tuple[list[dict[str, str]], tuple, int]:
-    """The read tasks of `ids` (all when None), `_read_tasks`' other arguments, and tasks per batch."""
-    ids = list(ids) if ids is not None else None
-    keep = frozenset(ids) if ids is not None else None
-    tasks = source.tasks
-    if ids is not None and all(t["kind"] == "file" for t in tasks):
-        by_id = {t["id"]: t for t in tasks}
-        tasks = [by_id[i] for i in dict.fromkeys(ids) if i in by_id]  # in the order of `ids`
-        keep = None
-    label_of = {i: int(l) for i, l in zip(source.ids, source.row_labels) if l >= 0}
+FILES_PER_BATCH = 64  # image files are small units of work: a task reads many
+
+
+def _from_arrow_blocks(blocks: list[pa.Table]) -> Any:
+    """A Ray Dataset of exactly these Arrow blocks.
+
+    `ray.data.from_blocks` (a developer API) takes each block's metadata on the driver;
+    `ray.data.from_arrow` starts a Ray task per block for it, 5x the time for the 3,125
+    blocks of 200,000 files (docs/scale.md), and is what a Ray without `from_blocks` gets.
+    """
+    import ray.data
+
+    from_blocks = getattr(ray.data, "from_blocks", None)
+    if from_blocks is not None:
+        return from_blocks(blocks)
+    return ray.data.from_arrow(blocks) if blocks else ray.data.from_items([])
+
+
+def _file_rows(source: Source, ids: Iterable[str] | None) -> pa.Table:
+    """The image files of `ids` (all when None; each once, in the order of `ids`): id, path, label."""
+    rows = pa.table({"id": source.ids.array, "path": source.paths, "label": pa.array(source.row_labels, pa.int64())})
+    if ids is None:
+        return rows
+    wanted = pc.unique(Ids(ids).array)  # in order of first appearance
+    return rows.take(pc.index_in(wanted, value_set=rows.column("id")).drop_null())
+
+
+def _part_items(source: Source, ids: Iterable[str] | None) -> tuple[list[dict[str, str]], tuple]:
+    """The table parts to read (JSON, for `from_items`) and `_read_parts`' other arguments."""
+    keep = None if ids is None else pc.is_in(source.ids.array, value_set=Ids(ids).array).to_numpy(zero_copy_only=False)
     fs = storage.resolve(source.uri).fs
-    # Files are small units of work: group them so a task reads many.
-    batch = 64 if tasks and tasks[0]["kind"] == "file" else 1
-    return [{"task": json.dumps(t)} for t in tasks], (fs, keep, label_of), batch
+    return [{"task": json.dumps(t)} for t in source.tasks], (fs, keep, source.row_labels)
 
 
 def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -2,18 +2,22 @@
 
 `inspect_source` looks at a URI on the driver (listing, metadata, label columns only:
 never the image bytes) and fails early with one line when something is wrong; the
-`Source` it returns is what `vitray.data.readers` streams.
+`Source` it returns is what `vitray.data.readers` streams. Its ids and paths are Arrow
+arrays: a night's input of millions of files is no Python object per image on the driver.
 """
 from __future__ import annotations
 
 import ast
 import json
+import operator
 import posixpath
+import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Sequence, overload
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from vitray import storage
@@ -25,23 +29,86 @@ NO_BOX = (np.nan, np.nan, np.nan, np.nan)
 KAGGLE_SIDE = 28
 
 
+class Ids(Sequence[str]):
+    """Image ids in order, held as one Arrow string array (no Python object per id), used as a
+    list of str: indexed, iterated, compared with a list, handed to `pa.array` without a copy."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, values: Iterable[str] | pa.Array | pa.ChunkedArray = ()) -> None:
+        if isinstance(values, Ids):
+            array = values.array
+        elif isinstance(values, pa.ChunkedArray):
+            array = values.combine_chunks()
+        elif isinstance(values, pa.Array):
+            array = values
+        else:
+            array = pa.array(values if isinstance(values, (list, tuple)) else list(values), pa.string())
+        self.array: pa.Array = array.cast(pa.string())
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> "Ids": ...
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return Ids(self.array[index])
+        return self.array[operator.index(index)].as_py()
+
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self.array), 65_536):
+            yield from self.array.slice(start, 65_536).to_pylist()
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, str) and bool(pc.any(pc.equal(self.array, value)).as_py())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Ids):
+            return self.array.equals(other.array)
+        if isinstance(other, list):
+            return len(other) == len(self) and list(self) == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # equal to lists, which are not hashable either
+
+    def __repr__(self) -> str:
+        shown = ", ".join(repr(i) for i in self[:3])
+        return f"Ids([{shown}{', ...' if len(self) > 3 else ''}], {len(self):,} ids)"
+
+    def __arrow_array__(self, type: pa.DataType | None = None) -> pa.Array:
+        return self.array if type is None or type == self.array.type else self.array.cast(type)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(list(self), dtype=dtype)  # what numpy makes of a list of str
+
+    def to_pylist(self) -> list[str]:
+        return self.array.to_pylist()
+
+
 @dataclass
 class Source:
     """What a data URI holds, found on the driver before any Ray work starts.
 
-    `rows` are the units the Ray read tasks take: one per image file, or one
-    per Parquet row group / CSV file. `ids` and `row_labels` list every image
-    in a stable order, so that splits and resumption can be decided up front.
+    `ids` and `row_labels` list every image in a stable order, so that splits and
+    resumption can be decided up front. Image files (formats imagefolder, images) are
+    read by `paths`, one per id; tables by `tasks`, the units the Ray read tasks take:
+    one per Parquet row group / CSV file, each at `row_offset` in `ids`.
     """
 
     uri: str
     format: str
     labels: list[str]
-    ids: list[str]
+    ids: Ids
     row_labels: np.ndarray  # label id per image, -1 when unlabelled
-    tasks: list[dict[str, Any]] = field(repr=False)
+    tasks: list[dict[str, Any]] = field(repr=False)  # table parts; none for image files
     has_boxes: bool = False
     bad_names: list[str] = field(default_factory=list)  # files whose names cannot be ids (storage.walk)
+    paths: pa.Array | None = field(default=None, repr=False)  # image files: the file of each id
 
     @property
     def labelled(self) -> bool:
@@ -63,18 +130,44 @@ def detect_format(uri: str) -> str:
         if name.endswith(IMAGE_SUFFIXES):
             return "images"
         raise VitrayError(f"{uri}: not a data set (expected a folder, a .parquet or a .csv file)")
-    files = storage.list_files(uri)
-    suffixes = {posixpath.splitext(f.path)[1].lower() for f in files}
-    if ".parquet" in suffixes:
+    paths = storage.list_paths(uri).paths
+    lowered = pc.ascii_lower(paths)
+    if _any(_extension_in(lowered, (".parquet",))):
         return "parquet"
-    if ".csv" in suffixes and not suffixes & set(IMAGE_SUFFIXES):
+    if _any(_extension_in(lowered, (".csv",))) and not _any(_extension_in(lowered, IMAGE_SUFFIXES)):
         return "csv"
-    root = storage.resolve(uri)
-    images = [f for f in files if f.path.lower().endswith(IMAGE_SUFFIXES)]
-    if not images:
+    images = _where(paths, _ends_with(lowered, IMAGE_SUFFIXES))
+    del lowered
+    if not len(images):
         raise VitrayError(f"{uri}: no images, .parquet or .csv files found")
-    depths = {storage.relative(root, f.path).count("/") for f in images}
-    return "imagefolder" if depths == {1} else "images"
+    depths = pc.count_substring(storage.relative_paths(storage.resolve(uri), images), "/")
+    return "imagefolder" if pc.all(pc.equal(depths, 1)).as_py() else "images"
+
+
+# Paths are matched lowered by `pc.ascii_lower`: the suffixes are ASCII and no other letter
+# lowers to one of theirs, so it matches Python's `str.lower()` here, without a string per file.
+def _ends_with(lowered: pa.Array, suffixes: Sequence[str]) -> pa.Array:
+    """Whether each (lowered) path ends with one of the suffixes (`str.lower().endswith`)."""
+    found = pa.array(np.zeros(len(lowered), dtype=bool))
+    for suffix in suffixes:
+        found = pc.or_(found, pc.ends_with(lowered, suffix))
+    return found
+
+
+def _extension_in(lowered: pa.Array, extensions: Sequence[str]) -> pa.Array:
+    """Whether each (lowered) path's extension is one of these (`posixpath.splitext`: the last
+    dot of the file name, not a leading one)."""
+    names = "|".join(re.escape(e.lstrip(".")) for e in extensions)
+    return pc.match_substring_regex(lowered, rf"(^|/)[^/]*[^/.][^/]*\.({names})$")
+
+
+def _any(mask: pa.Array) -> bool:
+    return bool(pc.any(mask).as_py())
+
+
+def _where(values: pa.Array, mask: pa.Array) -> pa.Array:
+    """`values.filter(mask)`, without the copy when every value is kept (the usual input)."""
+    return values if pc.all(mask).as_py() is not False else values.filter(mask)
 
 
 def inspect_source(uri: str, fmt: str | None = None, labels: list[str] | None = None) -> Source:
@@ -106,35 +199,35 @@ def _class_index(names: Iterable[str], labels: list[str] | None, uri: str) -> li
 
 def _inspect_imagefolder(uri: str, labels: list[str] | None) -> Source:
     root = storage.resolve(uri)
-    rel = [storage.relative(root, f.path) for f in storage.list_files(uri)]
-    images = [r for r in rel if r.lower().endswith(IMAGE_SUFFIXES) and r.count("/") == 1]
-    if not images:
+    rel = storage.relative_paths(root, storage.list_paths(uri).paths)
+    images = _where(rel, pc.and_(_ends_with(pc.ascii_lower(rel), IMAGE_SUFFIXES),
+                                 pc.equal(pc.count_substring(rel, "/"), 1)))
+    if not len(images):
         raise VitrayError(f"{uri}: an image folder needs ROOT/<class>/<image> files; none found")
-    classes = _class_index((r.split("/")[0] for r in images), labels, uri)
-    index = {c: i for i, c in enumerate(classes)}
-    row_labels = np.array([index[r.split("/")[0]] for r in images], dtype=np.int64)
-    tasks = [{"kind": "file", "path": posixpath.join(root.path, r), "id": r, "label": int(l)}
-             for r, l in zip(images, row_labels)]
-    return Source(uri, "imagefolder", classes, images, row_labels, tasks)
+    names = pc.list_element(pc.split_pattern(images, "/", max_splits=1), 0)
+    classes = _class_index(pc.unique(names).to_pylist(), labels, uri)
+    row_labels = pc.index_in(names, value_set=pa.array(classes, pa.string())).to_numpy().astype(np.int64)
+    prefix = root.path if root.path.endswith("/") else root.path + "/"  # posixpath.join(root, id)
+    paths = pc.binary_join_element_wise(prefix, images, "")
+    return Source(uri, "imagefolder", classes, Ids(images), row_labels, [], paths=paths)
 
 
 def _inspect_images(uri: str, labels: list[str] | None) -> Source:
     found = storage.require(uri, "input")
     root = storage.resolve(uri)
     if found.type == pafs.FileType.File:
-        ids = [posixpath.basename(root.path)]
-        paths = [root.path]
+        ids = pa.array([posixpath.basename(root.path)], pa.string())
+        paths = pa.array([root.path], pa.string())
         bad: list[str] = []
     else:
-        listing = storage.walk(uri)
-        paths = [f.path for f in listing.files if f.path.lower().endswith(IMAGE_SUFFIXES)]
-        ids = [storage.relative(root, p) for p in paths]
+        listing = storage.walk_paths(uri)
+        paths = _where(listing.paths, _ends_with(pc.ascii_lower(listing.paths), IMAGE_SUFFIXES))
+        ids = storage.relative_paths(root, paths)
         bad = [n for n in listing.bad_names if n.lower().endswith(IMAGE_SUFFIXES)]
-    if not ids and not bad:
+    if not len(ids) and not bad:
         raise VitrayError(f"{uri}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
-    tasks = [{"kind": "file", "path": p, "id": i, "label": -1} for p, i in zip(paths, ids)]
-    return Source(uri, "images", list(labels or []), ids, np.full(len(ids), -1, np.int64), tasks,
-                  bad_names=bad)
+    return Source(uri, "images", list(labels or []), Ids(ids), np.full(len(ids), -1, np.int64), [],
+                  bad_names=bad, paths=paths)
 
 
 def _parquet_files(uri: str) -> tuple[storage.Location, list[str]]:
@@ -178,9 +271,10 @@ def _inspect_parquet(uri: str, labels: list[str] | None) -> Source:
     import pyarrow.parquet as pq
 
     root, files = _parquet_files(uri)
-    ids: list[str] = []
-    names: list[str | None] = []
+    ids: list[pa.Array] = []
+    names: list[pa.Array] = []
     tasks: list[dict[str, Any]] = []
+    rows = 0
     has_boxes = False
     for path in files:
         rel = posixpath.basename(path) if path == root.path else storage.relative(root, path)
@@ -208,20 +302,36 @@ def _inspect_parquet(uri: str, labels: list[str] | None) -> Source:
                 file_names = [None if v is None else str(v) for v in column]
         else:
             file_names = [None] * len(column)
-        start = len(ids)
-        ids.extend(f"{rel}#{i}" for i in range(len(column)))
-        names.extend(file_names)
+        start = rows
+        rows += len(column)
+        ids.append(_row_ids(rel, len(column)))
+        names.append(pa.array(file_names, pa.string()))
         first = 0
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
             tasks.append({"kind": "parquet", "path": path, "rel": rel, "row_group": g,
                           "first_row": first, "label_col": label_col, "row_offset": start + first})
             first += n
-    labelled = [n for n in names if n is not None]
-    classes = _class_index(labelled, labels, uri) if labelled else list(labels or [])
-    index = {c: i for i, c in enumerate(classes)}
-    row_labels = np.array([index[n] if n is not None else -1 for n in names], dtype=np.int64)
-    return Source(uri, "parquet", classes, ids, row_labels, tasks, has_boxes)
+    classes, row_labels = _labels_of(names, labels, uri)
+    return Source(uri, "parquet", classes, _joined(ids), row_labels, tasks, has_boxes)
+
+
+def _row_ids(rel: str, rows: int) -> pa.Array:
+    """The ids of a table's rows: `<file>#<row>`."""
+    return pc.binary_join_element_wise(rel + "#", pa.array(np.arange(rows)).cast(pa.string()), "")
+
+
+def _joined(parts: list[pa.Array]) -> Ids:
+    return Ids(pa.chunked_array(parts, pa.string()))
+
+
+def _labels_of(names: list[pa.Array], labels: list[str] | None, uri: str) -> tuple[list[str], np.ndarray]:
+    """The class list (the given one, or the names found, sorted) and each row's label id (-1: none)."""
+    column = pa.chunked_array(names, pa.string()).combine_chunks()
+    found = pc.unique(column.drop_null()).to_pylist()
+    classes = _class_index(found, labels, uri) if found else list(labels or [])
+    index = pc.index_in(column, value_set=pa.array(classes, pa.string()))
+    return classes, pc.fill_null(index, -1).to_numpy().astype(np.int64)
 
 
 def _inspect_csv(uri: str, labels: list[str] | None) -> Source:
@@ -232,9 +342,10 @@ def _inspect_csv(uri: str, labels: list[str] | None) -> Source:
         files = [root.path]
     else:
         files = [f.path for f in storage.list_files(uri) if f.path.endswith(".csv")]
-    ids: list[str] = []
-    names: list[str | None] = []
+    ids: list[pa.Array] = []
+    names: list[pa.Array] = []
     tasks: list[dict[str, Any]] = []
+    rows = 0
     pixels = [f"pixel{i}" for i in range(KAGGLE_SIDE * KAGGLE_SIDE)]
     for path in files:
         rel = posixpath.basename(path) if path == root.path else storage.relative(root, path)
@@ -250,19 +361,17 @@ def _inspect_csv(uri: str, labels: list[str] | None) -> Source:
                 f"{where}: not the digit-recognizer layout: expected columns [label,] pixel0..pixel783, "
                 f"missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
         _check_pixels(table, pixels, where)
-        start = len(ids)
-        ids.extend(f"{rel}#{i}" for i in range(table.num_rows))
+        start = rows
+        rows += table.num_rows
+        ids.append(_row_ids(rel, table.num_rows))
         if "label" in table.column_names:
-            names.extend(str(v) for v in table.column("label").to_pylist())
+            names.append(pa.array([str(v) for v in table.column("label").to_pylist()], pa.string()))
         else:
-            names.extend([None] * table.num_rows)
+            names.append(pa.nulls(table.num_rows, pa.string()))
         tasks.append({"kind": "csv", "path": path, "rel": rel, "row_offset": start, "rows": table.num_rows})
-    labelled = [n for n in names if n is not None]
-    classes = _class_index(labelled, labels, uri) if labelled else list(labels or [])
     # Digits sort as strings, which is also their numeric order ("0".."9").
-    index = {c: i for i, c in enumerate(classes)}
-    row_labels = np.array([index[n] if n is not None else -1 for n in names], dtype=np.int64)
-    return Source(uri, "csv", classes, ids, row_labels, tasks)
+    classes, row_labels = _labels_of(names, labels, uri)
+    return Source(uri, "csv", classes, _joined(ids), row_labels, tasks)
 
 
 def _check_pixels(table: pa.Table, columns: list[str], where: str) -> None:

@@ -14,14 +14,16 @@ from typing import Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vitray.data.sources import Ids
 from vitray.score.outputs import read_predictions
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Tonight's work: the input's ids not committed yet (in input order), and how many were."""
+    """Tonight's work: the input's ids not committed yet (in input order, as one Arrow array), and
+    how many were."""
 
-    remaining: list[str]
+    remaining: Ids
     skipped: int
 
 
@@ -40,10 +42,9 @@ def committed_among(output: str, ids: pa.Array) -> pa.Array:
 
 def plan_run(output: str, ids: Sequence[str]) -> Plan:
     """The ids of the input that are left to score under OUT."""
-    column = pa.array(ids, pa.string())
+    column = Ids(ids).array
     done = committed_among(output, column)
-    left = pc.invert(pc.is_in(column, value_set=done)) if len(done) else None
-    if left is None:
-        return Plan(list(ids), 0)
-    remaining = column.filter(left)
-    return Plan(remaining.to_pylist(), len(column) - len(remaining))
+    if not len(done):
+        return Plan(Ids(column), 0)
+    remaining = column.filter(pc.invert(pc.is_in(column, value_set=done)))
+    return Plan(Ids(remaining), len(column) - len(remaining))
