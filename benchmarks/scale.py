@@ -244,11 +244,14 @@ def files_under(output: str) -> int:
 
 
 class Counting(BaseHTTPRequestHandler):
-    """Forwards every request to the S3 server and counts it by kind (GET, PUT, LIST, ...)."""
+    """Forwards every request to the S3 server and counts it by kind (GET, PUT, LIST, ...), and apart
+    those on the input's keys (`/night/in...`: its listing and reads)."""
 
     protocol_version = "HTTP/1.1"
     upstream = ("127.0.0.1", 0)
     counts: Counter = Counter()
+    input_bucket, input_prefix = "night", "in"
+    input_counts: Counter = Counter()
     lock = threading.Lock()
 
     def log_message(self, *args: Any) -> None:
@@ -272,8 +275,13 @@ class Counting(BaseHTTPRequestHandler):
         kind = self.command
         if self.command == "GET" and ("list-type" in self.path or self.path.rstrip("/").count("/") <= 1):
             kind = "LIST"
+        path, _, query = self.path.partition("?")
+        on_input = path.startswith(f"/{self.input_bucket}/{self.input_prefix}") or (
+            path.rstrip("/") == f"/{self.input_bucket}" and f"prefix={self.input_prefix}" in query)
         with self.lock:
             self.counts[kind] += 1
+            if on_input:
+                self.input_counts[kind] += 1
         conn = http.client.HTTPConnection(*self.upstream, timeout=120)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("expect", "transfer-encoding")}
         headers["Content-Length"] = str(len(body))
@@ -314,14 +322,16 @@ def s3_requests(work: str, n: int, model: str) -> dict[str, Any]:
         env = {**s3.env(), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.server_address[1]}"}
         env.pop("AWS_ENDPOINT_URL_S3", None)
         Counting.counts.clear()
+        Counting.input_counts.clear()
         result = in_child("score", "s3://night/out", "s3://night/in", model, True, "defects", env=env)
-        counts = dict(Counting.counts)
+        counts, reads = dict(Counting.counts), dict(Counting.input_counts)
         overlays = sum(1 for _ in client.get_paginator("list_objects_v2").paginate(Bucket="night", Prefix="out/attention/")
                        for _ in _.get("Contents", []))
         proxy.shutdown()
     total = sum(counts.values())
-    return {"images": n, "requests": counts, "overlays": overlays, "per_image": total / n,
-            "per_image_besides_overlays": (total - overlays) / n, "score": result}
+    return {"images": n, "requests": counts, "input_requests": reads, "overlays": overlays, "per_image": total / n,
+            "per_image_besides_overlays": (total - overlays) / n,
+            "input_per_image": sum(reads.values()) / n, "score": result}
 
 
 # --------------------------------------------------------------------------- the table
@@ -428,8 +438,8 @@ def main() -> None:
         figures["s3"] = s3_requests(args.work, args.s3, model)
         s3 = figures["s3"]
         print(f"S3, {s3['images']:,} images from a bucket into one: {s3['per_image']:.3f} requests per image, "
-              f"{s3['per_image_besides_overlays']:.3f} besides the {s3['overlays']:,} overlay PUTs; "
-              f"by kind {s3['requests']}")
+              f"{s3['per_image_besides_overlays']:.3f} besides the {s3['overlays']:,} overlay PUTs "
+              f"({s3['input_per_image']:.3f} reading the input: {s3['input_requests']}); by kind {s3['requests']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
