@@ -341,10 +341,15 @@ def test_train_job_runs_on_a_ray_head(ray_head: LoopbackHead, tmp_path: Path) ->
     # What a user types, with the runtime env the docs give for a cluster that has vitray;
     # without --no-wait it streams the job's logs and exits 1 if the job failed.
     try:
-        submit = ray_head.ray(
-            "job", "submit", "--address", ray_head.address, "--submission-id", job_id, "--working-dir", str(REPO),
-            "--runtime-env", str(JOBS / "runtime_env.yaml"), "--", "python", "jobs/train.py", "--data", str(data),
-            "--out", str(out), "--epochs", "2", "--workers", "1", timeout=JOB_TIMEOUT_S)
+        for _ in range(12):
+            submit = ray_head.ray(
+                "job", "submit", "--address", ray_head.address, "--submission-id", job_id, "--working-dir",
+                str(REPO), "--runtime-env", str(JOBS / "runtime_env.yaml"), "--", "python", "jobs/train.py",
+                "--data", str(data), "--out", str(out), "--epochs", "2", "--workers", "1", timeout=JOB_TIMEOUT_S)
+            # A head whose job agent has not registered yet refuses the job before creating it: submit again.
+            if "No available agent to submit job" not in submit.stdout + submit.stderr:
+                break
+            time.sleep(5)
     except subprocess.TimeoutExpired as exc:
         ray_head.ray("job", "stop", "--address", ray_head.address, "--no-wait", job_id, timeout=60)
         partial = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
