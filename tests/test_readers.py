@@ -240,7 +240,7 @@ def test_image_files_are_read_once_each_in_the_order_of_the_ids(imagefolder):
 
 
 def test_ids_are_one_arrow_array_used_as_a_list():
-    from vitray.data.sources import Ids
+    from vitray.data.ids import Ids
 
     ids = Ids(["b/1.png", "a/2.png", "c.png"])
     assert ids == ["b/1.png", "a/2.png", "c.png"] and ids != ["b/1.png"] and Ids([]) == []

@@ -19,7 +19,8 @@ import pyarrow.fs as pafs
 from vitray import storage
 from vitray.errors import VitrayError
 from vitray.data.decode import ImageError, decode_image
-from vitray.data.sources import KAGGLE_SIDE, NO_BOX, Ids, Source, parse_response
+from vitray.data.ids import Ids
+from vitray.data.sources import KAGGLE_SIDE, NO_BOX, Source, parse_response
 
 log = logging.getLogger(__name__)
 READ_BLOCK = 64  # image files or table parts per block of a Ray Dataset

@@ -14,7 +14,7 @@ from typing import Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vitray.data.sources import Ids
+from vitray.data.ids import Ids
 from vitray.score.outputs import read_predictions
 
 
