@@ -230,7 +230,7 @@ class Predictor(_Stage):
                 maps, logits = attention_maps(self.model, x, "rollout", self.options.head_fusion,
                                               self.options.discard_ratio, chunk=self.map_chunk)
             else:
-                logits = torch.cat([self._forward(part) for part in x.split(self.forward_chunk or len(x))])
+                logits = torch.cat([self._forward(part) for part in x.split(self.forward_chunk or max(1, len(x)))])
         logits = logits.float()
         probs = torch.softmax(logits, dim=-1)
         score, pred = probs.max(dim=-1)

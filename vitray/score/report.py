@@ -88,15 +88,7 @@ def _anomaly_gallery(predictions: Any, run_id: str, size: int) -> list[tuple]:
     import pyarrow.dataset as pads
 
     where = (pads.field("run_id") == run_id) & pads.field("anomaly_png").is_valid()
-    best = np.concatenate([_top(b.column(0), size) for b in _scan(predictions, ["anomaly_score"], where)] + [
-        np.empty(0, np.float32)])
-    if not len(best):
-        return []
-    lowest = float(np.sort(best)[-size:][0])
-    rows = [row for b in _scan(predictions, ["id", "path", "label", "anomaly_score", "anomaly_png"],
-                               where & (pads.field("anomaly_score") >= lowest)) for row in b.to_pylist()]
-    return sorted(((run_id, float(r["anomaly_score"]), r["id"], str(r["label"]), r["anomaly_png"], r["path"])
-                   for r in rows), reverse=True)[:size]
+    return _top_rows(predictions, run_id, where, "anomaly_score", "anomaly_png", size)
 
 
 def _review(latest: dict, size: int) -> tuple[dict, list[tuple]]:
@@ -198,18 +190,26 @@ def _gallery(predictions: Any, run_ids: list[str], size: int) -> list[tuple]:
         if wanted <= 0:
             break
         defects = (pads.field("run_id") == run_id) & (pads.field("label") != NEGATIVE_LABEL)
-        best = np.concatenate([_top(b.column(0), wanted) for b in _scan(predictions, ["score"], defects)] + [
-            np.empty(0, np.float32)])
-        if not len(best):
-            continue
-        lowest = float(np.sort(best)[-wanted:][0])
-        rows = [row for b in _scan(predictions, ["id", "path", "label", "score", "attention_png"],
-                                   defects & (pads.field("score") >= lowest) & pads.field("attention_png").is_valid())
-                for row in b.to_pylist()]
-        rows = sorted(((run_id, float(r["score"]), r["id"], str(r["label"]), r["attention_png"], r["path"])
-                       for r in rows), reverse=True)
-        gallery += rows[:wanted]
+        gallery += _top_rows(predictions, run_id, defects, "score", "attention_png", wanted)
     return gallery
+
+
+def _top_rows(predictions: Any, run_id: str, where: Any, score: str, png: str, k: int) -> list[tuple]:
+    """The k rows of `where` with the highest `score` that have a `png` overlay, highest first:
+    (run_id, score, id, label, png key, path). One pass over the scores finds the k-th highest,
+    a second reads the few rows at or above it."""
+    import pyarrow.dataset as pads
+
+    best = np.concatenate([_top(b.column(0), k) for b in _scan(predictions, [score], where)] + [
+        np.empty(0, np.float32)])
+    if not len(best):
+        return []
+    lowest = float(np.sort(best)[-k:][0])
+    rows = [row for b in _scan(predictions, ["id", "path", "label", score, png],
+                               where & (pads.field(score) >= lowest) & pads.field(png).is_valid())
+            for row in b.to_pylist()]
+    return sorted(((run_id, float(r[score]), r["id"], str(r["label"]), r[png], r["path"]) for r in rows),
+                  reverse=True)[:k]
 
 
 def _scan(predictions: Any, columns: list[str], where: Any = None) -> Any:
