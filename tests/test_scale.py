@@ -77,10 +77,12 @@ class Killed(BaseException):
     """Stands for a SIGKILL: nothing after it runs."""
 
 
+WRITES = ("put", "put_file", "delete")  # compaction's steps: each a call of one of these
+
+
 def steps_of_compaction(out: str) -> int:
     """How many writes and deletes one compaction of the output's pieces makes."""
     calls = {"n": 0}
-    put, delete = compaction.storage.put, compaction.storage.delete
 
     def counting(real):
         def call(*args, **kwargs):
@@ -89,8 +91,8 @@ def steps_of_compaction(out: str) -> int:
         return call
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(compaction.storage, "put", counting(put))
-        mp.setattr(compaction.storage, "delete", counting(delete))
+        for name in WRITES:
+            mp.setattr(compaction.storage, name, counting(getattr(storage, name)))
         compact(out, rows_per_file=100)
     return calls["n"]
 
@@ -108,7 +110,6 @@ def test_a_kill_at_every_step_of_compaction_keeps_each_id_once(where, tmp_path, 
         out = f"{base}/kill-{step}"
         commit_pieces(out, RUN_A, ids, rows=4)
         calls = {"n": 0}
-        real_put, real_delete = storage.put, storage.delete
 
         def dies_at(real):
             def call(*args, **kwargs):
@@ -119,8 +120,8 @@ def test_a_kill_at_every_step_of_compaction_keeps_each_id_once(where, tmp_path, 
             return call
 
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(compaction.storage, "put", dies_at(real_put))
-            mp.setattr(compaction.storage, "delete", dies_at(real_delete))
+            for name in WRITES:
+                mp.setattr(compaction.storage, name, dies_at(getattr(storage, name)))
             with pytest.raises(Killed):
                 compact(out, rows_per_file=100)
         assert ids_once(out) == ids, f"killed at step {step}"
@@ -142,6 +143,67 @@ def test_a_kill_at_every_step_of_compaction_keeps_each_id_once(where, tmp_path, 
             read_predictions(out).files[0])) and len(read_predictions(out).files) == 1
         if where == "local":
             assert not [p for p in Path(out).rglob(".*")], f"killed at step {step}: temp files left"
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_a_kill_while_the_file_is_written_leaves_no_part_of_it(where, tmp_path, request, monkeypatch):
+    ids = [f"cam/{i:03d}.png" for i in range(12)]
+    out = str(tmp_path / "out") if where == "local" else request.getfixturevalue("s3_prefix")
+    commit_pieces(out, RUN_A, ids, rows=4)
+    monkeypatch.setattr(compaction, "ROW_GROUP_ROWS", 5)
+    real = compaction._sorted_row_groups
+
+    def dies_after_one(*args):
+        groups = real(*args)
+        yield next(groups)
+        raise Killed
+
+    with monkeypatch.context() as mp:
+        mp.setattr(compaction, "_sorted_row_groups", dies_after_one)
+        with pytest.raises(Killed):
+            compact(out, rows_per_file=100)
+    assert ids_once(out) == ids
+    if where == "local":
+        assert not [p for p in Path(out).rglob(".*") if p.is_file()], "a temp file was left"
+    recover(out)
+    compact(out, rows_per_file=100)
+    assert ids_once(out) == ids and len(read_predictions(out).files) == 1
+
+
+def test_interleaved_pieces_are_written_sorted_in_row_groups_with_the_whole_files_summary(tmp_path, monkeypatch):
+    """Pieces whose ids interleave (round robin) still give a file sorted by id, cut into row groups,
+    whose footer counts every row; pieces of consecutive ids are each read once, a few at a time."""
+    import pyarrow.parquet as pq
+
+    from vitray.score.outputs import read_summary, summarize
+
+    monkeypatch.setattr(compaction, "ROW_GROUP_ROWS", 6)
+    ids = [f"cam/{i:03d}.png" for i in range(40)]
+    interleaved = [ids[i::5][j] for j in range(8) for i in range(5)]  # piece k holds ids k, k+5, ...
+    out = str(tmp_path / "mixed")
+    commit_pieces(out, RUN_A, interleaved, rows=8)
+    whole = summarize(read_predictions(out).to_table())
+    compact(out, rows_per_file=100)
+    (path,) = read_predictions(out).files
+    file = pq.ParquetFile(path)
+    assert [file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)] == [6] * 6 + [4]
+    assert file.read(columns=["id"]).column(0).to_pylist() == ids
+    assert read_summary(storage.resolve(path).fs, storage.resolve(path).path) == whole
+
+    out = str(tmp_path / "consecutive")
+    commit_pieces(out, RUN_A, ids, rows=4)
+    reads: list[str] = []
+    real = compaction._read_ahead
+
+    def counted(root, names, columns=None):
+        if columns is None:
+            reads.extend(names)
+        return real(root, names, columns)
+
+    monkeypatch.setattr(compaction, "_read_ahead", counted)
+    compact(out, rows_per_file=100)
+    assert sorted(reads) == sorted(set(reads)) and len(reads) == 10  # each piece read whole once
+    assert ids_once(out) == ids
 
 
 # --------------------------------------------------------------------------- planning

@@ -7,6 +7,7 @@ endpoint); credentials come from the standard AWS chain and are never printed.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -14,9 +15,10 @@ import logging
 import os
 import posixpath
 import secrets
+import tempfile
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlparse
 
 import numpy as np
@@ -303,6 +305,42 @@ def put(loc: Location, data: bytes, durable: bool = False) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def put_file(loc: Location, durable: bool = False) -> Iterator[str]:
+    """`put` for a file too large to hold: the caller writes it at the path it is given, piece by
+    piece, and it is published whole when the block ends (nothing of it if the block raises).
+
+    Locally the path is `put`'s hidden temp file beside the target (fsync'd when `durable`,
+    then `os.replace`). On S3 it is a local temp file, uploaded by boto3 (one PutObject, or a
+    multipart upload that boto3 aborts on any failure); a kill mid-upload leaves no object.
+    """
+    if loc.is_s3:
+        fd, tmp = tempfile.mkstemp(prefix="vitray-put-", suffix=".tmp")
+        os.close(fd)
+    else:
+        folder, name = os.path.split(loc.path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
+    try:
+        yield tmp
+        if loc.is_s3:
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            bucket, _, key = loc.path.partition("/")
+            try:
+                s3_client(*_s3_endpoint(None)).upload_file(tmp, bucket, key)
+            except (BotoCoreError, ClientError) as exc:
+                raise s3_os_error(exc) from None
+        else:
+            if durable:
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+            os.replace(tmp, loc.path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def remove_temps(folder: str, name: str = "") -> int:

@@ -3,10 +3,12 @@
 Pieces are small (one writer batch each) so that a kill loses little; readers (the
 report, `pyarrow.dataset`, DuckDB, Spark) want few files. After its pieces commit, a run
 rewrites every piece left under `predictions/` into `predictions/run=<run_id>/` files of
-up to `COMPACT_ROWS` rows, sorted by id (so a file's id range is narrow and planning skips
-it by its statistics), each with its counts in its footer (`outputs.summarize`: the report
-reads them instead of the rows). The steps and what a kill at each leaves are in
-`vitray.score.outputs`, whose `recover_compactions` finishes or undoes a killed compaction.
+about `COMPACT_ROWS` rows (as few as that allows), sorted by id (so a file's id range is
+narrow and planning skips it by its statistics), each with its counts in its footer
+(`outputs.summarize`: the report reads them instead of the rows). A file is written a row
+group at a time: the memory it takes does not grow with its size. The steps and what a
+kill at each leaves are in `vitray.score.outputs`, whose `recover_compactions` finishes or
+undoes a killed compaction.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 
 from vitray import storage
@@ -29,7 +32,7 @@ from vitray.score.outputs import (
     RUN_FOLDER,
     SUMMARY_KEY,
     compaction_markers,
-    parquet_bytes,
+    merge_summaries,
     piece_run_id,
     summarize,
 )
@@ -86,56 +89,105 @@ def compact(output: str, rows_per_file: int = COMPACT_ROWS) -> dict[str, int]:
     root = storage.resolve(output)
     done = {"pieces": 0, "files": 0, "rows": 0}
     for run_id, names in flat_pieces(root).items():
-        for compaction, table in _groups(root, run_id, names, rows_per_file):
-            apply(root, compaction, table)
+        for compaction, ids in _groups(root, run_id, names, rows_per_file):
+            apply(root, compaction, ids)
             done["pieces"] += len(compaction.sources)
             done["files"] += 1
-            done["rows"] += table.num_rows
+            done["rows"] += sum(len(part) for part in ids)
     return done
 
 
 def _groups(root: storage.Location, run_id: str, names: list[str],
-            rows_per_file: int) -> Iterator[tuple[Compaction, pa.Table]]:
-    """Consecutive pieces of one run read into tables of about `rows_per_file` rows (never more,
-    unless one piece alone is larger)."""
-    held: list[pa.Table] = []
-    sources: list[str] = []
-    rows = 0
-    for name, table in zip(names, _read_ahead(root, names)):
-        if held and rows + table.num_rows > rows_per_file:
-            yield Compaction(run_id, tuple(sources)), pa.concat_tables(held)
-            held, sources, rows = [], [], 0
-        held.append(table)
-        sources.append(name)
-        rows += table.num_rows
-    if held:
-        yield Compaction(run_id, tuple(sources)), pa.concat_tables(held)
+            rows_per_file: int) -> Iterator[tuple[Compaction, list[pa.Array]]]:
+    """A run's pieces in as few groups of consecutive pieces as `rows_per_file` allows, of even
+    size (a group passes it by less than one piece), each with its pieces' `id` columns (all
+    a group holds in memory before its file is written)."""
+    counts = np.array([meta.num_rows for meta in _footers(root, names)], dtype=np.int64)
+    files = max(1, -(-int(counts.sum()) // rows_per_file))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    group_of = np.minimum(starts * files // max(1, int(counts.sum())), files - 1)
+    for group in np.unique(group_of):
+        sources = [names[i] for i in np.flatnonzero(group_of == group)]
+        ids = [t.column("id").combine_chunks() for t in _read_ahead(root, sources, columns=["id"])]
+        yield Compaction(run_id, tuple(sources)), ids
 
 
-def _read_ahead(root: storage.Location, names: list[str]) -> Iterator[pa.Table]:
+def _footers(root: storage.Location, names: list[str]) -> list:
+    """Each piece's Parquet footer (its row count), IO_THREADS at once."""
+    import pyarrow.parquet as pq
+
+    folder = root.child(PREDICTIONS)
+    with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
+        return list(pool.map(lambda name: pq.read_metadata(folder.child(name).path, filesystem=root.fs), names))
+
+
+def _read_ahead(root: storage.Location, names: list[str], columns: list[str] | None = None) -> Iterator[pa.Table]:
     """The pieces in order, up to IO_THREADS read at once: on S3 each is a few round trips."""
     import pyarrow.parquet as pq
 
     folder = root.child(PREDICTIONS)
+    schema = PREDICTIONS_SCHEMA if columns is None else pa.schema([PREDICTIONS_SCHEMA.field(c) for c in columns])
 
     def read(name: str) -> pa.Table:
-        return pq.read_table(folder.child(name).path, filesystem=root.fs, schema=PREDICTIONS_SCHEMA)
+        return pq.read_table(folder.child(name).path, filesystem=root.fs, schema=schema, columns=columns)
 
     with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
         for start in range(0, len(names), IO_THREADS * 4):
             yield from pool.map(read, names[start:start + IO_THREADS * 4])
 
 
-def apply(root: storage.Location, compaction: Compaction, table: pa.Table) -> None:
+def apply(root: storage.Location, compaction: Compaction, ids: list[pa.Array]) -> None:
     """The four steps: marker, target written whole, pieces deleted, marker deleted."""
+    import pyarrow.parquet as pq
+
     predictions = root.child(PREDICTIONS)
     marker = root.child(COMPACTING, compaction.marker)
     storage.put(marker, _json(compaction.record()))
-    table = table.sort_by("id").replace_schema_metadata({SUMMARY_KEY: json.dumps(summarize(table))})
-    storage.put(predictions.child(*compaction.target.split("/")), parquet_bytes(table, ROW_GROUP_ROWS), durable=True)
+    summary: dict = {"runs": {}, "histogram": {}}
+    with storage.put_file(predictions.child(*compaction.target.split("/")), durable=True) as path:
+        with pq.ParquetWriter(path, PREDICTIONS_SCHEMA, compression="zstd") as writer:
+            for group in _sorted_row_groups(root, list(compaction.sources), ids):
+                writer.write_table(group, row_group_size=ROW_GROUP_ROWS)
+                merge_summaries(summary, summarize(group))
+            writer.add_key_value_metadata({SUMMARY_KEY: json.dumps(summary)})
     with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
         list(pool.map(storage.delete, [predictions.child(name) for name in compaction.sources]))
     storage.delete(marker)
+
+
+def _sorted_row_groups(root: storage.Location, names: list[str], ids: list[pa.Array]) -> Iterator[pa.Table]:
+    """The pieces' rows sorted by id, ROW_GROUP_ROWS at a time, holding only the pieces a row group
+    draws from (and those a later one still needs).
+
+    A piece holds consecutive images of the plan, whose ids are in listing order: each row
+    group then draws from a few neighbouring pieces, and the memory it takes is about two row
+    groups' whatever the file's size. Pieces whose ids interleave are still written sorted;
+    they are held longer.
+    """
+    import pyarrow.compute as pc
+
+    counts = np.array([len(part) for part in ids], dtype=np.int64)
+    order = pc.sort_indices(pa.chunked_array(ids, type=pa.string())).to_numpy().astype(np.int64)  # joined rows
+    piece_of = np.repeat(np.arange(len(names)), counts)[order]
+    row_of = order - np.concatenate([[0], np.cumsum(counts)[:-1]])[piece_of]
+    last_use = np.zeros(len(names), dtype=np.int64)
+    np.maximum.at(last_use, piece_of, np.arange(len(order)))
+    held: dict[int, pa.Table] = {}
+    for start in range(0, len(order), ROW_GROUP_ROWS):
+        pieces, rows = piece_of[start:start + ROW_GROUP_ROWS], row_of[start:start + ROW_GROUP_ROWS]
+        wanted = [int(p) for p in np.unique(pieces) if int(p) not in held]
+        held.update(zip(wanted, _read_ahead(root, [names[p] for p in wanted])))
+        parts, at = [], np.empty(len(pieces), dtype=np.int64)
+        done = 0
+        for p in np.unique(pieces):
+            mine = np.flatnonzero(pieces == p)
+            parts.append(held[int(p)].take(pa.array(rows[mine])))
+            at[mine] = np.arange(done, done + len(mine))
+            done += len(mine)
+        yield pa.concat_tables(parts).take(pa.array(at))
+        end = start + len(pieces)
+        for p in [p for p in held if last_use[p] < end]:
+            del held[p]
 
 
 def _json(record: dict) -> bytes:

@@ -53,7 +53,7 @@ class ScoreConfig:
     piece_rows: int = option(
         512, "rows committed together; a crash redoes at most the pieces in flight", parse=positive_int, metavar="N",
         doc="rows committed together; a kill redoes at most the pieces in flight. After its pieces commit, the run "
-            "rewrites them into files of up to 50,000 rows (see Outputs)")
+            "rewrites them into files of about 50,000 rows, one per 50,000 images (see Outputs)")
     in_process_max: int = option(
         IN_PROCESS_MAX, "with no Ray cluster given, a run of at most N images is done in this process, without "
                         "starting Ray (faster for small runs); 0: always Ray", metavar="N",

@@ -19,7 +19,7 @@ Commit protocol (what makes a rerun score only what is missing, and a kill harml
   one without it is deleted with its PNGs; stale local temp files are removed; an entry
   that cannot be cleaned is reported and left, never blocking the run.
 
-Compaction (`vitray.score.compaction`) then rewrites a run's pieces into files of up to
+Compaction (`vitray.score.compaction`) then rewrites a run's pieces into files of about
 `COMPACT_ROWS` rows, `predictions/run=<run_id>/part-<hash of its pieces>.parquet`, sorted
 by id: `_compacting/<target>.json` names the target and its pieces, the target is written
 whole, the pieces are deleted, the marker is deleted. While a marker is there, the
@@ -118,6 +118,18 @@ def summarize(table: pa.Table) -> dict[str, Any]:
                                             return_counts=True)):
             summary["runs"].setdefault(str(run_id), {})[label] = int(count)
     return summary
+
+
+def merge_summaries(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """`total` with `part`'s counts added (a file's summary from its row groups')."""
+    for run_id, labels in part["runs"].items():
+        mine = total["runs"].setdefault(run_id, {})
+        for label, count in labels.items():
+            mine[label] = mine.get(label, 0) + count
+    for label, counts in part["histogram"].items():
+        mine = total["histogram"].setdefault(label, [0] * len(counts))
+        total["histogram"][label] = [a + b for a, b in zip(mine, counts)]
+    return total
 
 
 def read_summary(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
