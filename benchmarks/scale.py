@@ -374,13 +374,26 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{b['plan_1m']['peak_mib'] / a['plan_1m']['peak_mib']:.2f}x memory")
 
 
-def steady_rate(out: str, scored: int) -> float:
+def write_times(out: str) -> list[float]:
+    """The overlays' write times, sorted: one per scored image."""
+    return sorted(os.stat(os.path.join(d, f)).st_mtime for d, _, fs in os.walk(os.path.join(out, "attention"))
+                  for f in fs)
+
+
+def steady_rate(times: list[float]) -> float:
     """Images/s between the 10th and 90th percentile of the overlays' write times: the pipeline's
     rate without Ray's start-up and the model's load, which `images_per_s` includes."""
-    times = sorted(os.stat(os.path.join(d, f)).st_mtime for d, _, fs in os.walk(os.path.join(out, "attention"))
-                   for f in fs)
+    if len(times) < 10:
+        return float("nan")
     low, high = times[len(times) // 10], times[9 * len(times) // 10]
-    return 0.8 * scored / (high - low) if high > low else float("nan")
+    return 0.8 * len(times) / (high - low) if high > low else float("nan")
+
+
+def decile_rates(times: list[float]) -> list[float]:
+    """Images/s in each tenth of a run's images: a cost per image that grew with the images
+    scored so far would fall from one tenth to the next."""
+    edges = [round(i * (len(times) - 1) / 10) for i in range(11)]
+    return [(edges[i + 1] - edges[i]) / max(1e-9, times[edges[i + 1]] - times[edges[i]]) for i in range(10)]
 
 
 def end_to_end(work: str, sizes: list[int], model: str) -> list[dict[str, Any]]:
@@ -390,8 +403,9 @@ def end_to_end(work: str, sizes: list[int], model: str) -> list[dict[str, Any]]:
         out = os.path.join(work, f"e2e-out-{n}")
         first = in_child("score", out, images, model, True, "defects")
         again = in_child("score", out, images, model, True, "defects")
+        times = write_times(out)
         results.append({"images": n, "run": first, "rerun": again, "files": files_under(out),
-                        "steady_per_s": steady_rate(out, first["counts"]["scored"])})
+                        "steady_per_s": steady_rate(times), "decile_per_s": decile_rates(times)})
         print(f"  e2e {n:,}: {first['images_per_s']} img/s, driver {first['peak_mib']:.0f} MiB, "
               f"{files_under(out)} files; rerun {again['wall_s']:.1f} s", file=sys.stderr)
     return results
@@ -434,6 +448,9 @@ def main() -> None:
               f"{big['run']['images_per_s'] / base['run']['images_per_s']:.2f} (steady "
               f"{big['steady_per_s'] / base['steady_per_s']:.2f}), driver memory "
               f"{big['run']['peak_mib'] / base['run']['peak_mib']:.2f}")
+        tenths = big["decile_per_s"]
+        print(f"{big['images']:,} images, images/s in each tenth: {' '.join(f'{r:.0f}' for r in tenths)}; "
+              f"last tenth / second tenth {tenths[-1] / tenths[1]:.2f} (the first is the start's burst)")
     if args.s3:
         figures["s3"] = s3_requests(args.work, args.s3, model)
         s3 = figures["s3"]
