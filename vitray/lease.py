@@ -112,13 +112,10 @@ class _LocalStore:
 
 class _S3Store:
     def __init__(self, loc: storage.Location) -> None:
-        import boto3
-
         self.bucket, _, prefix = loc.path.partition("/")
         self.key = f"{prefix}/{LEASE_NAME}" if prefix else LEASE_NAME
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        self.client = boto3.client("s3", endpoint_url=endpoint, region_name=region)
+        # The process's one client for the endpoint: bounded connect timeouts, standard retries.
+        self.client = storage.default_s3_client()
 
     def _precondition_failed(self, exc: Exception) -> bool:
         response = getattr(exc, "response", {}) or {}

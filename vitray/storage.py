@@ -251,6 +251,11 @@ def s3_client(endpoint_url: str | None, region: str) -> Any:
     return client
 
 
+def default_s3_client() -> Any:
+    """`s3_client` for the endpoint and region of this process's AWS_* variables."""
+    return s3_client(*_s3_endpoint(None))
+
+
 def s3_os_error(exc: BaseException) -> OSError:
     """A boto3 failure as the OSError pyarrow would raise: a missing key is FileNotFoundError, a
     refusal PermissionError, anything else (throttling past its retries, an unreachable
@@ -330,7 +335,7 @@ def put_file(loc: Location, durable: bool = False) -> Iterator[str]:
 
             bucket, _, key = loc.path.partition("/")
             try:
-                s3_client(*_s3_endpoint(None)).upload_file(tmp, bucket, key)
+                default_s3_client().upload_file(tmp, bucket, key)
             except (BotoCoreError, ClientError) as exc:
                 raise s3_os_error(exc) from None
         else:
