@@ -43,6 +43,8 @@ def test_sigterm_and_sighup_stop_like_ctrl_c_and_say_which_it_was(monkeypatch):
     monkeypatch.setattr(interrupts, "_received", [])
     saved = {sig: signal.getsignal(sig) for sig in interrupts.STOP_SIGNALS}
     try:
+        for sig in interrupts.STOP_SIGNALS:  # as a terminal starts a program (pytest may run under nohup)
+            signal.signal(sig, signal.SIG_DFL)
         interrupts.handle_stop_signals()
         for sig, code, words in ((signal.SIGTERM, 143, "stopped by SIGTERM"), (signal.SIGHUP, 129, "stopped by SIGHUP"),
                                  (signal.SIGINT, 130, "interrupted")):
