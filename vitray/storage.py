@@ -296,24 +296,11 @@ def put(loc: Location, data: bytes, durable: bool = False) -> None:
         with loc.fs.open_output_stream(loc.path) as f:
             f.write(data)
         return
-    folder, name = os.path.split(loc.path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, loc.path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with _whole_file(loc, durable) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
-@contextlib.contextmanager
-def put_file(loc: Location, durable: bool = False) -> Iterator[str]:
+def put_file(loc: Location, durable: bool = False) -> contextlib.AbstractContextManager[str]:
     """`put` for a file too large to hold: the caller writes it at the path it is given, piece by
     piece, and it is published whole when the block ends (nothing of it if the block raises).
 
@@ -321,6 +308,11 @@ def put_file(loc: Location, durable: bool = False) -> Iterator[str]:
     then `os.replace`). On S3 it is a local temp file, uploaded by boto3 (one PutObject, or a
     multipart upload that boto3 aborts on any failure); a kill mid-upload leaves no object.
     """
+    return _whole_file(loc, durable)
+
+
+@contextlib.contextmanager
+def _whole_file(loc: Location, durable: bool) -> Iterator[str]:
     if loc.is_s3:
         fd, tmp = tempfile.mkstemp(prefix="vitray-put-", suffix=".tmp")
         os.close(fd)

@@ -102,7 +102,7 @@ def _groups(root: storage.Location, run_id: str, names: list[str],
     """A run's pieces in as few groups of consecutive pieces as `rows_per_file` allows, of even
     size (a group passes it by less than one piece), each with its pieces' `id` columns (all
     a group holds in memory before its file is written)."""
-    counts = np.array([meta.num_rows for meta in _footers(root, names)], dtype=np.int64)
+    counts = np.array(_row_counts(root, names), dtype=np.int64)
     files = max(1, -(-int(counts.sum()) // rows_per_file))
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     group_of = np.minimum(starts * files // max(1, int(counts.sum())), files - 1)
@@ -112,13 +112,14 @@ def _groups(root: storage.Location, run_id: str, names: list[str],
         yield Compaction(run_id, tuple(sources)), ids
 
 
-def _footers(root: storage.Location, names: list[str]) -> list:
-    """Each piece's Parquet footer (its row count), IO_THREADS at once."""
+def _row_counts(root: storage.Location, names: list[str]) -> list[int]:
+    """Each piece's row count, from its Parquet footer, IO_THREADS at once (the footers are not kept)."""
     import pyarrow.parquet as pq
 
     folder = root.child(PREDICTIONS)
     with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
-        return list(pool.map(lambda name: pq.read_metadata(folder.child(name).path, filesystem=root.fs), names))
+        return list(pool.map(lambda name: pq.read_metadata(folder.child(name).path, filesystem=root.fs).num_rows,
+                             names))
 
 
 def _read_ahead(root: storage.Location, names: list[str], columns: list[str] | None = None) -> Iterator[pa.Table]:
@@ -175,13 +176,14 @@ def _sorted_row_groups(root: storage.Location, names: list[str], ids: list[pa.Ar
     held: dict[int, pa.Table] = {}
     for start in range(0, len(order), ROW_GROUP_ROWS):
         pieces, rows = piece_of[start:start + ROW_GROUP_ROWS], row_of[start:start + ROW_GROUP_ROWS]
-        wanted = [int(p) for p in np.unique(pieces) if int(p) not in held]
+        drawn = [int(p) for p in np.unique(pieces)]
+        wanted = [p for p in drawn if p not in held]
         held.update(zip(wanted, _read_ahead(root, [names[p] for p in wanted])))
         parts, at = [], np.empty(len(pieces), dtype=np.int64)
         done = 0
-        for p in np.unique(pieces):
+        for p in drawn:
             mine = np.flatnonzero(pieces == p)
-            parts.append(held[int(p)].take(pa.array(rows[mine])))
+            parts.append(held[p].take(pa.array(rows[mine])))
             at[mine] = np.arange(done, done + len(mine))
             done += len(mine)
         yield pa.concat_tables(parts).take(pa.array(at))
